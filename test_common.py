@@ -1,0 +1,210 @@
+"""The conventions of common.py, pinned: prompt boundary, masking, truncation, log-probs, data loading, batching."""
+import argparse
+import gzip
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common import (DataError, Dist, add_common_args, byte_tokenizer, collate_pairs, global_batch, load_model,
+                    load_preferences, rank_micro_batches, sequence_logps, split_hh, toy_gold_score,
+                    toy_preferences, tokenize_rows, truncate, validate_args)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+HH, TLDR = (os.path.join(HERE, "fixtures", f) for f in ("hh.jsonl", "tldr.jsonl"))
+
+
+# -----------------------------------------------------------------------------
+# prompt boundary
+
+def test_split_hh_last_assistant_turn():
+    rows = [json.loads(line) for line in open(HH, encoding="utf-8")]
+    assert split_hh(rows[0]["chosen"], rows[0]["rejected"]) == (
+        "\n\nHuman: What is 2+2?\n\nAssistant:", " 4.", " 5.")
+    assert split_hh(rows[1]["chosen"], rows[1]["rejected"]) == (
+        "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a colour.\n\nAssistant:", " Blue.", " No.")
+
+
+def test_split_hh_divergent_prefix_cuts_back_to_shared_marker():
+    rows = [json.loads(line) for line in open(HH, encoding="utf-8")]
+    # the dialogues differ from the first answer on: the prompt stops at the first "\n\nAssistant:"
+    assert split_hh(rows[2]["chosen"], rows[2]["rejected"]) == (
+        "\n\nHuman: Help me?\n\nAssistant:",
+        " Sure.\n\nHuman: Thanks\n\nAssistant: Welcome.",
+        " No.\n\nHuman: Why\n\nAssistant: Busy.")
+
+
+def test_split_hh_empty_response_is_valid():
+    rows = [json.loads(line) for line in open(HH, encoding="utf-8")]
+    assert split_hh(rows[3]["chosen"], rows[3]["rejected"]) == ("\n\nHuman: Say hi\n\nAssistant:", " hi", "")
+
+
+# -----------------------------------------------------------------------------
+# loading local files in the HH and TL;DR schemas
+
+def test_load_hh_and_tldr_files(tmp_path):
+    train, evals = load_preferences(HH, eval_size=1)
+    assert len(train) == 4 and len(evals) == 1
+    assert evals[0] == {"prompt": "\n\nHuman: Café? ☕\n\nAssistant:", "chosen": " Oui, café ☕.", "rejected": " Non."}
+    assert train[3]["rejected"] == ""
+    train, evals = load_preferences(TLDR, eval_size=1)
+    assert [len(train), len(evals)] == [3, 1]
+    assert train[0]["prompt"].endswith("\nTL;DR:") and train[0]["chosen"] == " Cat loves food, not me."
+    # the same rows gzip-compressed load the same
+    gz = tmp_path / "tldr.jsonl.gz"
+    gz.write_bytes(gzip.compress(open(TLDR, "rb").read()))
+    assert load_preferences(str(gz), eval_size=1) == (train, evals)
+    # and as a .json list
+    js = tmp_path / "tldr.json"
+    js.write_text(json.dumps([json.loads(line) for line in open(TLDR)]))
+    assert load_preferences(str(js), eval_size=1) == (train, evals)
+
+
+def write_rows(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+GOOD = {"prompt": "p", "chosen": "c", "rejected": "r"}
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"prompt": "p", "chosen": "c"}, "row 2: missing field 'rejected'"),
+    ({"prompt": "p", "chosen": 3, "rejected": "r"}, "row 2: field 'chosen' must be a string, got int"),
+    ({"prompt": "  ", "chosen": "c", "rejected": "r"}, "row 2: field 'prompt' is empty"),
+    ('{"prompt": "p", "chosen": "c", "rej', "line 2: not valid JSON"),
+])
+def test_bad_rows_name_file_row_and_field(tmp_path, bad, message):
+    path = write_rows(tmp_path / "bad.jsonl", [GOOD, bad, GOOD, GOOD])
+    with pytest.raises(DataError) as e:
+        load_preferences(path, eval_size=1)
+    assert path in str(e.value) and message in str(e.value)
+    # --skip_bad_rows drops it and goes on
+    train, evals = load_preferences(path, eval_size=1, skip_bad_rows=True)
+    assert len(train) + len(evals) == 3
+
+
+def test_gzip_garbage_is_a_clear_error(tmp_path):
+    path = tmp_path / "x.jsonl.gz"
+    path.write_bytes(b"\x1f\x8b this is not gzip")
+    with pytest.raises(DataError, match="cannot be read"):
+        load_preferences(str(path), eval_size=1)
+
+
+def test_hh_row_without_assistant_is_named(tmp_path):
+    path = write_rows(tmp_path / "hh.jsonl", [{"chosen": "\n\nHuman: a", "rejected": "\n\nHuman: b"}])
+    with pytest.raises(DataError, match=r"row 1: no .*Assistant"):
+        load_preferences(path, eval_size=1)
+
+
+# -----------------------------------------------------------------------------
+# truncation and masking
+
+def test_truncate_keeps_prompt_end_then_cuts_responses():
+    prompt, chosen, rejected = list(range(10)), [20, 21, 22], [30, 31, 32, 33, 34, 35]
+    # fits: untouched
+    assert truncate(prompt, [chosen, rejected], 16, 4) == (prompt, [chosen, rejected])
+    # 10 + 6 > 12: prompt keeps its last 4 tokens [6..9], responses get 12 - 4 = 8 tokens (no cut needed)
+    assert truncate(prompt, [chosen, rejected], 12, 4) == ([6, 7, 8, 9], [chosen, rejected])
+    # 10 + 6 > 7: prompt -> [6..9], responses cut from the right to 7 - 4 = 3 tokens
+    assert truncate(prompt, [chosen, rejected], 7, 4) == ([6, 7, 8, 9], [chosen, [30, 31, 32]])
+    # a short prompt is never padded or cut when only the response is too long: 2 + 6 > 5 -> response 3 tokens
+    assert truncate([1, 2], [rejected], 5, 4) == ([1, 2], [[30, 31, 32]])
+
+
+def test_labels_mask_prompt_and_padding_literal():
+    tok = byte_tokenizer()  # token id == byte value; EOS 256, pad 257
+    ex = tokenize_rows(tok, [{"prompt": "ab", "chosen": "c", "rejected": "de"}], ("chosen", "rejected"), 16, 8)
+    assert ex == [{"prompt": [97, 98], "chosen": [99, 256], "rejected": [100, 101, 256]}]  # EOS appended
+    b = collate_pairs(ex, tok.pad_token_id)
+    assert b["input_ids"].tolist() == [[97, 98, 99, 256, 257], [97, 98, 100, 101, 256]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    assert b["labels"].tolist() == [[-100, -100, 99, 256, -100], [-100, -100, 100, 101, 256]]
+
+
+def test_tokenize_rows_truncates_pairs_with_one_prompt():
+    tok = byte_tokenizer()
+    ex = tokenize_rows(tok, [{"prompt": "0123456789", "chosen": "ab", "rejected": "abcdefgh"}],
+                       ("chosen", "rejected"), 8, 4)
+    # longest response is 8 bytes + EOS = 9: 10 + 9 > 8 -> prompt keeps "6789", responses cut to 8 - 4 = 4
+    assert ex[0]["prompt"] == list(b"6789")
+    assert ex[0]["chosen"] == [97, 98, 256] and ex[0]["rejected"] == list(b"abcd")
+
+
+def test_byte_tokenizer_round_trips_unicode():
+    tok = byte_tokenizer()
+    text = "Café ☕\n\tx 😀"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids == list(text.encode("utf-8")) and tok.decode(ids) == text
+
+
+# -----------------------------------------------------------------------------
+# sequence log-probs
+
+def test_sequence_logps_padded_batch_equals_naive():
+    model, tok = load_model("tiny", seed=0)
+    rows = [{"prompt": "\n\nHuman: sort 312\n\nAssistant:", "chosen": " 123", "rejected": " 12"},
+            {"prompt": "hi", "chosen": " a much longer answer here", "rejected": ""}]
+    ex = tokenize_rows(tok, rows, ("chosen", "rejected"), 64, 32)
+    batch = collate_pairs(ex, tok.pad_token_id)
+    logps, counts = sequence_logps(model, **batch)
+    # naive: each sequence alone, no padding, full-vocabulary log-softmax, sum over response positions
+    for i, (e, key) in enumerate([(e, k) for k in ("chosen", "rejected") for e in ex]):
+        ids = torch.tensor([e["prompt"] + e[key]])
+        logp = F.log_softmax(model(ids).logits[0, :-1].double(), -1)
+        resp = range(len(e["prompt"]) - 1, ids.shape[1] - 1)  # position t predicts token t + 1
+        naive = sum(logp[t, ids[0, t + 1]] for t in resp)
+        assert counts[i].item() == len(e[key])
+        assert logps[i].item() == pytest.approx(naive.item(), abs=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# the global batch does not depend on the world size
+
+def test_global_batch_split_across_ranks():
+    idx = global_batch(3, n_examples=50, batch_size=8, seed=1)
+    assert len(idx) == 8 and len(set(idx)) == 8
+    assert idx == global_batch(3, 50, 8, 1)  # a function of (step, seed) only
+    one = rank_micro_batches(idx, Dist(0, 0, 1, torch.device("cpu")), 2)
+    two = [mb for r in range(2) for mb in rank_micro_batches(idx, Dist(r, r, 2, torch.device("cpu")), 2)]
+    assert one == two == [idx[0:2], idx[2:4], idx[4:6], idx[6:8]]
+    # 50 // 8 = 6 batches an epoch: step 6 starts epoch 1, a new permutation
+    epoch0 = [i for s in range(6) for i in global_batch(s, 50, 8, 1)]
+    assert len(set(epoch0)) == 48 and global_batch(6, 50, 8, 1) != global_batch(0, 50, 8, 1)
+
+
+# -----------------------------------------------------------------------------
+# the toy task and flag validation
+
+def test_toy_task_deterministic_and_chosen_beats_rejected():
+    rows = toy_preferences(200, seed=3)
+    assert rows == toy_preferences(200, seed=3) and rows != toy_preferences(200, seed=4)
+    for r in rows:
+        assert toy_gold_score(r["prompt"], r["chosen"]) == 1.0 > toy_gold_score(r["prompt"], r["rejected"])
+
+
+def test_toy_gold_score_by_hand():
+    p = "\n\nHuman: sort 3142\n\nAssistant:"
+    assert toy_gold_score(p, " 1234") == 1.0
+    assert toy_gold_score(p, " 1243") == 0.5  # positions 1, 2 right of 4
+    assert toy_gold_score(p, " 123") == 0.0  # wrong length: malformed
+    assert toy_gold_score(p, " 12a4") == 0.0
+    assert toy_gold_score("\n\nHuman: reverse 3142\n\nAssistant:", " 2413") == 1.0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--alpha", "0"], "--alpha must be in (0, 1]"),
+    (["--alpha", "1.5"], "--alpha must be in (0, 1]"),
+    (["--tau", "0"], "--tau must be >= 1"),
+    (["--batch_size", "12", "--micro_batch_size", "8"], "must be divisible by world size 1 x --micro_batch_size 8"),
+    (["--max_prompt_length", "128"], "--max_prompt_length must be positive and below --max_length"),
+    (["--dataset", "nope.jsonl"], "unknown --dataset 'nope.jsonl'"),
+    (["--resume", "--output_dir", "/nonexistent"], "--resume: no checkpoint"),
+])
+def test_validate_args_messages(flags, message):
+    args = add_common_args(argparse.ArgumentParser()).parse_args(flags)
+    with pytest.raises(SystemExit) as e:
+        validate_args(args, world_size=1)
+    assert message in str(e.value)
