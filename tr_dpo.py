@@ -30,17 +30,15 @@ The paper's setting on 8 GPUs (Pythia 2.8B SFT model on Anthropic-HH; soft: alph
 """
 import argparse
 import os
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (Logger, Metrics, SequenceLogps, add_common_args, autocast, cleanup_distributed,
-                    collate_pairs, global_batch, load_checkpoint, load_model, load_preferences, make_optimizer,
-                    make_reference, rank_micro_batches, save_checkpoint, save_final, setup_distributed,
-                    should_update_reference, to_device, tokenize_rows, total_steps, update_reference,
-                    validate_args)
+from common import (Logger, Metrics, Preemption, add_common_args, autocast, check_finite, cleanup_distributed,
+                    collate_pairs, count_tokens, example_lengths, exit_on_lost_rank, global_batch, load_checkpoint,
+                    load_model, load_preferences, make_optimizer, make_reference, no_sync, rank_micro_batches,
+                    save_checkpoint, save_final, setup_distributed, should_update_reference, to_device, tokenize_rows,
+                    total_steps, update_reference, validate_args, wrap_models)
 
 # -----------------------------------------------------------------------------
 # the loss
@@ -73,7 +71,13 @@ def main(argv=None):
     args = get_args(argv)
     # -------------------------------------------------------------------------
     # set-up: one process, or one per GPU/CPU slot under torchrun
-    d = setup_distributed()
+    d = setup_distributed(args.dist_timeout)
+    with exit_on_lost_rank(d):
+        train_loop(args, d)
+    cleanup_distributed()
+
+
+def train_loop(args, d):
     validate_args(args, d.world_size)
     torch.manual_seed(args.seed + d.rank)
 
@@ -84,64 +88,70 @@ def main(argv=None):
     tok = lambda rows: tokenize_rows(tokenizer, rows, ("chosen", "rejected"), args.max_length, args.max_prompt_length)  # noqa: E731
     train, evals = tok(train_rows), tok(eval_rows)
     num_steps = total_steps(args, len(train))
+    lengths = example_lengths(train) if args.group_by_length else None  # batches of similar length: less padding
     os.makedirs(args.output_dir, exist_ok=True)
 
     # -------------------------------------------------------------------------
-    # models: the policy (fp32 master weights) and its frozen reference copy
+    # models: the policy (fp32 master weights) and its frozen reference copy, under DDP or FSDP2
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(d.device).train()
     ref = make_reference(model, getattr(torch, args.ref_dtype))
-    policy_lm, ref_lm = SequenceLogps(model), SequenceLogps(ref)
-    # broadcast_buffers=False: buffers never change here, and the broadcast is a collective per forward
-    policy = DDP(policy_lm, broadcast_buffers=False) if d.world_size > 1 else policy_lm
+    policy, policy_lm, ref_lm = wrap_models(model, ref, d, args)
     opt, sched = make_optimizer(model, args, d.device, num_steps)
-    start, state = 0, {"ref_updates": 0, "last_ref_update": 0}
+    start, state = 0, {"ref_updates": 0, "last_ref_update": 0, "skipped_steps": 0}
     if args.resume:
         start, state = load_checkpoint(args, d, model, ref, opt, sched)
 
     def dpo_batch(examples, metrics, lm):
-        """Loss per pair for a micro-batch; chosen and rejected go through the model in one forward pass."""
-        batch = to_device(collate_pairs(examples, tokenizer.pad_token_id), d.device)
+        """Loss per pair for a micro-batch; chosen and rejected go through the model in one forward pass
+        (--share_prompt: their prompt once, its KV cache reused for both)."""
+        batch = to_device(collate_pairs(examples, tokenizer.pad_token_id, args.share_prompt), d.device)
         with autocast(args, d.device):
             logps, _ = lm(**batch)
-            with torch.no_grad():
+            with torch.inference_mode():  # no autograd bookkeeping at all for the reference
                 ref_logps, _ = ref_lm(**batch)
+        ref_logps = ref_logps.clone()  # a normal tensor: autograd may not save inference tensors for backward
         pi_c, pi_r = logps.chunk(2)
         ref_c, ref_r = ref_logps.chunk(2)
         losses, r_c, r_r = dpo_loss(pi_c, pi_r, ref_c, ref_r, args.beta)
         metrics.add(n=torch.ones_like(losses), loss=losses, reward_accuracy=(r_c > r_r).float(),
                     reward_margin=r_c - r_r, chosen_reward=r_c, rejected_reward=r_r,
-                    logps_chosen=pi_c, logps_rejected=pi_r, logps_margin=pi_c - pi_r, tokens=batch["attention_mask"])
+                    logps_chosen=pi_c, logps_rejected=pi_r, logps_margin=pi_c - pi_r, tokens=count_tokens(batch))
         return losses
 
     @torch.no_grad()
     def evaluate():
-        """Held-out metrics, each rank on its share of the eval rows, summed across ranks."""
+        """Held-out metrics, each rank on an equal share of the eval rows (the last len % world_size are left
+        out, so under FSDP every rank runs the same number of forwards), summed across ranks."""
         metrics = Metrics()
         model.eval()
-        mine = evals[d.rank::d.world_size]
+        mine = evals[:len(evals) - len(evals) % d.world_size][d.rank::d.world_size]
         for i in range(0, len(mine), args.micro_batch_size):
-            dpo_batch(mine[i:i + args.micro_batch_size], metrics, policy_lm)  # not through DDP: no collectives
+            dpo_batch(mine[i:i + args.micro_batch_size], metrics, policy_lm)  # not DDP's forward: no collectives
         model.train()
         return {f"eval_{k}": v for k, v in metrics.reduce().items() if k != "tokens"}
 
     # -------------------------------------------------------------------------
     # training loop: one iteration = one optimizer step over a global batch of --batch_size pairs
-    logger, metrics = Logger(args, d, start, num_steps), Metrics()
+    logger, metrics, preemption = Logger(args, d, start, num_steps), Metrics(), Preemption(d)
     for step in range(start, num_steps):
-        micro = rank_micro_batches(global_batch(step, len(train), args.batch_size, args.seed), d, args.micro_batch_size)
+        batch_ids = global_batch(step, len(train), args.batch_size, args.seed, lengths)
+        micro = rank_micro_batches(batch_ids, d, args.micro_batch_size)
         for i, idx in enumerate(micro):
-            last = i == len(micro) - 1
-            # gradients are all-reduced once per optimizer step, on the last micro-batch
-            with policy.no_sync() if d.world_size > 1 and not last else nullcontext():
+            # gradients are all-reduced (DDP) or reduce-scattered (FSDP) once per step, on the last micro-batch
+            with no_sync(policy, args, last=i == len(micro) - 1):
                 losses = dpo_batch([train[j] for j in idx], metrics, policy)
-                (losses.mean() / len(micro)).backward()  # the mean over the global batch, after DDP's average
+                (losses.mean() / len(micro)).backward()  # the mean over the global batch, after the ranks' average
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        opt.step()
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+        if check_finite(grad_norm, step + 1, batch_ids, state["skipped_steps"], args):  # never train on NaN
+            opt.step()
+            metrics.add(grad_norm=grad_norm, n_grad_norm=torch.ones(()))
+        else:
+            state["skipped_steps"] += 1
         sched.step()
         opt.zero_grad(set_to_none=True)
-        metrics.add(grad_norm=grad_norm, n_grad_norm=torch.ones(()))
         done = step + 1  # optimizer steps finished
 
         # trust region: after optimizer step s, update the reference when s % tau == 0 (never at step 0)
@@ -152,8 +162,7 @@ def main(argv=None):
 
         if done % args.log_every == 0 or done == num_steps:
             rec = metrics.reduce()
-            rec["grad_norm"] /= d.world_size  # every rank added the same clipped norm
-            rec.pop("n_grad_norm")
+            rec.pop("n_grad_norm", None)  # grad_norm is a per-step mean: every rank added the same value once
             rec["tokens_per_s"] = logger.throughput(rec.pop("tokens"))
             logger.log(done, {**rec, "lr": sched.get_last_lr()[0], "ref_updates": state["ref_updates"],
                               "steps_since_ref_update": done - state["last_ref_update"]})
@@ -162,12 +171,16 @@ def main(argv=None):
         if args.save_every and done % args.save_every == 0:
             save_checkpoint(args, d, model, ref, opt, sched, done, state)
         logger.bar.update(1)
+        if done < num_steps and preemption.stop_requested():  # SIGTERM/SIGINT: save at this step boundary, exit 0
+            save_checkpoint(args, d, model, ref, opt, sched, done, state)
+            logger.close()
+            print(f"stopped by a signal after step {done}; continue with --resume")
+            return
 
     # -------------------------------------------------------------------------
-    # save policy/ and reference/ (save_pretrained + tokenizer), tear down
+    # save policy/ and reference/ (save_pretrained + tokenizer)
     logger.close()
     save_final(args, d, model, ref, tokenizer)
-    cleanup_distributed()
 
 
 if __name__ == "__main__":
