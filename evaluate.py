@@ -1,39 +1,37 @@
 """
-Evaluate policies as the TR paper does (arXiv 2404.09656, Sec. 5): side-by-side win rates from a judge, ratings
-on human-centric criteria, and how far each policy moved from its reference (KL).
+Evaluation as in the TR paper (arXiv 2404.09656, Sec. 5): side-by-side win rates from a judge, ratings on
+human-centric criteria, and how far each policy moved from its reference (KL).
 
-For each model in --models, generate a response to each of N held-out prompts (the eval split of --dataset), then:
-- Win rate. A judge compares the response with the baseline's (--baseline: a model, e.g. the SFT model or a
-  baseline run, or "chosen", the dataset's preferred response) in BOTH orders, policy as A and then as B, so a
-  judge that favours a position cannot favour a model. Each judgement scores the policy 1 (win), 0.5 (tie) or 0
-  (loss); win rate = (wins + ties/2) / valid judgements, with a 95% CI that treats the prompt as the unit (its two
-  judgements are not independent). An answer not in the asked format is invalid: counted, reported, never a win.
-- Criteria. The judge rates each response 1-10 on coherence, correctness, level of detail, helpfulness and
-  harmlessness. Every mean in the report is given +- the half-width of its 95% CI (1.96 standard errors).
-- KL(pi || pi_ref) = E_{y~pi}[log pi(y|x) - log pi_ref(y|x)] on the policy's own samples: the response log-ratio,
-  summed over tokens (EOS included) by common.sequence_logps as in training, averaged over prompts. It is
-  unbiased only for samples from pi itself (--temperature 1 --top_p 1, the defaults; top-k is off).
-- Length (response tokens, EOS excluded); distinct-n (unique n-grams / all n-grams over all responses) and
-  Self-BLEU (BLEU-4 of each response against the others; 1 = all alike). Both count the model's own tokens, so
-  they work for prose and digit strings alike; compare them between models that share a tokenizer.
-- Optional: a reward model's score (--reward_model, any AutoModelForSequenceClassification).
-
-Judges: api (an OpenAI-compatible chat-completions endpoint), local (a Hugging Face causal LM, greedy) and gold
-(the toy task: the higher common.toy_gold_score wins, equal scores tie). On the toy task the gold score, gold
-accuracy (exact answers) and invalid-output rate (malformed answers) are reported whatever the judge.
-Generations are appended to output_dir/generations/<model>.jsonl per batch, judge answers to judge_cache.jsonl,
-so a rerun after a crash skips what is done. Under torchrun generation is sharded; scoring runs on rank 0.
+Each model in --models answers N held-out prompts (the eval split of --dataset); then, per model:
+- Win rate against --baseline (a model, e.g. the SFT model or a baseline run, or "chosen", the dataset's preferred
+  responses). The judge sees every pair in BOTH orders, policy as A and then as B, so a judge that favours a position
+  cannot favour a model. A judgement scores the policy 1 (win), 0.5 (tie) or 0 (loss); win rate = (wins + ties/2) /
+  valid judgements, its 95% CI taking the prompt as the unit. An answer not in the asked format is invalid: counted
+  and reported, never a win.
+- Criteria: the judge rates each response 1-10 on coherence, correctness, level of detail, helpfulness and
+  harmlessness. Means are reported +- the half-width of their 95% CI (1.96 standard errors).
+- KL(pi || pi_ref) = E_{y~pi}[log pi(y|x) - log pi_ref(y|x)], on the policy's own samples: the response log-ratio
+  summed over tokens (EOS included) by common.sequence_logps as in training, averaged over prompts. Unbiased for
+  samples from pi itself: --temperature 1 --top_p 1 (the defaults; top-k is off).
+- Length (response tokens, EOS excluded), distinct-n (unique n-grams / all n-grams) and Self-BLEU (BLEU-4 of each
+  response against the others; 1 = all alike), counted on the model's own tokens, so they work for prose and digit
+  strings alike; compare them between models that share a tokenizer. Optional: --reward_model scores.
+Judges: api (an OpenAI-compatible chat-completions endpoint), local (a Hugging Face causal LM, greedy) and gold (toy
+task only: the higher common.toy_gold_score wins, equal scores tie). On the toy task the gold score, gold accuracy
+(exact answers) and invalid-output rate (malformed answers) are reported whatever the judge.
+Generations go to output_dir/generations/<model>.jsonl batch by batch and judge answers to judge_cache.jsonl, so a
+rerun after a crash does only what is missing. Under torchrun generation is sharded; scoring runs on rank 0.
 
 Offline demo: a TR-DPO policy against the model it started from (tr_dpo.py starts from 'tiny', seed 0):
     python tr_dpo.py --output_dir out/eval_demo
     python evaluate.py --models out/eval_demo/policy --baseline tiny --judge gold --output_dir out/eval_demo/gold
     python evaluate.py --models out/eval_demo/policy --baseline tiny --judge local --judge_model tiny \
-        --n_prompts 16 --output_dir out/eval_demo/local       (a random judge: every answer is invalid)
-A TR-DPO run against a DPO run on HH, KL to the SFT model, GPT-4o as judge (key read from the environment):
+        --n_prompts 16 --output_dir out/eval_demo/local          (a random judge: every answer is invalid)
+TR-DPO against a DPO run on HH, KL to the SFT model, GPT-4o as judge (the key is read from the environment):
     export OPENAI_API_KEY=...
     torchrun --nproc_per_node=8 evaluate.py --models out/tr-dpo-hh/policy --baseline out/dpo-hh/policy \
         --reference path/to/sft --dataset hh --n_prompts 500 --max_new_tokens 256 --judge api --judge_model gpt-4o
-Several checkpoints against SFT with a local judge (also plots win rate against KL):
+Several runs against SFT with a local judge (plus a plot of win rate against KL):
     python evaluate.py --models out/tr-dpo-hh/policy out/dpo-hh/policy --baseline path/to/sft --dataset hh \
         --judge local --judge_model Qwen/Qwen2.5-7B-Instruct --output_dir out/eval-hh-local
 """
@@ -118,7 +116,8 @@ Correctness: <1-10>
 Level of detail: <1-10>
 Helpfulness: <1-10>
 Harmlessness: <1-10>"""
-RATING_WORDS = {"dialogue": dict(what="assistant's final response in the dialogue", source="dialogue", Source="Dialogue", user="human"),
+RATING_WORDS = {"dialogue": dict(what="assistant's final response in the dialogue", source="dialogue", Source="Dialogue",
+                                 user="human"),
                 "summary": dict(what="summary of the forum post", source="post", Source="Post", user="reader")}
 
 VERDICT = re.compile(r"(?i:preferred)\s*:[\s\"'*]*(A|B|(?i:tie))(?![\w<])")  # A and B upper case: "a" is an article
@@ -134,7 +133,8 @@ def parse_ratings(answer):
     """{criterion: score} when every criterion is rated exactly once, in [1, 10]; otherwise None (invalid)."""
     out = {}
     for c in CRITERIA:
-        found = {float(v) for v in re.findall(rf"(?im)^[\s*-]*{re.escape(c)}[\s*]*:[\s*]*(\d+(?:\.\d+)?)", answer or "")}
+        pattern = rf"(?im)^[\s*-]*{re.escape(c)}[\s*]*:[\s*]*(\d+(?:\.\d+)?)"  # "Level of detail: 7", "**Coherence**: 8/10"
+        found = {float(v) for v in re.findall(pattern, answer or "")}
         if len(found) != 1 or not 1 <= min(found) <= 10:
             return None
         out[c] = found.pop()
@@ -216,18 +216,20 @@ def distinct_n(seqs, n):
     return len(set(grams)) / len(grams) if grams else math.nan
 
 
-def bleu(hyp, refs, max_n=4):
+def bleu(hyp, refs, max_n=4, clip=None):
     """BLEU (Papineni et al. 2002): geometric mean of the clipped n-gram precisions, n = 1..max_n, times the
     brevity penalty against the closest reference length. The n > 1 precisions are smoothed by +1 (Lin & Och
-    2004), so a short response does not score 0 for lacking 4-grams."""
+    2004), so a short response does not score 0 for lacking 4-grams. clip[n] (optional, precomputed) maps each
+    n-gram of hyp to the most times it occurs in any one reference."""
     if not hyp or not refs:
         return 0.0
     log_p = 0.0
     for n in range(1, max_n + 1):
-        best = Counter()
-        for r in refs:
-            best |= Counter(ngrams(r, n))  # | keeps the larger count: clip by the most in any one reference
-        match = sum(min(c, best[g]) for g, c in Counter(ngrams(hyp, n)).items())
+        if clip is None:
+            best = Counter()
+            for r in refs:
+                best |= Counter(ngrams(r, n))  # | keeps the larger count
+        match = sum(min(c, (clip[n] if clip else best)[g]) for g, c in Counter(ngrams(hyp, n)).items())
         total = max(len(hyp) - n + 1, 0)
         match, total = (match, total) if n == 1 else (match + 1, total + 1)
         if match == 0:
@@ -237,14 +239,22 @@ def bleu(hyp, refs, max_n=4):
     return min(1.0, math.exp(1 - ref_len / len(hyp))) * math.exp(log_p)
 
 
-def self_bleu(seqs, max_samples=100, seed=0):
-    """Mean BLEU of each response against all the others (Zhu et al. 2018). It costs O(n^2), so at most
-    max_samples responses are used (a seeded sample)."""
-    if len(seqs) > max_samples:
-        seqs = random.Random(seed).sample(seqs, max_samples)
+def self_bleu(seqs, max_n=4):
+    """Mean BLEU of each response against all the others (Zhu et al. 2018). The clipping counts come from one pass
+    over all n-grams: for each, the largest count, which sequence holds it, and the second largest, so the most in
+    any OTHER sequence is known without comparing every pair."""
     if len(seqs) < 2:
         return math.nan
-    return sum(bleu(s, seqs[:i] + seqs[i + 1:]) for i, s in enumerate(seqs)) / len(seqs)
+    counts = {n: [Counter(ngrams(s, n)) for s in seqs] for n in range(1, max_n + 1)}
+    top = {}  # (n, n-gram) -> (largest count, index of its sequence, second largest count)
+    for n, cs in counts.items():
+        for j, c in enumerate(cs):
+            for g, k in c.items():
+                a, ja, b = top.get((n, g), (0, -1, 0))
+                top[n, g] = (k, j, a) if k > a else (a, ja, max(b, k))
+    other = lambda n, g, i: top[n, g][0] if top[n, g][1] != i else top[n, g][2]  # noqa: E731
+    return sum(bleu(s, seqs[:i] + seqs[i + 1:], max_n, {n: {g: other(n, g, i) for g in counts[n][i]} for n in counts})
+               for i, s in enumerate(seqs)) / len(seqs)
 
 # -----------------------------------------------------------------------------
 # generation and log-probs
@@ -298,21 +308,34 @@ def read_jsonl(path):
     return rows
 
 
+def generation_key(model, args):
+    """A short hash of the sampling settings and of the model's weights (the first values of every tensor, exact
+    on any device), stored in every row: a rerun never mixes in rows made by another model or other settings."""
+    settings = ("max_prompt_length", "max_new_tokens", "temperature", "top_p", "greedy", "seed")
+    h = hashlib.sha256(repr([getattr(args, k) for k in settings]).encode())
+    for p in model.parameters():
+        h.update(p.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def generate(model, tokenizer, prompts, path, args, d, desc="generate"):
     """Responses of `model` to every prompt, in JSONL at `path`; rank 0 returns the rows sorted by prompt index.
 
     Rows finished by an earlier, interrupted run (in `path` or its part files) are merged into `path` first and
     their prompts skipped. Each rank then samples every world_size-th missing prompt into a fresh path.part<rank>,
     one flushed write per batch, and rank 0 merges again. A batch is seeded by (seed, its first prompt index).
-    A row: index, prompt, response (text), prompt_ids, response_ids, length (tokens, EOS excluded) and logp
-    (log pi(response | prompt) under this model, for the KL estimate).
+    A row: index, prompt, response (text), prompt_ids, response_ids, length (tokens, EOS excluded), logp
+    (log pi(response | prompt) under this model, for the KL estimate) and key (generation_key).
     """
+    key = generation_key(model, args)
+
     def merge():  # rank 0
         rows = {}
         for f in [path, *sorted(glob.glob(path + ".part*"))]:
             for r in read_jsonl(f):
-                if r["index"] < len(prompts) and r["prompt"] != prompts[r["index"]]:
-                    raise SystemExit(f"{f} holds responses to other prompts (another --dataset?): use a new --output_dir")
+                if r.get("key") != key or (r["index"] < len(prompts) and r["prompt"] != prompts[r["index"]]):
+                    raise SystemExit(f"{f} was generated by another model, with other settings or for other prompts: "
+                                     "use a new --output_dir, or delete the file to generate again")
                 rows[r["index"]] = r
         with open(path + ".tmp", "w") as f:
             f.writelines(json.dumps(rows[i]) + "\n" for i in sorted(rows))
@@ -330,7 +353,8 @@ def generate(model, tokenizer, prompts, path, args, d, desc="generate"):
     with open(f"{path}.part{d.rank}", "w") as f, tqdm(total=len(todo), desc=desc, disable=not d.master) as bar:
         for b in range(0, len(todo), args.batch_size):
             idx = todo[b:b + args.batch_size]
-            p_ids = [tokenizer(prompts[i], add_special_tokens=False)["input_ids"][-args.max_prompt_length:] for i in idx]
+            p_ids = [tokenizer(prompts[i], add_special_tokens=False)["input_ids"][-args.max_prompt_length:]
+                     for i in idx]
             torch.manual_seed(args.seed * 1_000_003 + idx[0])
             with autocast(args, model.device):
                 r_ids = sample(model, tokenizer, p_ids, args.max_new_tokens, args.temperature, args.top_p, args.greedy)
@@ -338,7 +362,7 @@ def generate(model, tokenizer, prompts, path, args, d, desc="generate"):
             for i, p, r, lp in zip(idx, p_ids, r_ids, logps):
                 text = tokenizer.decode([t for t in r if t != eos], skip_special_tokens=True)
                 f.write(json.dumps({"index": i, "prompt": prompts[i], "response": text, "prompt_ids": p,
-                                    "response_ids": r, "length": len(r) - (eos in r), "logp": lp}) + "\n")
+                                    "response_ids": r, "length": len(r) - (eos in r), "logp": lp, "key": key}) + "\n")
             f.flush()  # a crash loses at most the batch in flight
             bar.update(len(idx))
     barrier()
@@ -355,9 +379,12 @@ class ApiJudge:
 
     def __init__(self, base_url, model, key_env="OPENAI_API_KEY", timeout=60.0, retries=5, backoff=2.0,
                  concurrency=8, max_tokens=256):
-        self.url, self.model, self.key = base_url.rstrip("/") + "/chat/completions", model, os.environ.get(key_env, "")
-        self.timeout, self.retries, self.backoff, self.concurrency, self.max_tokens = timeout, retries, backoff, concurrency, max_tokens
-        self.name, self.errors = f"api:{base_url}:{model}", []
+        self.url, self.model = base_url.rstrip("/") + "/chat/completions", model
+        self.key = os.environ.get(key_env, "").strip()
+        if any(not 32 < ord(c) < 127 for c in self.key):  # http.client would quote the bad header, key and all
+            raise SystemExit(f"${key_env} holds a character an HTTP header cannot carry (space, control, non-ASCII)")
+        self.timeout, self.retries, self.backoff, self.concurrency = timeout, retries, backoff, concurrency
+        self.max_tokens, self.name, self.errors = max_tokens, f"api:{base_url}:{model}:{max_tokens}", []
 
     def scrub(self, text):
         return text.replace(self.key, "[API key]") if self.key else text
@@ -386,7 +413,7 @@ class ApiJudge:
                         raise TypeError("content is not a string")
                     return self.scrub(answer), None
                 except (ValueError, KeyError, IndexError, TypeError) as e:
-                    return None, self.scrub(f"malformed reply ({type(e).__name__}): {raw[:200].decode(errors='replace')}")
+                    return None, self.scrub(f"malformed reply ({e!r}): {raw[:200].decode(errors='replace')}")
         return None, self.scrub(f"{error} (after {attempt + 1} attempt(s))")
 
     def __call__(self, texts):
@@ -407,11 +434,13 @@ class LocalJudge:
     def __init__(self, name, device, max_new_tokens=256, batch_size=8, seed=0, trust_remote_code=False, dtype="auto"):
         self.model, self.tok = load_model(name, seed, trust_remote_code)
         self.model.to(device).eval()
-        self.name, self.max_new_tokens, self.batch_size, self.dtype = f"local:{name}", max_new_tokens, batch_size, dtype
+        self.name, self.max_new_tokens = f"local:{name}:{max_new_tokens}", max_new_tokens
+        self.batch_size, self.dtype = batch_size, dtype
 
     def encode(self, text):
         if self.tok.chat_template:
-            text = self.tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+            text = self.tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                add_generation_prompt=True)
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
     def __call__(self, texts):
@@ -459,7 +488,8 @@ def judge_ratings(judge, task, prompts, responses, cache_path):
 def load_reward_model(path, device, trust_remote_code=False):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    rm = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code).to(device).eval()
+    rm = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code)
+    rm.to(device).eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     rm.config.pad_token_id = tok.pad_token_id  # the score is read at the last non-padding token
@@ -481,7 +511,7 @@ def reward_scores(rm, tok, prompts, responses, batch_size=8):
 
 
 def fmt(mean, ci=math.nan, scale=1.0, digits=2):
-    if mean is None or math.isnan(mean):
+    if mean is None or math.isnan(mean):  # None: not measured; nan: undefined (e.g. every judgement invalid)
         return "—"
     return f"{mean * scale:.{digits}f}" + ("" if math.isnan(ci) else f" ± {ci * scale:.{digits}f}")
 
@@ -489,22 +519,24 @@ def fmt(mean, ci=math.nan, scale=1.0, digits=2):
 def write_report(rows, out_dir, baseline, header=""):
     """summary.json, results.md (one Markdown table row per model) and, when two or more models have a win rate
     and a KL, winrate_vs_kl.png. Columns with nothing in them are left out. Returns the table."""
-    stat = lambda key, **kw: lambda r: fmt(r[key]["mean"], r[key]["ci"], **kw) if r.get(key) else "—"  # noqa: E731
+    def stat(get, **kw):
+        return lambda r: fmt(get(r)["mean"], get(r)["ci"], **kw) if get(r) else "—"
+    win = lambda r: r.get("win_rate") or {}  # noqa: E731
     names = list(dict.fromkeys(c for r in rows for c in r.get("criteria", {})))
     cols = [("model", lambda r: r["model"]),
-            (f"win rate vs {baseline} (%)", lambda r: fmt(r["win_rate"]["rate"], r["win_rate"]["ci"], 100, 1) if r.get("win_rate") else "—"),
-            ("W / T / L / invalid", lambda r: "{wins} / {ties} / {losses} / {invalid}".format(**r["win_rate"]) if r.get("win_rate") else "—"),
+            (f"win rate vs {baseline} (%)", lambda r: fmt(win(r).get("rate"), win(r).get("ci", math.nan), 100, 1)),
+            ("W / T / L / invalid", lambda r: "{wins} / {ties} / {losses} / {invalid}".format(**win(r)) if win(r) else "—"),
             ("prompts", lambda r: str(r["n"])),
-            ("KL to ref", stat("kl")),
-            ("length", stat("length", digits=1)),
-            ("distinct-1", lambda r: fmt(r.get("distinct_1"))),
-            ("distinct-2", lambda r: fmt(r.get("distinct_2"))),
-            ("self-BLEU", lambda r: fmt(r.get("self_bleu"))),
-            *[(c, lambda r, c=c: fmt(r["criteria"][c]["mean"], r["criteria"][c]["ci"]) if c in r.get("criteria", {}) else "—") for c in names],
-            ("ratings invalid", lambda r: str(r["ratings_invalid"]) if r.get("ratings_invalid") is not None else "—"),
-            ("reward", stat("reward"))]
+            ("KL to ref", stat(lambda r: r.get("kl"))),
+            ("length", stat(lambda r: r.get("length"), digits=1)),
+            *[(name, lambda r, k=k: fmt(r.get(k))) for name, k in (("distinct-1", "distinct_1"), ("distinct-2", "distinct_2"),
+                                                                 ("self-BLEU", "self_bleu"))],
+            *[(c, stat(lambda r, c=c: r.get("criteria", {}).get(c))) for c in names],
+            ("ratings invalid", lambda r: str(r.get("ratings_invalid", "—"))),
+            ("reward", stat(lambda r: r.get("reward")))]
     cells = [[fn(r) for _, fn in cols] for r in rows]
-    keep = [j for j in range(len(cols)) if j == 0 or any(c[j] != "—" for c in cells) or (j == 1 and any(r.get("win_rate") for r in rows))]
+    # drop empty columns, but keep the win rate wherever judgements were made (all invalid shows as "—")
+    keep = [j for j in range(len(cols)) if j == 0 or any(c[j] != "—" for c in cells) or (j == 1 and any(map(win, rows)))]
     lines = ["| " + " | ".join(cols[j][0] for j in keep) + " |", "|" + "---|" * len(keep)]
     lines += ["| " + " | ".join(c[j] for j in keep) + " |" for c in cells]
     table = "\n".join(lines)
@@ -524,7 +556,8 @@ def write_report(rows, out_dir, baseline, header=""):
         else:
             fig, ax = plt.subplots(figsize=(5, 4))
             for r in points:
-                ax.errorbar(r["kl"]["mean"], 100 * r["win_rate"]["rate"], xerr=r["kl"]["ci"], yerr=100 * r["win_rate"]["ci"], fmt="o", label=r["model"])
+                ax.errorbar(r["kl"]["mean"], 100 * r["win_rate"]["rate"], xerr=r["kl"]["ci"],
+                            yerr=100 * r["win_rate"]["ci"], fmt="o", label=r["model"])
             ax.axhline(50, color="grey", linestyle=":")
             ax.set(xlabel="KL(policy || reference), nats", ylabel=f"win rate vs {baseline} (%)")
             ax.legend(fontsize="small")
@@ -557,7 +590,8 @@ def get_args(argv=None):
     g.add_argument("--top_p", type=float, default=1.0)
     g.add_argument("--greedy", action="store_true", help="greedy decoding (then the KL column is not an unbiased estimate)")
     g.add_argument("--batch_size", type=int, default=16, help="prompts per generation / scoring batch, per rank")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed; also the init seed of 'tiny' (tr_dpo.py's --seed)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--model_seed", type=int, default=0, help="init seed of a random built-in model such as 'tiny' (the --seed it was trained with)")
     g = p.add_argument_group("judge")
     g.add_argument("--judge", default="gold", choices=["gold", "api", "local", "none"], help="gold: the toy task's exact score")
     g.add_argument("--judge_model", help="api: the model id (e.g. gpt-4o); local: anything load_model takes")
@@ -604,11 +638,12 @@ def main(argv=None):
     gens, vocab = {}, {}
     todo = dict(zip(args.labels, args.models)) | ({} if args.baseline == "chosen" else {args.baseline: args.baseline})
     for label, name in todo.items():
-        model, tok = load_model(name, args.seed, args.trust_remote_code)
+        model, tok = load_model(name, args.model_seed, args.trust_remote_code)
         model.to(d.device).eval()
         gens[label] = generate(model, tok, prompts, os.path.join(gen_dir, safe(label) + ".jsonl"), args, d, label)
         vocab[label] = len(tok)
         del model
+        torch.cuda.empty_cache()
     if not d.master:  # the rest is scoring on rank 0
         cleanup_distributed()
         return None
@@ -617,7 +652,7 @@ def main(argv=None):
     # KL to the reference, on each model's own samples
     kl = {}
     if args.reference != "none":
-        ref, ref_tok = load_model(args.reference, args.seed, args.trust_remote_code)
+        ref, ref_tok = load_model(args.reference, args.model_seed, args.trust_remote_code)
         ref.to(d.device).eval()
         for label, g in gens.items():
             if vocab[label] != len(ref_tok):
@@ -630,7 +665,7 @@ def main(argv=None):
     # judging and scoring
     judge = (ApiJudge(args.api_base, args.judge_model, args.api_key_env, args.api_timeout, args.api_retries, args.api_backoff,
                       args.api_concurrency, args.judge_max_new_tokens) if args.judge == "api" else
-             LocalJudge(args.judge_model, d.device, args.judge_max_new_tokens, args.judge_batch_size, args.seed,
+             LocalJudge(args.judge_model, d.device, args.judge_max_new_tokens, args.judge_batch_size, args.model_seed,
                         args.trust_remote_code, args.dtype) if args.judge == "local" else None)
     cache = os.path.join(args.output_dir, "judge_cache.jsonl")
     reward_model = load_reward_model(args.reward_model, d.device, args.trust_remote_code) if args.reward_model else None
@@ -655,7 +690,7 @@ def main(argv=None):
         if label in gens:
             seqs = [r["response_ids"][:r["length"]] for r in gens[label]]
             row |= {"length": summarise([r["length"] for r in gens[label]]), "distinct_1": distinct_n(seqs, 1),
-                    "distinct_2": distinct_n(seqs, 2), "self_bleu": self_bleu(seqs, seed=args.seed)}
+                    "distinct_2": distinct_n(seqs, 2), "self_bleu": self_bleu(seqs)}
         if label in kl:
             row["kl"] = summarise(kl[label])
         if args.reward_model:

@@ -110,6 +110,11 @@ def test_bleu_distinct_by_hand():
     assert ev.self_bleu([[1, 2, 3], [1, 2, 3], [1, 2, 3]]) == pytest.approx(1.0)
     # self-BLEU of two: mean of BLEU(a, [b]) and BLEU(b, [a]); the pair above gives 0.6580370 both ways
     assert ev.self_bleu([[1, 2, 3, 4], [1, 2, 3, 5]]) == pytest.approx(0.6580370, abs=1e-6)
+    # the one-pass clipping of self_bleu equals BLEU of each sequence against all the others, n-gram repeats included
+    rng = __import__("random").Random(0)
+    seqs = [[rng.randrange(4) for _ in range(rng.randrange(1, 9))] for _ in range(12)]
+    naive = sum(ev.bleu(s, seqs[:i] + seqs[i + 1:]) for i, s in enumerate(seqs)) / len(seqs)
+    assert ev.self_bleu(seqs) == pytest.approx(naive, abs=1e-12) and 0.1 < naive < 0.9
     # unigrams: 1 2 1 | 1 3 -> 5 in all, 3 distinct (1, 2, 3); bigrams (1,2) (2,1) | (1,3) -> 3 of 3
     assert ev.distinct_n([[1, 2, 1], [1, 3]], 1) == pytest.approx(3 / 5)
     assert ev.distinct_n([[1, 2, 1], [1, 3]], 2) == pytest.approx(1.0)
@@ -183,6 +188,11 @@ def test_resume_generates_only_missing_prompts(tmp_path, monkeypatch):
     assert not os.path.exists(path + ".part0") and len(ev.read_jsonl(path)) == 6
     seen.clear()
     assert ev.generate(model, tok, prompts, path, args, CPU) == full and seen == []  # complete: nothing generated
+    # other settings, or another model, never reuse these rows
+    with pytest.raises(SystemExit, match="another model, with other settings"):
+        ev.generate(model, tok, prompts, path, ev.get_args(["--models", "tiny", "--max_new_tokens", "4"]), CPU)
+    with pytest.raises(SystemExit, match="another model, with other settings"):
+        ev.generate(load_model("tiny", seed=1)[0], tok, prompts, path, args, CPU)
 
 # -----------------------------------------------------------------------------
 # the HTTP judge against a stub server on 127.0.0.1
@@ -296,6 +306,13 @@ def test_api_judge_against_stub(stub, secret_env, tmp_path, capsys):
     assert stub.calls["normal"] == before["normal"] and stub.calls["echo401"] == before["echo401"] + 1
 
 
+def test_api_key_that_cannot_be_sent_is_refused_without_showing_it(monkeypatch):
+    monkeypatch.setenv("STUB_KEY", SECRET[:10] + "\n" + SECRET[10:])  # http.client would echo it in its error
+    with pytest.raises(SystemExit) as e:
+        ev.ApiJudge("http://127.0.0.1:9/v1", "m", "STUB_KEY")
+    assert "STUB_KEY" in str(e.value) and SECRET[:10] not in str(e.value) and SECRET[10:] not in str(e.value)
+
+
 def test_api_judge_concurrency_limit(stub, secret_env):
     judge = ev.ApiJudge(f"http://127.0.0.1:{stub.server_port}/v1", "stub-model", "STUB_KEY", concurrency=2)
     answers = dict(judge([f"CASE:busy {i}" for i in range(8)]))
@@ -368,14 +385,15 @@ def test_end_to_end_tiny_local_judge(tiny_dirs, tmp_path):
 
 def hand_made_generations(out, n, responses):
     """A finished generations file for `n` toy prompts, so main() judges these responses and generates nothing."""
-    _, tok = load_model("tiny")
+    model, tok = load_model("tiny")
+    key = ev.generation_key(model, ev.get_args(["--models", "tiny"]))  # what main() computes for 'tiny', defaults
     rows = load_preferences("toy", n)[1]
     os.makedirs(os.path.join(out, "generations"), exist_ok=True)
     with open(os.path.join(out, "generations", "policy.jsonl"), "w") as f:
         for i, (row, r) in enumerate(zip(rows, responses)):
             ids = tok(r, add_special_tokens=False)["input_ids"]
             f.write(json.dumps({"index": i, "prompt": row["prompt"], "response": r, "prompt_ids": [1],
-                                "response_ids": ids + [tok.eos_token_id], "length": len(ids), "logp": -1.0}) + "\n")
+                                "response_ids": ids + [tok.eos_token_id], "length": len(ids), "logp": -1.0, "key": key}) + "\n")
     return rows
 
 
