@@ -92,3 +92,102 @@ def test_schedule_first_update_at_step_tau():
     assert [s for s in range(0, 11) if should_update_reference(s, "soft", 4)] == [4, 8]
     assert [s for s in range(0, 11) if should_update_reference(s, "hard", 1)] == list(range(1, 11))
     assert not any(should_update_reference(s, "none", 1) for s in range(0, 11))
+# -----------------------------------------------------------------------------
+# IPO
+
+from tr_ipo import ipo_loss, response_logps  # noqa: E402
+from tr_kto import kto_loss  # noqa: E402
+
+
+def test_ipo_loss_by_hand():
+    beta = 0.5  # target gap 1/(2*beta) = 1
+    # pair 0: h = (-1 - -2) - (-3 - -2) = 1 - (-1) = 2;  loss = (2 - 1)^2 = 1;  rewards 0.5*1 = 0.5, 0.5*(-1) = -0.5
+    # pair 1: h = (-5 - -2) - (-1 - -3) = -3 - 2 = -5;  loss = (-5 - 1)^2 = 36;  rewards 0.5*(-3) = -1.5, 0.5*2 = 1
+    # pair 2: policy == reference, h = 0, loss = (0 - 1)^2 = 1 = 1/(4*beta^2), rewards 0, 0
+    pc = T(-1.0, -5.0, -4.0).requires_grad_()
+    pr = T(-3.0, -1.0, -6.0).requires_grad_()
+    losses, rc, rr = ipo_loss(pc, pr, T(-2.0, -2.0, -4.0), T(-2.0, -3.0, -6.0), beta)
+    assert losses.tolist() == pytest.approx([1.0, 36.0, 1.0], abs=1e-12)
+    assert rc.tolist() == pytest.approx([0.5, -1.5, 0.0], abs=1e-12)
+    assert rr.tolist() == pytest.approx([-0.5, 1.0, 0.0], abs=1e-12)
+    assert not rc.requires_grad and not rr.requires_grad
+    # d loss / d pi_c = 2*(h - 1/(2 beta)): pair 0: 2*(2 - 1) = 2; pair 1: 2*(-5 - 1) = -12; pair 2: -2. Mirror for pi_r.
+    # Unlike DPO the gradient changes sign: a gap above the target is pulled back (pair 0).
+    losses.sum().backward()
+    assert pc.grad.tolist() == pytest.approx([2.0, -12.0, -2.0], abs=1e-12)
+    assert pr.grad.tolist() == pytest.approx([-2.0, 12.0, 2.0], abs=1e-12)
+
+
+def test_ipo_loss_is_zero_at_the_target():
+    # beta 0.25: target 1/(2*0.25) = 2; h = (0 - -1) - (-1 - 0) = 2 -> loss 0, gradient 0
+    pc = T(0.0).requires_grad_()
+    losses, _, _ = ipo_loss(pc, T(-1.0), T(-1.0), T(0.0), 0.25)
+    losses.sum().backward()
+    assert losses.item() == 0.0 and pc.grad.item() == 0.0
+
+
+def test_ipo_summed_vs_averaged_logps():
+    # response_logps: sums from sequence_logps divided by the response length in "mean" mode
+    sums, n = T(-6.0, -9.0, -8.0, -4.0), torch.tensor([3, 3, 4, 4])
+    assert response_logps(sums, n, "mean").tolist() == [-2.0, -3.0, -2.0, -1.0]
+    assert response_logps(sums, n, "sum").tolist() == [-6.0, -9.0, -8.0, -4.0]
+    # one pair: chosen 3 tokens, policy -6 / ref -9; rejected 4 tokens, policy -8 / ref -4; beta 0.1, target 5
+    # summed:   h = (-6 - -9) - (-8 - -4) = 3 - (-4) = 7;   loss = (7 - 5)^2 = 4
+    # averaged: h = (-2 - -3) - (-2 - -1) = 1 - (-1) = 2;   loss = (2 - 5)^2 = 9
+    for mode, want in (("sum", 4.0), ("mean", 9.0)):
+        pc, rc, pr, rr = response_logps(sums, n, mode).split(1)
+        assert ipo_loss(pc, pr, rc, rr, 0.1)[0].item() == pytest.approx(want, abs=1e-12), mode
+
+# -----------------------------------------------------------------------------
+# KTO
+
+B = lambda *xs: torch.tensor(xs, dtype=torch.bool)  # noqa: E731
+S = {0.5: 0.6224593312018546, 1.5: 0.8175744761936437, -0.5: 0.3775406687981454, 1.0: 0.7310585786300049}  # sigmoid
+
+
+def test_kto_loss_by_hand():
+    # beta 1, z0 = 0.5; r = policy - ref = [-1 - -2, -4 - -3, -2 - -2] = [1, -1, 0]
+    # ex 0, desirable:   1 - sigmoid(1*(1 - 0.5))    = 1 - sigmoid(0.5)  = 1 - 0.6224593312 = 0.3775406688
+    # ex 1, undesirable: 1 - sigmoid(1*(0.5 - -1))   = 1 - sigmoid(1.5)  = 1 - 0.8175744762 = 0.1824255238
+    # ex 2, desirable:   1 - sigmoid(1*(0 - 0.5))    = 1 - sigmoid(-0.5) = 1 - 0.3775406688 = 0.6224593312
+    # rewards = beta * r = [1, -1, 0]
+    pol = T(-1.0, -4.0, -2.0).requires_grad_()
+    losses, rewards = kto_loss(pol, T(-2.0, -3.0, -2.0), B(True, False, True), torch.tensor(0.5), beta=1.0)
+    assert losses.tolist() == pytest.approx([1 - S[0.5], 1 - S[1.5], 1 - S[-0.5]], abs=1e-12)
+    assert losses.tolist() == pytest.approx([0.3775406688, 0.1824255238, 0.6224593312], abs=1e-10)
+    assert rewards.tolist() == [1.0, -1.0, 0.0] and not rewards.requires_grad
+    # d/d policy: desirable -beta*s*(1-s) at x = 0.5: -0.6224593312*0.3775406688 = -0.2350037122
+    #             undesirable +beta*s*(1-s) at x = 1.5: 0.8175744762*0.1824255238 = +0.1491464521
+    losses.sum().backward()
+    assert pol.grad[:2].tolist() == pytest.approx([-0.2350037122, 0.1491464521], abs=1e-10)
+
+
+def test_kto_negative_kl_is_clamped_to_zero_and_not_differentiated():
+    # same examples, KL estimate -0.7 -> z0 = max(0, -0.7) = 0
+    # ex 0: 1 - sigmoid(1 - 0) = 0.2689414214;  ex 1: 1 - sigmoid(0 - -1) = 0.2689414214;  ex 2: 1 - sigmoid(0) = 0.5
+    kl = torch.tensor(-0.7, dtype=torch.float64, requires_grad=True)
+    losses, _ = kto_loss(T(-1.0, -4.0, -2.0), T(-2.0, -3.0, -2.0), B(True, False, True), kl, beta=1.0)
+    assert losses.tolist() == pytest.approx([1 - S[1.0], 1 - S[1.0], 0.5], abs=1e-12)
+    assert not losses.requires_grad  # z0 is detached: no gradient can reach the KL estimate
+
+
+def test_kto_only_desirable_examples():
+    # beta 0.1, z0 = 0.2, r = [1, -1], both desirable (e.g. a rank whose share holds one class)
+    # ex 0: 1 - sigmoid(0.1*(1 - 0.2))  = 1 - sigmoid(0.08)  = 1 - 0.5199893402 = 0.4800106598
+    # ex 1: 1 - sigmoid(0.1*(-1 - 0.2)) = 1 - sigmoid(-0.12) = 1 - 0.4700359482 = 0.5299640518
+    pol = T(-1.0, -3.0).requires_grad_()
+    losses, rewards = kto_loss(pol, T(-2.0, -2.0), B(True, True), 0.2, beta=0.1)
+    assert losses.tolist() == pytest.approx([0.4800106598, 0.5299640518], abs=1e-10)
+    assert rewards.tolist() == pytest.approx([0.1, -0.1], abs=1e-12)
+    losses.mean().backward()  # the training reduction; no per-class division, so no 0/0
+    # d/d pol_0 of the mean: -0.1 * s(0.08)*(1 - s(0.08)) / 2 = -0.0249600426 / 2
+    assert pol.grad[0].item() == pytest.approx(-0.0249600426 / 2, abs=1e-10)
+    assert torch.isfinite(pol.grad).all()
+
+
+def test_kto_weights_scale_each_class():
+    # the first case with lambda_D = 1.33, lambda_U = 0.5:
+    # 1.33 * 0.3775406688 = 0.5021290895;  0.5 * 0.1824255238 = 0.0912127619;  1.33 * 0.6224593312 = 0.8278709105
+    losses, _ = kto_loss(T(-1.0, -4.0, -2.0), T(-2.0, -3.0, -2.0), B(True, False, True), 0.5, beta=1.0,
+                         desirable_weight=1.33, undesirable_weight=0.5)
+    assert losses.tolist() == pytest.approx([0.5021290895, 0.0912127619, 0.8278709105], abs=1e-10)

@@ -1,0 +1,290 @@
+"""
+TR-KTO: Kahneman-Tversky Optimisation with a trust-region reference model.
+
+KTO (Ethayarajh et al., arXiv 2402.01306, Sec. 4) learns from unpaired examples (x, y, desirable?) instead of
+preference pairs. With r(x, y) = log pi_theta(y|x) - log pi_ref(y|x) (summed over response tokens) and a
+reference point z0 ~ KL(pi_theta || pi_ref):
+
+    desirable y:    loss = lambda_D * (1 - sigmoid(beta * (r - z0)))
+    undesirable y:  loss = lambda_U * (1 - sigmoid(beta * (z0 - r)))
+
+Rewards are beta * r. TR-KTO (Gorbatovski et al., arXiv 2404.09656) moves the reference: after every tau-th
+optimizer step theta_ref <- alpha * theta + (1 - alpha) * theta_ref (alpha = 1 is the hard update);
+--ref_update none is plain KTO.
+
+Data. A paired set (toy, hh, tldr, a paired local file) gives one desirable (chosen) and one undesirable
+(rejected) example per pair; a local .jsonl of {"prompt", "completion", "label": true/false} rows is read as is
+(common.load_unpaired). At start-up we warn when lambda_D * n_D / (lambda_U * n_U) falls outside [1, 4/3], the
+range the KTO paper recommends (its Eq. 8); paired data gives n_D = n_U.
+
+The reference point z0, and why it is the same whatever the world size. As in the KTO authors' code, z0 is
+estimated on mismatched pairs: prompt i of the GLOBAL batch with the completion of example i+1 (mod batch size;
+further on when i+1 has the same prompt, as a pair's chosen and rejected do), the mean of log pi_theta - log pi_ref
+over them (summed log-probs), under no_grad, clamped at 0 and never differentiated. Before the micro-batches of a
+step run, each rank scores the mismatched pairs at its own positions of the global batch, the sums and counts
+are all-reduced, and every rank and every micro-batch of that step uses the one z0. So z0 is a function of the
+global batch and the weights only: 1 process and N processes (same --batch_size, --seed) compute the same z0 and
+follow the same trajectory; a micro-batch of 1 is fine (only --batch_size 1 is refused); and a rank or
+micro-batch holding one class only changes nothing (the loss is a mean over examples; per-class rewards are
+logged through sums and counts, never a 0/0). Cost: one extra no_grad forward of policy and reference per
+example, as in HALOs and TRL. Eval uses the same scheme over the whole eval set. --share_prompt is refused (one
+completion per prompt: nothing to share).
+
+Offline demo (tiny model built in code, toy digit puzzles, 200 steps, ~30 s on 2 CPU cores):
+    python tr_kto.py
+Logged: loss, kl (z0), desirable_reward / undesirable_reward (means over each class), reward_margin (their
+difference, which rises as the policy separates the classes), n_desirable / n_undesirable (examples per interval).
+Plain KTO, hard update, your own unpaired data:
+    python tr_kto.py --ref_update none
+    python tr_kto.py --ref_update hard --tau 16
+    python tr_kto.py --dataset my_feedback.jsonl --desirable_weight 1.33
+The paper's setting on 8 GPUs (Pythia SFT models; soft: alpha 0.6, tau 1; hard: tau 512), Anthropic-HH:
+    torchrun --nproc_per_node=8 tr_kto.py --model path/to/pythia-2.8b-sft --dataset hh \
+        --beta 0.1 --lr 1e-6 --epochs 1 --max_steps 0 --max_length 1024 --max_prompt_length 512 \
+        --max_grad_norm 2 --warmup_steps 100 --batch_size 128 --micro_batch_size 8 \
+        --ref_update soft --alpha 0.6 --tau 1 --eval_every 500 --save_every 500 --output_dir out/tr-kto-hh
+Reddit TL;DR (an SFT model trained on TL;DR summaries):
+    torchrun --nproc_per_node=8 tr_kto.py --model path/to/pythia-2.8b-sft-tldr --dataset tldr \
+        --beta 0.1 --lr 1e-6 --epochs 1 --max_steps 0 --max_length 1024 --max_prompt_length 512 \
+        --max_grad_norm 2 --warmup_steps 100 --batch_size 128 --micro_batch_size 8 \
+        --ref_update soft --alpha 0.6 --tau 1 --eval_every 500 --save_every 500 --output_dir out/tr-kto-tldr
+    (hard update: --ref_update hard --tau 512. --batch_size counts examples: 128 = the 64 pairs of the TR-DPO
+    command. beta 0.1 is the KTO authors' default; the paper's own TR-KTO value is not verified here.)
+"""
+import argparse
+import os
+from contextlib import nullcontext
+
+import torch
+
+from common import (Logger, Metrics, Preemption, add_common_args, all_reduce_sum, autocast,
+                    check_finite, cleanup_distributed, collate_unpaired, count_tokens, example_lengths,
+                    exit_on_lost_rank, global_batch, load_checkpoint, load_model, load_unpaired, make_optimizer,
+                    make_reference, no_sync, rank_micro_batches, save_checkpoint, save_final, setup_distributed,
+                    should_update_reference, to_device, tokenize_rows, total_steps, truncate, update_reference,
+                    validate_args, wrap_models)
+
+# -----------------------------------------------------------------------------
+# the loss and its reference point
+
+
+def kto_loss(policy_logps, ref_logps, desirable, kl, beta, desirable_weight=1.0, undesirable_weight=1.0):
+    """KTO loss per example.
+
+    Args: summed response log-probs under the policy and the reference, shape (B,); desirable, bool (B,); kl, the
+    KL estimate (a scalar; clamped at 0 here and never differentiated); beta > 0; lambda_D, lambda_U.
+    Returns (losses, rewards), each shape (B,); rewards = beta * r, detached.
+    """
+    r = policy_logps - ref_logps
+    z0 = torch.as_tensor(kl, dtype=r.dtype, device=r.device).detach().clamp(min=0)
+    losses = torch.where(desirable,  # KTO loss, arXiv 2402.01306 Sec. 4: lambda_y - v(x, y)
+                         desirable_weight * (1 - torch.sigmoid(beta * (r - z0))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r))))
+    return losses, beta * r.detach()
+
+
+def mismatched_pairs(examples, max_length, max_prompt_length):
+    """The pairs z0 is estimated on (token ids): prompt i with the completion of the next example whose prompt
+    differs, i + 1 (mod len) unless it shares prompt i (a pair's chosen and rejected do). A prompt with another
+    example's completion can be longer than either original, so the pair is truncated again (common.truncate)."""
+    n = len(examples)
+    pairs = []
+    for i, e in enumerate(examples):
+        j = next((k % n for k in range(i + 1, i + n) if examples[k % n]["prompt"] != e["prompt"]), (i + 1) % n)
+        prompt, (completion,) = truncate(e["prompt"], [examples[j]["completion"]], max_length, max_prompt_length)
+        pairs.append({"prompt": prompt, "completion": completion})
+    return pairs
+
+
+@torch.no_grad()
+def estimate_kl(policy_lm, ref_lm, pairs, micro_batch_size, pad_id, device, amp=nullcontext):
+    """Mean of log pi_theta(y'|x) - log pi_ref(y'|x) over the mismatched pairs of ALL ranks (each rank passes its
+    own): sums and counts are all-reduced, so every rank returns the same value. Not clamped. Every rank must call
+    it, with or without pairs."""
+    total = torch.zeros(2, device=device)  # [sum of log-ratios, number of pairs]
+    for i in range(0, len(pairs), micro_batch_size):
+        batch = to_device(collate_unpaired(pairs[i:i + micro_batch_size], pad_id), device)
+        with amp():
+            logps, _ = policy_lm(**batch)
+            ref_logps, _ = ref_lm(**batch)
+        total += torch.stack([(logps - ref_logps).sum(), torch.tensor(float(len(logps)), device=device)])
+    total = all_reduce_sum(total)
+    return total[0] / total[1]
+
+
+def class_balance_warning(n_desirable, n_undesirable, desirable_weight, undesirable_weight):
+    """A warning (str) when lambda_D * n_D / (lambda_U * n_U) is outside [1, 4/3] (KTO paper, Eq. 8), else None."""
+    d, u = desirable_weight * n_desirable, undesirable_weight * n_undesirable
+    if u > 0 and 1 <= d / u <= 4 / 3:
+        return None
+    ratio = f"{d / u:.3g}" if u else "inf"
+    hint = (f"; e.g. --desirable_weight {undesirable_weight * n_undesirable / n_desirable:.3g} gives 1"
+            if n_desirable and n_undesirable else "; KTO needs both classes to place z0 between them")
+    return (f"warning: lambda_D*n_D / (lambda_U*n_U) = {desirable_weight:g}*{n_desirable} / ({undesirable_weight:g}*"
+            f"{n_undesirable}) = {ratio}, outside [1, 4/3] recommended by the KTO paper (Eq. 8){hint}")
+
+# -----------------------------------------------------------------------------
+# flags
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    # examples, not pairs: 32 examples per step are the 16 pairs (32 sequences) of tr_dpo.py's default
+    p.set_defaults(batch_size=32, micro_batch_size=16)
+    p.add_argument("--beta", type=float, default=0.1, help="KTO's beta (the KTO authors' default: 0.1)")
+    p.add_argument("--desirable_weight", type=float, default=1.0, help="lambda_D, the weight of desirable examples")
+    p.add_argument("--undesirable_weight", type=float, default=1.0, help="lambda_U, the weight of undesirable examples")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    # -------------------------------------------------------------------------
+    # set-up: one process, or one per GPU/CPU slot under torchrun
+    d = setup_distributed(args.dist_timeout)
+    with exit_on_lost_rank(d):
+        train_loop(args, d)
+    cleanup_distributed()
+
+
+def train_loop(args, d):
+    validate_args(args, d.world_size)
+    for name in ("beta", "desirable_weight", "undesirable_weight"):
+        if getattr(args, name) <= 0:
+            raise SystemExit(f"error: --{name} must be positive, got {getattr(args, name)}")
+    if args.batch_size < 2:
+        raise SystemExit("error: --batch_size must be >= 2: z0 pairs each prompt with another example's completion")
+    if args.share_prompt:
+        raise SystemExit("error: --share_prompt shares a prompt between the two responses of a pair; KTO has one")
+    torch.manual_seed(args.seed + d.rank)
+
+    # -------------------------------------------------------------------------
+    # data: unpaired examples {"prompt", "completion", "label"}, validated before anything is written; tokenised once
+    train_rows, eval_rows = load_unpaired(args.dataset, args.eval_size, args.seed, args.skip_bad_rows)
+    n_des = sum(r["label"] for r in train_rows)
+    warning = class_balance_warning(n_des, len(train_rows) - n_des, args.desirable_weight, args.undesirable_weight)
+    if warning and d.master:
+        print(warning)
+    model, tokenizer = load_model(args.model, args.seed, args.trust_remote_code)
+
+    def tok(rows):
+        ids = tokenize_rows(tokenizer, rows, ("completion",), args.max_length, args.max_prompt_length)
+        return [{**t, "label": r["label"]} for t, r in zip(ids, rows)]
+    train, evals = tok(train_rows), tok(eval_rows)
+    evals = evals[:len(evals) - len(evals) % d.world_size]  # equal shares: under FSDP every rank runs as many forwards
+    eval_pairs = mismatched_pairs(evals, args.max_length, args.max_prompt_length)  # over the whole eval set
+    num_steps = total_steps(args, len(train))
+    lengths = example_lengths(train) if args.group_by_length else None  # batches of similar length: less padding
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    # -------------------------------------------------------------------------
+    # models: the policy (fp32 master weights) and its frozen reference copy, under DDP or FSDP2
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(d.device).train()
+    ref = make_reference(model, getattr(torch, args.ref_dtype))
+    policy, policy_lm, ref_lm = wrap_models(model, ref, d, args)
+    opt, sched = make_optimizer(model, args, d.device, num_steps)
+    start, state = 0, {"ref_updates": 0, "last_ref_update": 0, "skipped_steps": 0}
+    if args.resume:
+        start, state = load_checkpoint(args, d, model, ref, opt, sched)
+    kl_of = lambda pairs: estimate_kl(policy_lm, ref_lm, pairs, args.micro_batch_size, tokenizer.pad_token_id,  # noqa: E731
+                                      d.device, lambda: autocast(args, d.device)).clamp(min=0)
+
+    def kto_batch(examples, kl, metrics, lm):
+        """Loss per example for a micro-batch, given the step's z0."""
+        batch = to_device(collate_unpaired(examples, tokenizer.pad_token_id), d.device)
+        desirable = torch.tensor([e["label"] for e in examples], device=d.device)
+        with autocast(args, d.device):
+            logps, _ = lm(**batch)
+            with torch.inference_mode():  # no autograd bookkeeping at all for the reference
+                ref_logps, _ = ref_lm(**batch)
+        ref_logps = ref_logps.clone()  # a normal tensor: autograd may not save inference tensors for backward
+        losses, rewards = kto_loss(logps, ref_logps, desirable, kl, args.beta, args.desirable_weight, args.undesirable_weight)
+        des, und = desirable.float(), (~desirable).float()
+        # per-class means as sums and counts: Metrics divides 'x' by 'n_x', so a class absent everywhere gives 0, not nan
+        metrics.add(n=torch.ones_like(losses), loss=losses, desirable_reward=rewards * des, n_desirable_reward=des,
+                    undesirable_reward=rewards * und, n_undesirable_reward=und, tokens=count_tokens(batch))
+        return losses
+
+    def summary(metrics):
+        """Reduce across ranks; name the class counts; the reward margin between the classes."""
+        rec = metrics.reduce()
+        rec["n_desirable"], rec["n_undesirable"] = rec.pop("n_desirable_reward"), rec.pop("n_undesirable_reward")
+        rec["reward_margin"] = rec["desirable_reward"] - rec["undesirable_reward"]
+        rec.pop("n_kl")  # kl, like grad_norm, is a per-step mean: every rank added the same value once
+        return rec
+
+    @torch.no_grad()
+    def evaluate():
+        """Held-out metrics, each rank on its share of the eval examples and of their mismatched pairs."""
+        metrics = Metrics()
+        model.eval()
+        kl = kl_of(eval_pairs[d.rank::d.world_size])
+        mine = evals[d.rank::d.world_size]
+        for i in range(0, len(mine), args.micro_batch_size):
+            kto_batch(mine[i:i + args.micro_batch_size], kl, metrics, policy_lm)  # not DDP's forward: no collectives
+        metrics.add(kl=kl, n_kl=torch.ones(()))
+        model.train()
+        return {f"eval_{k}": v for k, v in summary(metrics).items() if k != "tokens"}
+
+    # -------------------------------------------------------------------------
+    # training loop: one iteration = one optimizer step over a global batch of --batch_size examples
+    logger, metrics, preemption = Logger(args, d, start, num_steps), Metrics(), Preemption(d)
+    for step in range(start, num_steps):
+        batch_ids = global_batch(step, len(train), args.batch_size, args.seed, lengths)
+        batch = [train[j] for j in batch_ids]
+        micro = rank_micro_batches(list(range(len(batch))), d, args.micro_batch_size)  # positions in the global batch
+        # z0 first, over the whole global batch (see the docstring): one value for every rank and micro-batch
+        pairs = mismatched_pairs(batch, args.max_length, args.max_prompt_length)
+        kl = kl_of([pairs[k] for pos in micro for k in pos])
+        for i, pos in enumerate(micro):
+            # gradients are all-reduced (DDP) or reduce-scattered (FSDP) once per step, on the last micro-batch
+            with no_sync(policy, args, last=i == len(micro) - 1):
+                losses = kto_batch([batch[k] for k in pos], kl, metrics, policy)
+                (losses.mean() / len(micro)).backward()  # the mean over the global batch, after the ranks' average
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+        if check_finite(grad_norm, step + 1, batch_ids, state["skipped_steps"], args):  # never train on NaN
+            opt.step()
+            metrics.add(grad_norm=grad_norm, n_grad_norm=torch.ones(()))
+        else:
+            state["skipped_steps"] += 1
+        metrics.add(kl=kl, n_kl=torch.ones(()))
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1  # optimizer steps finished
+
+        # trust region: after optimizer step s, update the reference when s % tau == 0 (never at step 0)
+        if should_update_reference(done, args.ref_update, args.tau):
+            update_reference(ref, model, 1.0 if args.ref_update == "hard" else args.alpha)
+            state["ref_updates"] += 1
+            state["last_ref_update"] = done
+
+        if done % args.log_every == 0 or done == num_steps:
+            rec = summary(metrics)
+            rec.pop("n_grad_norm", None)  # grad_norm is a per-step mean: every rank added the same value once
+            rec["tokens_per_s"] = logger.throughput(rec.pop("tokens"))
+            logger.log(done, {**rec, "lr": sched.get_last_lr()[0], "ref_updates": state["ref_updates"],
+                              "steps_since_ref_update": done - state["last_ref_update"]},
+                       show=("loss", "kl", "reward_margin"))
+        if (args.eval_every and done % args.eval_every == 0) or done == num_steps:
+            logger.log(done, evaluate(), show=("eval_loss", "eval_reward_margin"))
+        if args.save_every and done % args.save_every == 0:
+            save_checkpoint(args, d, model, ref, opt, sched, done, state)
+        logger.bar.update(1)
+        if done < num_steps and preemption.stop_requested():  # SIGTERM/SIGINT: save at this step boundary, exit 0
+            save_checkpoint(args, d, model, ref, opt, sched, done, state)
+            logger.close()
+            print(f"stopped by a signal after step {done}; continue with --resume")
+            return
+
+    # -------------------------------------------------------------------------
+    # save policy/ and reference/ (save_pretrained + tokenizer)
+    logger.close()
+    save_final(args, d, model, ref, tokenizer)
+
+
+if __name__ == "__main__":
+    main()
