@@ -132,6 +132,17 @@ def test_gold_judge_by_hand():
     # against " 324" (2/3): exact wins, equal ties, lower loses; the same verdict in both orders
     assert ev.gold_pairwise([p] * 3, [" 321", " 324", " 32"], [" 324"] * 3) == [[1.0, 1.0], [0.5, 0.5], [0.0, 0.0]]
 
+def test_plot_or_message(tmp_path, capsys):
+    rows = [{"model": m, "n": 1, "win_rate": ev.win_rate([[s, s]]), "kl": ev.summarise([kl])} for m, s, kl in (("a", 1.0, 1.0), ("b", 0.0, 2.0))]
+    table = ev.write_report(rows, str(tmp_path), "sft")
+    assert table.splitlines()[2].startswith("| a | 100.0 | 2 / 0 / 0 / 0 | 1 | 1.00 |")
+    try:
+        import matplotlib  # noqa: F401 - optional, not in requirements.txt
+    except ImportError:
+        assert "matplotlib is not installed" in capsys.readouterr().out and not (tmp_path / "winrate_vs_kl.png").exists()
+    else:
+        assert (tmp_path / "winrate_vs_kl.png").stat().st_size > 1000
+
 # -----------------------------------------------------------------------------
 # generation, KL, resume
 
@@ -311,6 +322,21 @@ def test_api_key_that_cannot_be_sent_is_refused_without_showing_it(monkeypatch):
     with pytest.raises(SystemExit) as e:
         ev.ApiJudge("http://127.0.0.1:9/v1", "m", "STUB_KEY")
     assert "STUB_KEY" in str(e.value) and SECRET[:10] not in str(e.value) and SECRET[10:] not in str(e.value)
+
+
+def test_pairwise_orders_map_to_the_policy():
+    """A judge that prefers whichever summary says "good": the policy must win where it says it, in both orders."""
+    class Fake:
+        name = "fake"
+
+        def __call__(self, texts):
+            for i, t in enumerate(texts):
+                a = t.split("Summary A:\n")[1].split("\n\nSummary B:")[0]
+                yield i, "Comparison: one is good.\nPreferred: " + ("A" if "good" in a else "B")
+    scores, answers = ev.judge_pairwise(Fake(), "summary", ["POST: p1", "POST: p2", "POST: p3"], ["good", "bad", "good"],
+                                        ["bad", "good", "good"], os.devnull)
+    # p1: policy good -> wins as A and as B; p2: baseline good -> loses both; p3: both good -> "A" both times, a split
+    assert scores == [[1.0, 1.0], [0.0, 0.0], [1.0, 0.0]] and len(answers) == 6
 
 
 def test_api_judge_concurrency_limit(stub, secret_env):
