@@ -516,7 +516,7 @@ def fmt(mean, ci=math.nan, scale=1.0, digits=2):
     return f"{mean * scale:.{digits}f}" + ("" if math.isnan(ci) else f" ± {ci * scale:.{digits}f}")
 
 
-def write_report(rows, out_dir, baseline, header=""):
+def write_report(rows, out_dir, baseline, header="", args=None):
     """summary.json, results.md (one Markdown table row per model) and, when two or more models have a win rate
     and a KL, winrate_vs_kl.png. Columns with nothing in them are left out. Returns the table."""
     def stat(get, **kw):
@@ -542,7 +542,7 @@ def write_report(rows, out_dir, baseline, header=""):
     table = "\n".join(lines)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump({"baseline": baseline, "header": header, "models": rows}, f, indent=1)
+        json.dump({"baseline": baseline, "header": header, "args": args, "models": rows}, f, indent=1)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write((header + "\n\n" if header else "") + table + "\n")
     points = [r for r in rows if r.get("win_rate") and r.get("kl")]
@@ -657,34 +657,36 @@ def main(argv=None):
         for label, g in gens.items():
             if vocab[label] != len(ref_tok):
                 raise SystemExit(f"{label} and the reference {args.reference} have different tokenizers: no KL")
-            ref_logps = response_logps(ref, ref_tok.pad_token_id, [r["prompt_ids"] for r in g], [r["response_ids"] for r in g], args.batch_size, args.dtype)
+            ref_logps = response_logps(ref, ref_tok.pad_token_id, [r["prompt_ids"] for r in g],
+                                       [r["response_ids"] for r in g], args.batch_size, args.dtype)
             kl[label] = [r["logp"] - x for r, x in zip(g, ref_logps)]
         del ref
 
     # -------------------------------------------------------------------------
     # judging and scoring
-    judge = (ApiJudge(args.api_base, args.judge_model, args.api_key_env, args.api_timeout, args.api_retries, args.api_backoff,
-                      args.api_concurrency, args.judge_max_new_tokens) if args.judge == "api" else
-             LocalJudge(args.judge_model, d.device, args.judge_max_new_tokens, args.judge_batch_size, args.model_seed,
-                        args.trust_remote_code, args.dtype) if args.judge == "local" else None)
+    judge = (ApiJudge(args.api_base, args.judge_model, args.api_key_env, args.api_timeout, args.api_retries,
+                      args.api_backoff, args.api_concurrency, args.judge_max_new_tokens) if args.judge == "api" else
+             LocalJudge(args.judge_model, d.device, args.judge_max_new_tokens, args.judge_batch_size,
+                        args.model_seed, args.trust_remote_code, args.dtype) if args.judge == "local" else None)
     cache = os.path.join(args.output_dir, "judge_cache.jsonl")
     reward_model = load_reward_model(args.reward_model, d.device, args.trust_remote_code) if args.reward_model else None
     responses = {label: [r["response"] for r in g] for label, g in gens.items()}
     responses.setdefault(args.baseline, [r["chosen"] for r in rows])
-    report = []
+    base, report = responses[args.baseline], []
     os.makedirs(os.path.join(args.output_dir, "judgements"), exist_ok=True)
     for label in dict.fromkeys([*args.labels, args.baseline]):
         resp, row, details = responses[label], {"model": label, "n": len(prompts)}, {}
         if label != args.baseline and args.judge != "none":
             if args.judge == "gold":
-                scores = gold_pairwise(prompts, resp, responses[args.baseline])
+                scores = gold_pairwise(prompts, resp, base)
             else:
-                scores, answers = judge_pairwise(judge, args.task, prompts, resp, responses[args.baseline], cache)
-                details["pairwise_answers"] = [answers[2 * i:2 * i + 2] for i in range(len(prompts))]  # policy as A, as B
+                scores, answers = judge_pairwise(judge, args.task, prompts, resp, base, cache)
+                details["pairwise_answers"] = [answers[2 * i:2 * i + 2] for i in range(len(prompts))]  # as A, as B
             row["win_rate"], details["scores"] = win_rate(scores), scores
         criteria = gold_criteria(prompts, resp) if args.dataset == "toy" else {}
         if judge and not args.skip_criteria:
-            ratings, row["ratings_invalid"], details["rating_answers"] = judge_ratings(judge, args.task, prompts, resp, cache)
+            ratings, row["ratings_invalid"], details["rating_answers"] = judge_ratings(judge, args.task, prompts, resp,
+                                                                                       cache)
             criteria |= ratings
         row["criteria"] = {c: summarise(v) for c, v in criteria.items()}
         if label in gens:
@@ -698,15 +700,16 @@ def main(argv=None):
         report.append(row)
         with open(os.path.join(args.output_dir, "judgements", safe(label) + ".jsonl"), "w") as f:
             for i, p in enumerate(prompts):
-                f.write(json.dumps({"index": i, "prompt": p, "response": resp[i], "baseline": responses[args.baseline][i],
+                f.write(json.dumps({"index": i, "prompt": p, "response": resp[i], "baseline": base[i],
                                     **{k: v[i] for k, v in details.items()}}) + "\n")
 
     # -------------------------------------------------------------------------
     # report
     sampling = "greedy" if args.greedy else f"temperature {args.temperature}, top_p {args.top_p}"
-    header = (f"{args.dataset}, {len(prompts)} prompts, judge {judge.name if judge else args.judge}, baseline {args.baseline}, "
-              f"KL reference {args.reference}, {sampling}, max {args.max_new_tokens} new tokens, seed {args.seed}")
-    table = write_report(report, args.output_dir, args.baseline, header)
+    header = (f"{args.dataset}, {len(prompts)} prompts, judge {judge.name if judge else args.judge}, "
+              f"baseline {args.baseline}, KL reference {args.reference}, {sampling}, "
+              f"max {args.max_new_tokens} new tokens, seed {args.seed}")
+    table = write_report(report, args.output_dir, args.baseline, header, vars(args))
     print(header + "\n\n" + table)
     cleanup_distributed()
     return {"header": header, "table": table, "models": report}
