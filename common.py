@@ -871,9 +871,10 @@ def full_state(model, opt=None):
 def save_checkpoint(args, d: Dist, policy, ref, opt, sched, step, extra=None):
     """Write output_dir/checkpoint atomically: into checkpoint.tmp, then rename, so a crash mid-save leaves the
     previous checkpoint intact. The reference is part of a TR method's training state and is saved with the
-    policy, optimizer, LR schedule, step, RNG states (one file per rank) and `extra` (counters)."""
+    policy, optimizer, LR schedule, step, RNG states (one file per rank) and `extra` (counters). SFT has no
+    reference: ref=None."""
     final, tmp = (os.path.join(args.output_dir, n) for n in ("checkpoint", "checkpoint.tmp"))
-    (pol, optim), (refw, _) = full_state(policy, opt), full_state(ref)
+    (pol, optim), (refw, _) = full_state(policy, opt), (full_state(ref) if ref is not None else (None, None))
     if d.master:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -901,7 +902,8 @@ def load_checkpoint(args, d: Dist, policy, ref, opt, sched):
     state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
     o = StateDictOptions(full_state_dict=True)
     set_model_state_dict(policy, state["policy"], options=o)
-    set_model_state_dict(ref, state["reference"], options=o)
+    if ref is not None:
+        set_model_state_dict(ref, state["reference"], options=o)
     set_optimizer_state_dict(policy, opt, state["optimizer"], options=o)
     sched.load_state_dict(state["scheduler"])
     rng = torch.load(os.path.join(path, f"rng_{d.rank}.pt"), weights_only=False)
@@ -914,8 +916,8 @@ def load_checkpoint(args, d: Dist, policy, ref, opt, sched):
 
 def save_final(args, d: Dist, policy, ref, tokenizer):
     """policy/ and reference/ with save_pretrained (+ tokenizer), loadable with from_pretrained. Under FSDP the
-    full weights are gathered to rank 0 first."""
-    for name, m in (("policy", policy), ("reference", ref)):
+    full weights are gathered to rank 0 first. With ref=None (SFT) only policy/."""
+    for name, m in (("policy", policy), ("reference", ref)) if ref is not None else (("policy", policy),):
         weights, _ = full_state(m)
         if d.master:
             path = os.path.join(args.output_dir, name)
