@@ -696,21 +696,23 @@ def wrap_models(model, ref, d: Dist, args):
     DDP keeps a full policy, gradients and AdamW state on every rank. --fsdp shards policy and reference per
     transformer block (the model's _no_split_modules) with FSDP2's fully_shard, bf16 compute with fp32
     reduction on GPU, fp32 on CPU; the wrapper is the root, so its forward gathers the embeddings and head too.
-    Call before creating the optimizer (FSDP2 replaces the parameters by sharded DTensors).
+    Call before creating the optimizer (FSDP2 replaces the parameters by sharded DTensors). ref=None (SFT): ref_lm
+    is None.
     """
-    policy_lm, ref_lm = SequenceLogps(model), SequenceLogps(ref)
+    policy_lm, ref_lm = SequenceLogps(model), (SequenceLogps(ref) if ref is not None else None)
     if args.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if d.device.type == "cuda" else MixedPrecisionPolicy())
-        for lm in (policy_lm, ref_lm):
+        for lm in (policy_lm, ref_lm) if ref is not None else (policy_lm,):
             for m in lm.modules():
                 if type(m).__name__ in (model._no_split_modules or []):
                     fully_shard(m, mp_policy=mp)
             fully_shard(lm, mp_policy=mp)
         # FSDP2 keeps the root's parameters gathered after a forward, expecting a backward; the reference never
         # has one, so reshard it explicitly: it frees the memory and keeps its shards aligned with the policy's.
-        ref_lm.register_forward_hook(lambda module, inputs, output: module.reshard())
+        if ref is not None:
+            ref_lm.register_forward_hook(lambda module, inputs, output: module.reshard())
         return policy_lm, policy_lm, ref_lm
     if d.world_size > 1:
         # broadcast_buffers=False: buffers never change here, and the broadcast is a collective per forward

@@ -1,0 +1,148 @@
+"""
+SFT: supervised fine-tuning on the preferred responses, the first stage of the paper's pipeline.
+
+The TR paper (Gorbatovski et al., arXiv 2404.09656) starts every DPO/IPO/KTO run, with or without the trust-region
+update, from one SFT model, which is also the initial reference. This script trains it: maximum likelihood of the
+response given the prompt,
+
+    loss = - sum_t log pi_theta(y_t | x, y_<t) / (number of response tokens in the global batch)
+
+the token-mean negative log-likelihood over the response tokens (EOS included) of the global batch. The prompt is
+masked by common.build_sequence(), as in the TR scripts; the per-sequence sums come from common.sequence_logps().
+Dividing by the global batch's token count (not a per-micro-batch mean) makes the gradient independent of how the
+batch is split into micro-batches and ranks.
+
+Data (--dataset): 'toy' = digit puzzles whose SFT answers are wrong 30% of the time on purpose (common.toy_sft_rows),
+'hh[:subset]' = the chosen dialogues, 'tldr' = the reference summaries of CarperAI/openai_summarize_tldr, or a local
+file of {"prompt", "completion"} rows, {"prompt", "label"} rows (TL;DR style) or preference pairs (chosen used).
+Flags, DDP, logging, checkpoints and resume are those of the TR scripts (common.py); the trust-region flags are
+accepted and unused. The output is policy/, the --model of every TR run:
+
+    python sft.py --model small --max_steps 600 --output_dir out/sft      # toy task, a few minutes on 2 CPU cores
+    python tr_dpo.py --model out/sft/policy --ref_update soft --tau 32
+
+The paper's setting on 8 GPUs (Pythia on Anthropic-HH; the paper trains SFT on the chosen responses):
+    torchrun --nproc_per_node=8 sft.py --model EleutherAI/pythia-2.8b --dataset hh --lr 1e-6 --epochs 1 \
+        --max_steps 0 --max_length 1024 --max_prompt_length 512 --warmup_steps 100 --batch_size 64 \
+        --micro_batch_size 4 --eval_every 500 --save_every 500 --output_dir out/sft-hh
+"""
+import argparse
+import os
+
+import torch
+
+from common import (Logger, Metrics, Preemption, add_common_args, autocast, build_sequence, check_finite,
+                    cleanup_distributed, count_tokens, example_lengths, exit_on_lost_rank, global_batch,
+                    load_checkpoint, load_model, load_sft, make_optimizer, no_sync, pad_sequences, rank_micro_batches,
+                    save_checkpoint, save_final, setup_distributed, to_device, tokenize_rows, total_steps,
+                    validate_args, wrap_models)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    d = setup_distributed(args.dist_timeout)
+    with exit_on_lost_rank(d):
+        train_loop(args, d)
+    cleanup_distributed()
+
+
+def train_loop(args, d):
+    # -------------------------------------------------------------------------
+    # set-up: one process, or one per GPU/CPU slot under torchrun
+    validate_args(args, d.world_size)
+    torch.manual_seed(args.seed + d.rank)
+
+    # -------------------------------------------------------------------------
+    # data: {"prompt", "completion"} rows, validated before anything is written; tokenised once
+    train_rows, eval_rows = load_sft(args.dataset, args.eval_size, args.seed, args.skip_bad_rows)
+    model, tokenizer = load_model(args.model, args.seed, args.trust_remote_code)
+    tok = lambda rows: tokenize_rows(tokenizer, rows, ("completion",), args.max_length, args.max_prompt_length)  # noqa: E731
+    train, evals = tok(train_rows), tok(eval_rows)
+    num_steps = total_steps(args, len(train))
+    lengths = example_lengths(train) if args.group_by_length else None  # batches of similar length: less padding
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    # -------------------------------------------------------------------------
+    # model and optimiser; SFT has no reference model
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(d.device).train()
+    policy, policy_lm, _ = wrap_models(model, None, d, args)
+    opt, sched = make_optimizer(model, args, d.device, num_steps)
+    start, state = 0, {"skipped_steps": 0}
+    if args.resume:
+        start, state = load_checkpoint(args, d, model, None, opt, sched)
+
+    def sft_batch(examples, metrics, lm):
+        """Summed response log-probs (B,) of a micro-batch; its token-mean NLL is logged as `loss`."""
+        batch = to_device(pad_sequences([build_sequence(e["prompt"], e["completion"]) for e in examples],
+                                        tokenizer.pad_token_id), d.device)
+        with autocast(args, d.device):
+            logps, n_tokens = lm(**batch)
+        metrics.add(loss=-logps, n_loss=n_tokens, logps=logps, n=torch.ones_like(logps), tokens=count_tokens(batch))
+        return logps
+
+    @torch.no_grad()
+    def evaluate():
+        """Held-out token-mean NLL, each rank on an equal share of the eval rows, summed across ranks."""
+        metrics = Metrics()
+        model.eval()
+        mine = evals[:len(evals) - len(evals) % d.world_size][d.rank::d.world_size]
+        for i in range(0, len(mine), args.micro_batch_size):
+            sft_batch(mine[i:i + args.micro_batch_size], metrics, policy_lm)  # not DDP's forward: no collectives
+        model.train()
+        return {f"eval_{k}": v for k, v in metrics.reduce().items() if k != "tokens"}
+
+    # -------------------------------------------------------------------------
+    # training loop: one iteration = one optimizer step over a global batch of --batch_size examples
+    logger, metrics, preemption = Logger(args, d, start, num_steps), Metrics(), Preemption(d)
+    for step in range(start, num_steps):
+        batch_ids = global_batch(step, len(train), args.batch_size, args.seed, lengths)
+        n_global = sum(len(train[j]["completion"]) for j in batch_ids)  # response tokens (EOS included) in the batch
+        micro = rank_micro_batches(batch_ids, d, args.micro_batch_size)
+        for i, idx in enumerate(micro):
+            with no_sync(policy, args, last=i == len(micro) - 1):
+                logps = sft_batch([train[j] for j in idx], metrics, policy)
+                # the ranks' gradients are averaged, hence * world_size: the sum is the global token-mean NLL
+                (-logps.sum() * d.world_size / n_global).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+        if check_finite(grad_norm, step + 1, batch_ids, state["skipped_steps"], args):  # never train on NaN
+            opt.step()
+            metrics.add(grad_norm=grad_norm, n_grad_norm=torch.ones(()))
+        else:
+            state["skipped_steps"] += 1
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1  # optimizer steps finished
+
+        if done % args.log_every == 0 or done == num_steps:
+            rec = metrics.reduce()
+            rec.pop("n_grad_norm", None)  # grad_norm is a per-step mean: every rank added the same value once
+            rec["tokens_per_s"] = logger.throughput(rec.pop("tokens"))
+            logger.log(done, {**rec, "lr": sched.get_last_lr()[0]}, show=("loss",))
+        if (args.eval_every and done % args.eval_every == 0) or done == num_steps:
+            logger.log(done, evaluate(), show=("eval_loss",))
+        if args.save_every and done % args.save_every == 0:
+            save_checkpoint(args, d, model, None, opt, sched, done, state)
+        logger.bar.update(1)
+        if done < num_steps and preemption.stop_requested():  # SIGTERM/SIGINT: save at this step boundary, exit 0
+            save_checkpoint(args, d, model, None, opt, sched, done, state)
+            logger.close()
+            print(f"stopped by a signal after step {done}; continue with --resume")
+            return
+
+    # -------------------------------------------------------------------------
+    # save policy/ (save_pretrained + tokenizer)
+    logger.close()
+    save_final(args, d, model, None, tokenizer)
+
+
+if __name__ == "__main__":
+    main()
