@@ -32,8 +32,10 @@ completion per prompt: nothing to share).
 
 Offline demo (tiny model built in code, toy digit puzzles, 200 steps, ~30 s on 2 CPU cores):
     python tr_kto.py
-Logged: loss, kl (z0), desirable_reward / undesirable_reward (means over each class), reward_margin (their
-difference, which rises as the policy separates the classes), n_desirable / n_undesirable (examples per interval).
+Logged: loss, kl (z0), desirable_reward / undesirable_reward and desirable_logps / undesirable_logps (means over
+each class), reward_margin and logps_margin (desirable minus undesirable), n_desirable / n_undesirable (examples
+per interval). Measured against a moving reference, loss and rewards drift back after each reference update;
+logps_margin, the policy's own preference for the desirable completions, keeps rising.
 Plain KTO, hard update, your own unpaired data:
     python tr_kto.py --ref_update none
     python tr_kto.py --ref_update hard --tau 16
@@ -202,17 +204,21 @@ def train_loop(args, d):
                 ref_logps, _ = ref_lm(**batch)
         ref_logps = ref_logps.clone()  # a normal tensor: autograd may not save inference tensors for backward
         losses, rewards = kto_loss(logps, ref_logps, desirable, kl, args.beta, args.desirable_weight, args.undesirable_weight)
-        des, und = desirable.float(), (~desirable).float()
-        # per-class means as sums and counts: Metrics divides 'x' by 'n_x', so a class absent everywhere gives 0, not nan
-        metrics.add(n=torch.ones_like(losses), loss=losses, desirable_reward=rewards * des, n_desirable_reward=des,
-                    undesirable_reward=rewards * und, n_undesirable_reward=und, tokens=count_tokens(batch))
+        metrics.add(n=torch.ones_like(losses), loss=losses, tokens=count_tokens(batch))
+        for name, m in (("desirable", desirable.float()), ("undesirable", (~desirable).float())):
+            # per-class means as sums and counts: Metrics divides 'x' by 'n_x', so an absent class gives 0, not nan
+            metrics.add(**{f"{name}_reward": rewards * m, f"n_{name}_reward": m, f"{name}_logps": logps * m,
+                           f"n_{name}_logps": m})
         return losses
 
     def summary(metrics):
-        """Reduce across ranks; name the class counts; the reward margin between the classes."""
+        """Reduce across ranks; name the class counts; the margins between the classes' means."""
         rec = metrics.reduce()
-        rec["n_desirable"], rec["n_undesirable"] = rec.pop("n_desirable_reward"), rec.pop("n_undesirable_reward")
+        for name in ("desirable", "undesirable"):
+            rec[f"n_{name}"] = rec.pop(f"n_{name}_reward")
+            rec.pop(f"n_{name}_logps")
         rec["reward_margin"] = rec["desirable_reward"] - rec["undesirable_reward"]
+        rec["logps_margin"] = rec["desirable_logps"] - rec["undesirable_logps"]  # the policy's own preference
         rec.pop("n_kl")  # kl, like grad_norm, is a per-step mean: every rank added the same value once
         return rec
 
@@ -268,9 +274,9 @@ def train_loop(args, d):
             rec["tokens_per_s"] = logger.throughput(rec.pop("tokens"))
             logger.log(done, {**rec, "lr": sched.get_last_lr()[0], "ref_updates": state["ref_updates"],
                               "steps_since_ref_update": done - state["last_ref_update"]},
-                       show=("loss", "kl", "reward_margin"))
+                       show=("loss", "kl", "logps_margin"))
         if (args.eval_every and done % args.eval_every == 0) or done == num_steps:
-            logger.log(done, evaluate(), show=("eval_loss", "eval_reward_margin"))
+            logger.log(done, evaluate(), show=("eval_loss", "eval_logps_margin"))
         if args.save_every and done % args.save_every == 0:
             save_checkpoint(args, d, model, ref, opt, sched, done, state)
         logger.bar.update(1)
