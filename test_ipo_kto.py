@@ -120,11 +120,27 @@ def test_kl_estimate_matches_naive():
     assert got.item() == pytest.approx(want, abs=1e-4)
 
 
+class TableLM(torch.nn.Module):
+    """A stand-in for SequenceLogps that needs no transformers, so a child process starts fast: log pi(y|x) is the
+    sum over response tokens of a fixed per-token log-prob table (a different table per seed)."""
+
+    def __init__(self, seed):
+        super().__init__()
+        self.table = F.log_softmax(torch.randn(64, generator=torch.Generator().manual_seed(seed)), 0)
+
+    def forward(self, input_ids, attention_mask, labels, positions=None):
+        keep = labels != -100
+        return (self.table[labels.clamp(min=0)] * keep).sum(1), keep.sum(1)
+
+
+TABLE_EXAMPLES = [{"prompt": [1 + i], "completion": [10 + i] * (1 + i % 3)} for i in range(5)]
+
+
 def _kl_rank(rank, tmp):
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2)
-    policy, ref, tok, ex, pairs = kl_setup()
+    pairs = mismatched_pairs(TABLE_EXAMPLES, 16, 8)
     mine = pairs[:3] if rank == 0 else pairs[3:]  # unequal shares: 2 micro-batches of 2 on rank 0, 1 on rank 1
-    kl = estimate_kl(SequenceLogps(policy), SequenceLogps(ref), mine, 2, tok.pad_token_id, torch.device("cpu"))
+    kl = estimate_kl(TableLM(0), TableLM(1), mine, 2, 0, torch.device("cpu"))
     torch.save(kl, os.path.join(tmp, f"kl_{rank}.pt"))
     dist.destroy_process_group()
 
@@ -132,11 +148,13 @@ def _kl_rank(rank, tmp):
 def test_kl_estimate_is_the_same_on_every_rank(tmp_path):
     mp.spawn(_kl_rank, args=(str(tmp_path),), nprocs=2, join=True)
     k0, k1 = (torch.load(tmp_path / f"kl_{r}.pt") for r in (0, 1))
-    policy, ref, tok, ex, pairs = kl_setup()
-    with torch.no_grad():  # the mean over all four pairs, in one process
-        whole = estimate_kl(SequenceLogps(policy), SequenceLogps(ref), pairs, 4, tok.pad_token_id, torch.device("cpu"))
-    assert k0.item() == k1.item()
-    assert k0.item() == pytest.approx(whole.item(), abs=1e-5)
+    # naive: prompt i with completion i+1 (mod 5); the log-ratio of a completion is the sum of its tokens' table gaps
+    gap = TableLM(0).table - TableLM(1).table
+    ratios = [gap[TABLE_EXAMPLES[(i + 1) % 5]["completion"]].sum().item() for i in range(5)]
+    want = sum(ratios) / 5
+    assert abs(sum(ratios[:3]) / 3 - want) > 0.01 and abs(sum(ratios[3:]) / 2 - want) > 0.01  # local means differ
+    assert k0.item() == k1.item()  # every rank holds the same z0
+    assert k0.item() == pytest.approx(want, abs=1e-5) and abs(want) > 0.1  # the mean over BOTH ranks' pairs
 
 # -----------------------------------------------------------------------------
 # the demos

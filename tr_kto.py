@@ -175,6 +175,8 @@ def train_loop(args, d):
         return [{**t, "label": r["label"]} for t, r in zip(ids, rows)]
     train, evals = tok(train_rows), tok(eval_rows)
     evals = evals[:len(evals) - len(evals) % d.world_size]  # equal shares: under FSDP every rank runs as many forwards
+    if not evals:
+        raise SystemExit(f"error: {len(eval_rows)} eval examples cannot be shared by {d.world_size} ranks; raise --eval_size")
     eval_pairs = mismatched_pairs(evals, args.max_length, args.max_prompt_length)  # over the whole eval set
     num_steps = total_steps(args, len(train))
     lengths = example_lengths(train) if args.group_by_length else None  # batches of similar length: less padding
