@@ -184,7 +184,7 @@ def byte_tokenizer():
 MODEL_SHAPES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
     # "small" learns the toy task (toy_experiment.py) on 2 CPU cores in a few minutes
-    "small": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512),
+    "small": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512),
     "pythia-160m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "pythia-410m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
     "pythia-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=8, intermediate_size=8192),
@@ -753,10 +753,14 @@ def global_batch(step, n_examples, batch_size, seed, lengths=None, group_batches
     return perm[i * batch_size:(i + 1) * batch_size].tolist()
 
 
-def example_lengths(examples):
-    """Padded length of each tokenised example, for --group_by_length: prompt + its longest response. (N,) long."""
-    return torch.tensor([len(e["prompt"]) + max(len(v) for k, v in e.items() if k != "prompt" and isinstance(v, list))
-                         for e in examples])
+def example_lengths(examples, share_prompt=False):
+    """Sort keys for --group_by_length, (N,) long: the padded length of each tokenised example, prompt + its
+    longest response. With share_prompt, prompts and responses are padded apart (collate_shared_prompt), so the
+    key is the prompt length first, then the longest response: prompt * 2**20 + response."""
+    def key(e):
+        prompt, response = len(e["prompt"]), max(len(v) for k, v in e.items() if k != "prompt" and isinstance(v, list))
+        return prompt * 2**20 + response if share_prompt else prompt + response
+    return torch.tensor([key(e) for e in examples])
 
 
 def rank_micro_batches(indices, d: Dist, micro_batch_size):
