@@ -146,10 +146,12 @@ def peak_memory_mb(device):
 
 
 class Clock:
-    """Marks step ends (wall and CPU time), with the reference-update time and padding counted so far."""
+    """Marks step ends (wall and CPU time) with what was counted so far: reference-update time, tokens (prompt +
+    response of every sequence run, a shared prompt once per response: the same count for every layout), and the
+    non-padding and total token slots of the batches actually built."""
 
     def __init__(self, cuda):
-        self.cuda, self.marks, self.update_s, self.real, self.slots, self.tokens = cuda, [], 0.0, 0, 0, 0
+        self.cuda, self.marks, self.update_s, self.tokens, self.real, self.slots = cuda, [], 0.0, 0, 0, 0
         self.mark()
 
     def sync(self):
@@ -159,26 +161,29 @@ class Clock:
 
     def mark(self):
         self.sync()
-        self.marks.append((time.perf_counter(), time.process_time(), self.update_s, self.real, self.slots))
+        self.marks.append((time.perf_counter(), time.process_time(), self.update_s, self.tokens, self.real,
+                           self.slots))
 
-    def summary(self, warmup, tokens_per_step=None):
+    def summary(self, warmup):
         m = self.marks[1 + warmup:]
         prev = self.marks[warmup]
         wall = [b[0] - a[0] for a, b in zip([prev] + m[:-1], m)]
         cpu = [b[1] - a[1] for a, b in zip([prev] + m[:-1], m)]
-        upd, real, slots = (m[-1][k] - prev[k] for k in (2, 3, 4))
-        tokens = tokens_per_step * len(m) if tokens_per_step else real
+        upd, tokens, real, slots = (m[-1][k] - prev[k] for k in (2, 3, 4, 5))
         return {"steps_timed": len(m), "ms_per_step": 1e3 * statistics.median(wall),
                 "cpu_ms_per_step": 1e3 * statistics.median(cpu), "tokens_per_s": tokens / sum(wall),
                 "ref_update_share": upd / sum(wall), "padding_share": 1 - real / slots if slots else 0.0,
                 "step_ms_all": [round(1e3 * w, 1) for w in wall]}
 
 
-def count_padding(clock, batch):
-    """Real tokens and padded slots of a collated batch, whatever its layout."""
-    keys = ("prompt_mask", "response_mask") if "prompt_mask" in batch else ("attention_mask",)
-    clock.real += sum(int(batch[k].sum()) for k in keys)
-    clock.slots += sum(batch[k].numel() for k in keys)
+def count_batch(clock, batch):
+    """Tokens, real tokens and padded slots of a batch, whatever its layout: ours (plain or shared prompt) or
+    TRL's (KTO's mismatched KL sequences included, as they are in ours)."""
+    from common import count_tokens
+    masks = [k for k in ("prompt_mask", "response_mask", "attention_mask", "KL_attention_mask") if k in batch]
+    clock.real += sum(int(batch[k].sum()) for k in masks)
+    clock.slots += sum(batch[k].numel() for k in masks)
+    clock.tokens += int(count_tokens(batch).sum()) + (int(batch["KL_attention_mask"].sum()) if "KL_attention_mask" in batch else 0)
     return batch
 
 
@@ -204,7 +209,7 @@ def run_ours(spec):
     for name in ("collate_pairs", "collate_unpaired"):
         if hasattr(mod, name):
             f = getattr(common, name)
-            setattr(mod, name, lambda *a, _f=f, **k: count_padding(clock, _f(*a, **k)))
+            setattr(mod, name, lambda *a, _f=f, **k: count_batch(clock, _f(*a, **k)))
     mod.Logger, mod.update_reference, mod.save_final = TimedLogger, timed_update, lambda *a, **k: None
     steps = spec["warmup"] + spec["steps"]
     with tempfile.TemporaryDirectory() as out:
@@ -219,7 +224,7 @@ def run_ours(spec):
         mod.main(argv + CONFIGS[spec["config"]])
     # the eval at the end runs after the last mark; the marks are the steps
     clock.marks = clock.marks[:steps + 1]
-    return {**clock.summary(spec["warmup"], spec["tokens_per_step"]), "peak_mem_mb": peak_memory_mb("cuda" if cuda else "cpu")}
+    return {**clock.summary(spec["warmup"]), "peak_mem_mb": peak_memory_mb("cuda" if cuda else "cpu")}
 
 
 def run_trl(spec):
@@ -255,12 +260,7 @@ def run_trl(spec):
 
     collate = trainer.data_collator
 
-    def counting_collator(examples):
-        b = collate(examples)
-        clock.real += int(b["attention_mask"].sum()) if "attention_mask" in b else 0
-        clock.slots += b["attention_mask"].numel() if "attention_mask" in b else 0
-        return b
-    trainer.data_collator = counting_collator
+    trainer.data_collator = lambda examples: count_batch(clock, collate(examples))
 
     class StepEnd(TrainerCallback):  # added last: runs after TRL's SyncRefModelCallback
         def on_train_begin(self, *a, **k):
@@ -282,7 +282,7 @@ def run_trl(spec):
         clock.update_s += time.perf_counter() - t
     SyncRefModelCallback.sync_target_model = staticmethod(timed_sync)
     trainer.train()
-    return {**clock.summary(spec["warmup"], spec["tokens_per_step"]), "peak_mem_mb": peak_memory_mb("cuda" if cuda else "cpu")}
+    return {**clock.summary(spec["warmup"]), "peak_mem_mb": peak_memory_mb("cuda" if cuda else "cpu")}
 
 
 def worker(spec):
@@ -473,7 +473,6 @@ def main(argv=None):
     data = os.path.join(tmp, "data.jsonl")
     write_data(args, lengths, data)
     mean = lambda i: statistics.fmean(x[i] for x in lengths)  # noqa: E731
-    per_pair = mean(0) * 2 + mean(1) + mean(2)
     settings = {**{k: v for k, v in vars(args).items() if k != "worker"},
                 "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{os.cpu_count()}",
                 "torch": torch.__version__, "length_rows": len(lengths), "mean_prompt": mean(0),
@@ -489,9 +488,7 @@ def main(argv=None):
             for config in configs:
                 if method == "kto" and "share_prompt" in config:
                     continue  # not wired into TR-KTO: see the README's Performance section
-                tokens = args.batch_size * (per_pair if method != "kto" else per_pair / 2)
-                spec = {**base, "kind": "run", "method": method, "config": config, "data": data,
-                        "tokens_per_step": tokens}
+                spec = {**base, "kind": "run", "method": method, "config": config, "data": data}
                 t = time.time()
                 res = spawn(spec)
                 print(f"[{rep + 1}/{args.repeats}] {method} {config}: "
