@@ -131,19 +131,23 @@ def cell(xs, scale=1.0, digits=1):
 
 
 def write_results(out, records, sft_record, cfg, wall_s):
-    """results.md: one row per method with its final checkpoints' numbers, mean ± sd over seeds."""
+    """results.md: one row per method with its final checkpoints' numbers, mean ± sd over seeds, and its best
+    checkpoint: the highest gold score of the seed-mean curve, at that step."""
     cols = [("gold win rate vs SFT (%)", "win_rate", 100, 1), ("gold accuracy (%)", "accuracy", 100, 1),
             ("gold score", "gold_score", 1, 3), ("invalid outputs (%)", "invalid", 100, 1),
             ("KL to SFT (nats)", "kl", 1, 2), ("chosen log-prob change (nats)", "chosen_logp_change", 1, 2)]
-    lines = ["| method | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|",
-             "| SFT | — | " + " | ".join(cell([sft_record[k]], s, dg) for _, k, s, dg in cols[1:]) + " |"]
+    lines = ["| method | " + " | ".join(c[0] for c in cols) + " | best gold score (step) |", "|---" * (len(cols) + 2) + "|",
+             "| SFT | — | " + " | ".join(cell([sft_record[k]], s, dg) for _, k, s, dg in cols[1:]) + " | — |"]
     for label in dict.fromkeys(r["method"] for r in records):
-        final = [r for r in records if r["method"] == label and r["step"] == cfg["checkpoints"][-1]]
-        lines.append(f"| {label} | " + " | ".join(cell([r[k] for r in final], s, dg) for _, k, s, dg in cols) + " |")
+        at = lambda step: [r for r in records if r["method"] == label and r["step"] == step]  # noqa: E731
+        best = max((mean_sd([r["gold_score"] for r in at(step)])[0], step) for step in cfg["checkpoints"])
+        lines.append(f"| {label} | " + " | ".join(cell([r[k] for r in at(cfg["checkpoints"][-1])], s, dg)
+                                                  for _, k, s, dg in cols) + f" | {best[0]:.3f} ({best[1]}) |")
     n_seeds = len({r["seed"] for r in records})
     header = (f"# Toy experiment: gold-judged DPO / IPO / KTO with and without the trust-region update\n\n"
               f"Model '{cfg['model']}', SFT {cfg['sft_steps']} steps; each run {cfg['checkpoints'][-1]} steps of 16 pairs "
-              f"(lr {cfg['lr']}), {n_seeds} seed(s) per method, mean ± sd over seeds at the last step; "
+              f"(lr {cfg['lr']}), {n_seeds} seed(s) per method, mean ± sd over seeds at the last step "
+              f"(checkpoints at steps {', '.join(map(str, cfg['checkpoints']))}); "
               f"{cfg['n_prompts']} held-out prompts, one sample each at temperature 1. "
               f"Wall time {wall_s / 60:.1f} min.\n\n")
     with open(os.path.join(out, "results.md"), "w") as f:
@@ -260,7 +264,7 @@ def run(args):
     # -------------------------------------------------------------------------
     # 4. report
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"config": cfg, "sft": sft_record, "checkpoints": records}, f, indent=1)
+        json.dump({"config": cfg, "sft": sft_record, "checkpoints": records, "wall_s": time.time() - t0}, f, indent=1)
     png = plot(out, records, sft_record)
     table = write_results(out, records, sft_record, cfg, time.time() - t0)
     print(table + (f"\n\nplot: {png}" if png else ""))
