@@ -18,10 +18,12 @@ file of {"prompt", "completion"} rows, {"prompt", "label"} rows (TL;DR style) or
 Flags, DDP, logging, checkpoints and resume are those of the TR scripts (common.py); the trust-region flags are
 accepted and unused. The output is policy/, the --model of every TR run:
 
-    python sft.py --model small --max_steps 600 --output_dir out/sft      # toy task, a few minutes on 2 CPU cores
-    python tr_dpo.py --model out/sft/policy --ref_update soft --tau 32
+    python sft.py --model small --max_steps 1200 --lr 3e-3 --lr_schedule cosine --warmup_steps 20 \
+        --batch_size 32 --micro_batch_size 32 --output_dir out/sft      # toy_experiment.py's SFT: ~2 min, 2 cores
+    python tr_dpo.py --model out/sft/policy --lr 1e-4 --ref_update soft --alpha 0.6 --tau 1
 
-The paper's setting on 8 GPUs (Pythia on Anthropic-HH; the paper trains SFT on the chosen responses):
+At paper scale on 8 GPUs (Pythia on Anthropic-HH, SFT on the chosen responses as in the paper; the learning rate
+and schedule below are not the paper's verified values):
     torchrun --nproc_per_node=8 sft.py --model EleutherAI/pythia-2.8b --dataset hh --lr 1e-6 --epochs 1 \
         --max_steps 0 --max_length 1024 --max_prompt_length 512 --warmup_steps 100 --batch_size 64 \
         --micro_batch_size 4 --eval_every 500 --save_every 500 --output_dir out/sft-hh
