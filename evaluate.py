@@ -42,7 +42,6 @@ import http.client
 import json
 import math
 import os
-import random
 import re
 import time
 import urllib.error

@@ -33,16 +33,16 @@ import os
 
 import torch
 
-from common import (Logger, Metrics, Preemption, add_common_args, autocast, build_sequence, check_finite,
-                    cleanup_distributed, count_tokens, example_lengths, exit_on_lost_rank, global_batch,
-                    load_checkpoint, load_model, load_sft, make_optimizer, no_sync, pad_sequences, rank_micro_batches,
+from common import (Logger, Metrics, Preemption, add_common_args, autocast, build_sequence, cleanup_distributed,
+                    count_tokens, end_of_step, example_lengths, exit_on_lost_rank, global_batch, load_checkpoint,
+                    load_model, load_sft, make_optimizer, no_sync, optimizer_step, pad_sequences, rank_micro_batches,
                     save_checkpoint, save_final, setup_distributed, to_device, tokenize_rows, total_steps,
                     validate_args, wrap_models)
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
+    add_common_args(p, "sft")
     return p.parse_args(argv)
 
 
@@ -113,31 +113,13 @@ def train_loop(args, d):
                 logps = sft_batch([train[j] for j in idx], metrics, policy)
                 # the ranks' gradients are averaged, hence * world_size: the sum is the global token-mean NLL
                 (-logps.sum() * d.world_size / n_global).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
-        if check_finite(grad_norm, step + 1, batch_ids, state["skipped_steps"], args):  # never train on NaN
-            opt.step()
-            metrics.add(grad_norm=grad_norm, n_grad_norm=torch.ones(()))
-        else:
-            state["skipped_steps"] += 1
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(model, opt, sched, args, state, step + 1, batch_ids, metrics)  # clip, NaN guard, step
         done = step + 1  # optimizer steps finished
 
-        if done % args.log_every == 0 or done == num_steps:
-            rec = metrics.reduce()
-            rec.pop("n_grad_norm", None)  # grad_norm is a per-step mean: every rank added the same value once
-            rec["tokens_per_s"] = logger.throughput(rec.pop("tokens"))
-            logger.log(done, {**rec, "lr": sched.get_last_lr()[0]}, show=("loss",))
-        if (args.eval_every and done % args.eval_every == 0) or done == num_steps:
-            logger.log(done, evaluate(), show=("eval_loss",))
-        if args.save_every and done % args.save_every == 0:
-            save_checkpoint(args, d, model, None, opt, sched, done, state)
-        logger.bar.update(1)
-        if done < num_steps and preemption.stop_requested():  # SIGTERM/SIGINT: save at this step boundary, exit 0
-            save_checkpoint(args, d, model, None, opt, sched, done, state)
-            logger.close()
-            print(f"stopped by a signal after step {done}; continue with --resume")
+        # log, evaluate and checkpoint on their intervals; a SIGTERM/SIGINT checkpoints here and stops
+        if end_of_step(done, num_steps, args, state, sched, logger, metrics.reduce, evaluate,
+                       lambda: save_checkpoint(args, d, model, None, opt, sched, done, state), preemption,
+                       show=("loss",)):
             return
 
     # -------------------------------------------------------------------------

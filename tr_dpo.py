@@ -34,11 +34,11 @@ import os
 import torch
 import torch.nn.functional as F
 
-from common import (Logger, Metrics, Preemption, add_common_args, autocast, check_finite, cleanup_distributed,
-                    collate_pairs, count_tokens, example_lengths, exit_on_lost_rank, global_batch, load_checkpoint,
-                    load_model, load_preferences, make_optimizer, make_reference, no_sync, rank_micro_batches,
-                    save_checkpoint, save_final, setup_distributed, should_update_reference, to_device, tokenize_rows,
-                    total_steps, update_reference, validate_args, wrap_models)
+from common import (Logger, Metrics, Preemption, add_common_args, autocast, cleanup_distributed, collate_pairs,
+                    count_tokens, end_of_step, example_lengths, exit_on_lost_rank, global_batch, load_checkpoint,
+                    load_model, load_preferences, make_optimizer, make_reference, no_sync, optimizer_step,
+                    rank_micro_batches, save_checkpoint, save_final, setup_distributed, should_update_reference,
+                    to_device, tokenize_rows, total_steps, update_reference, validate_args, wrap_models)
 
 # -----------------------------------------------------------------------------
 # the loss
@@ -62,7 +62,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
+    add_common_args(p, "tr_dpo")
     p.add_argument("--beta", type=float, default=0.05, help="strength of the KL penalty towards the reference (paper: 0.05)")
     return p.parse_args(argv)
 
@@ -88,7 +88,7 @@ def train_loop(args, d):
     tok = lambda rows: tokenize_rows(tokenizer, rows, ("chosen", "rejected"), args.max_length, args.max_prompt_length)  # noqa: E731
     train, evals = tok(train_rows), tok(eval_rows)
     num_steps = total_steps(args, len(train))
-    lengths = example_lengths(train) if args.group_by_length else None  # batches of similar length: less padding
+    lengths = example_lengths(train, args.share_prompt) if args.group_by_length else None  # less padding
     os.makedirs(args.output_dir, exist_ok=True)
 
     # -------------------------------------------------------------------------
@@ -143,15 +143,7 @@ def train_loop(args, d):
             with no_sync(policy, args, last=i == len(micro) - 1):
                 losses = dpo_batch([train[j] for j in idx], metrics, policy)
                 (losses.mean() / len(micro)).backward()  # the mean over the global batch, after the ranks' average
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
-        if check_finite(grad_norm, step + 1, batch_ids, state["skipped_steps"], args):  # never train on NaN
-            opt.step()
-            metrics.add(grad_norm=grad_norm, n_grad_norm=torch.ones(()))
-        else:
-            state["skipped_steps"] += 1
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(model, opt, sched, args, state, step + 1, batch_ids, metrics)  # clip, NaN guard, step
         done = step + 1  # optimizer steps finished
 
         # trust region: after optimizer step s, update the reference when s % tau == 0 (never at step 0)
@@ -160,21 +152,10 @@ def train_loop(args, d):
             state["ref_updates"] += 1
             state["last_ref_update"] = done
 
-        if done % args.log_every == 0 or done == num_steps:
-            rec = metrics.reduce()
-            rec.pop("n_grad_norm", None)  # grad_norm is a per-step mean: every rank added the same value once
-            rec["tokens_per_s"] = logger.throughput(rec.pop("tokens"))
-            logger.log(done, {**rec, "lr": sched.get_last_lr()[0], "ref_updates": state["ref_updates"],
-                              "steps_since_ref_update": done - state["last_ref_update"]})
-        if (args.eval_every and done % args.eval_every == 0) or done == num_steps:
-            logger.log(done, evaluate(), show=("eval_loss", "eval_reward_accuracy"))
-        if args.save_every and done % args.save_every == 0:
-            save_checkpoint(args, d, model, ref, opt, sched, done, state)
-        logger.bar.update(1)
-        if done < num_steps and preemption.stop_requested():  # SIGTERM/SIGINT: save at this step boundary, exit 0
-            save_checkpoint(args, d, model, ref, opt, sched, done, state)
-            logger.close()
-            print(f"stopped by a signal after step {done}; continue with --resume")
+        # log, evaluate and checkpoint on their intervals; a SIGTERM/SIGINT checkpoints here and stops
+        if end_of_step(done, num_steps, args, state, sched, logger, metrics.reduce, evaluate,
+                       lambda: save_checkpoint(args, d, model, ref, opt, sched, done, state), preemption,
+                       show=("loss", "reward_accuracy", "logps_margin")):
             return
 
     # -------------------------------------------------------------------------

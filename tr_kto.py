@@ -60,12 +60,11 @@ from contextlib import nullcontext
 
 import torch
 
-from common import (Logger, Metrics, Preemption, add_common_args, all_reduce_sum, autocast,
-                    check_finite, cleanup_distributed, collate_unpaired, count_tokens, example_lengths,
-                    exit_on_lost_rank, global_batch, load_checkpoint, load_model, load_unpaired, make_optimizer,
-                    make_reference, no_sync, rank_micro_batches, save_checkpoint, save_final, setup_distributed,
-                    should_update_reference, to_device, tokenize_rows, total_steps, truncate, update_reference,
-                    validate_args, wrap_models)
+from common import (Logger, Metrics, Preemption, add_common_args, all_reduce_sum, autocast, cleanup_distributed,
+                    collate_unpaired, count_tokens, end_of_step, example_lengths, exit_on_lost_rank, global_batch,
+                    load_checkpoint, load_model, load_unpaired, make_optimizer, make_reference, no_sync, optimizer_step,
+                    rank_micro_batches, save_checkpoint, save_final, setup_distributed, should_update_reference,
+                    to_device, tokenize_rows, total_steps, truncate, update_reference, validate_args, wrap_models)
 
 # -----------------------------------------------------------------------------
 # the loss and its reference point
@@ -132,7 +131,7 @@ def class_balance_warning(n_desirable, n_undesirable, desirable_weight, undesira
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
+    add_common_args(p, "tr_kto")
     # examples, not pairs: 32 examples per step are the 16 pairs (32 sequences) of tr_dpo.py's default
     p.set_defaults(batch_size=32, micro_batch_size=16)
     p.add_argument("--beta", type=float, default=0.1, help="KTO's beta (the KTO authors' default: 0.1)")
@@ -253,16 +252,8 @@ def train_loop(args, d):
             with no_sync(policy, args, last=i == len(micro) - 1):
                 losses = kto_batch([batch[k] for k in pos], kl, metrics, policy)
                 (losses.mean() / len(micro)).backward()  # the mean over the global batch, after the ranks' average
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
-        if check_finite(grad_norm, step + 1, batch_ids, state["skipped_steps"], args):  # never train on NaN
-            opt.step()
-            metrics.add(grad_norm=grad_norm, n_grad_norm=torch.ones(()))
-        else:
-            state["skipped_steps"] += 1
+        optimizer_step(model, opt, sched, args, state, step + 1, batch_ids, metrics)  # clip, NaN guard, step
         metrics.add(kl=kl, n_kl=torch.ones(()))
-        sched.step()
-        opt.zero_grad(set_to_none=True)
         done = step + 1  # optimizer steps finished
 
         # trust region: after optimizer step s, update the reference when s % tau == 0 (never at step 0)
@@ -271,22 +262,10 @@ def train_loop(args, d):
             state["ref_updates"] += 1
             state["last_ref_update"] = done
 
-        if done % args.log_every == 0 or done == num_steps:
-            rec = summary(metrics)
-            rec.pop("n_grad_norm", None)  # grad_norm is a per-step mean: every rank added the same value once
-            rec["tokens_per_s"] = logger.throughput(rec.pop("tokens"))
-            logger.log(done, {**rec, "lr": sched.get_last_lr()[0], "ref_updates": state["ref_updates"],
-                              "steps_since_ref_update": done - state["last_ref_update"]},
-                       show=("loss", "kl", "logps_margin"))
-        if (args.eval_every and done % args.eval_every == 0) or done == num_steps:
-            logger.log(done, evaluate(), show=("eval_loss", "eval_logps_margin"))
-        if args.save_every and done % args.save_every == 0:
-            save_checkpoint(args, d, model, ref, opt, sched, done, state)
-        logger.bar.update(1)
-        if done < num_steps and preemption.stop_requested():  # SIGTERM/SIGINT: save at this step boundary, exit 0
-            save_checkpoint(args, d, model, ref, opt, sched, done, state)
-            logger.close()
-            print(f"stopped by a signal after step {done}; continue with --resume")
+        # log, evaluate and checkpoint on their intervals; a SIGTERM/SIGINT checkpoints here and stops
+        if end_of_step(done, num_steps, args, state, sched, logger, lambda: summary(metrics), evaluate,
+                       lambda: save_checkpoint(args, d, model, ref, opt, sched, done, state), preemption,
+                       show=("loss", "logps_margin", "kl")):
             return
 
     # -------------------------------------------------------------------------
