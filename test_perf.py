@@ -159,6 +159,8 @@ def test_example_lengths():
     ex = [{"prompt": [1, 2], "chosen": [3], "rejected": [4, 5, 6]},
           {"prompt": [1], "completion": [2, 3], "label": True}]
     assert example_lengths(ex).tolist() == [5, 3]
+    # with --share_prompt prompts and responses are padded apart: sort by prompt length, then response length
+    assert example_lengths(ex, share_prompt=True).tolist() == [2 * 2**20 + 3, 1 * 2**20 + 2]
 
 
 # -----------------------------------------------------------------------------
