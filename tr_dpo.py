@@ -14,7 +14,7 @@ arXiv 2404.09656) moves it: after every tau-th optimizer step
 
 so the policy is held close to a recent version of itself (a trust region) instead of to the SFT model.
 
-Offline demo (tiny model built in code, toy digit puzzles, 200 steps, ~20 s on 2 CPU cores):
+Offline demo (tiny model built in code, toy digit puzzles, 250 steps, ~20 s on 2 CPU cores):
     python tr_dpo.py
 The loss is measured against a moving reference, so it drifts back towards ln 2 after each reference update;
 `logps_margin` = log pi(y_w|x) - log pi(y_l|x), the policy's own preference, keeps rising.
