@@ -478,14 +478,26 @@ def toy_corrupt(answer, rng):
             return " " + w
 
 
+def toy_expected(prompt):
+    """The right answer (without its leading space) to a toy prompt."""
+    op, digits = prompt.rsplit("Human: ", 1)[1].split("\n\n")[0].split()
+    return toy_answer(op, digits)
+
+
+def toy_malformed(prompt, response):
+    """True when a response is not a digit string of the answer's length (gold score 0 for its form, unlike a
+    well-formed answer with every digit wrong)."""
+    got = response.strip()
+    return len(got) != len(toy_expected(prompt)) or not got.isdigit()
+
+
 def toy_gold_score(prompt, response):
     """Exact score of a toy response in [0, 1]: the fraction of digit positions right when the response is a
     digit string of the right length, 0 for any other (malformed) response. 1.0 only for the exact answer."""
-    op, digits = prompt.rsplit("Human: ", 1)[1].split("\n\n")[0].split()
-    want, got = toy_answer(op, digits), response.strip()
-    if len(got) != len(want) or not got.isdigit():
+    if toy_malformed(prompt, response):
         return 0.0
-    return sum(a == b for a, b in zip(got, want)) / len(want)
+    want = toy_expected(prompt)
+    return sum(a == b for a, b in zip(response.strip(), want)) / len(want)
 
 
 def toy_preferences(n, seed):

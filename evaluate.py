@@ -53,7 +53,7 @@ import torch
 from tqdm import tqdm
 
 from common import (autocast, barrier, build_sequence, cleanup_distributed, load_model, load_preferences,
-                    pad_sequences, sequence_logps, setup_distributed, to_device, toy_answer, toy_gold_score)
+                    pad_sequences, sequence_logps, setup_distributed, to_device, toy_gold_score, toy_malformed)
 
 # -----------------------------------------------------------------------------
 # judge prompts, modelled on the GPT-4 prompts of the DPO paper (arXiv 2305.18290, Appendix C.2). For dialogue the
@@ -177,14 +177,6 @@ def win_rate(scores):
 
 # -----------------------------------------------------------------------------
 # the gold judge (toy task)
-
-
-def toy_malformed(prompt, response):
-    """toy_gold_score is 0 both for a malformed response (not a digit string of the answer's length) and for a
-    well-formed one with every digit wrong; this is True only for the first."""
-    op, digits = prompt.rsplit("Human: ", 1)[1].split("\n\n")[0].split()  # the parse of common.toy_gold_score
-    got = response.strip()
-    return len(got) != len(toy_answer(op, digits)) or not got.isdigit()
 
 
 def gold_pairwise(prompts, responses, baseline):
