@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed.fsdp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -151,7 +152,7 @@ def validate_args(args, world_size):
     need(not (args.share_prompt and args.gradient_checkpointing),
          "--share_prompt and --gradient_checkpointing exclude each other (checkpointed layers drop the KV cache); pick one")
     need(args.skip_nonfinite >= 0 and args.dist_timeout >= 1, "--skip_nonfinite must be >= 0 and --dist_timeout >= 1")
-    need(not args.fsdp or hasattr(__import__("torch.distributed.fsdp", fromlist=["x"]), "fully_shard"),
+    need(not args.fsdp or hasattr(torch.distributed.fsdp, "fully_shard"),
          "--fsdp needs PyTorch >= 2.6 (torch.distributed.fsdp.fully_shard)")
     need(args.model in MODEL_SHAPES or args.model == "smollm2" or os.path.isdir(args.model) or
          (not args.model.startswith((".", "/")) and args.model.count("/") <= 1),
@@ -828,7 +829,7 @@ class Metrics:
             v = v.detach().float().sum()
             self.sums[k] = self.sums[k] + v if k in self.sums else v
 
-    def reduce(self, per=None):
+    def reduce(self):
         """Divide every sum by the matching count: key 'x' by 'n_x' when present, else by 'n'."""
         if not self.sums:
             return {}

@@ -446,7 +446,7 @@ def test_end_to_end_gold_judge_by_hand(tmp_path):
 
 def test_end_to_end_api_judge_cancels_position_bias(stub, secret_env, tmp_path, capsys):
     out = str(tmp_path / "eval")
-    rows = hand_made_generations(out, 3, [" 1", " 2", " 3"])
+    hand_made_generations(out, 3, [" 1", " 2", " 3"])
     res = ev.main(["--models", "tiny", "--labels", "policy", "--n_prompts", "3", "--judge", "api",
                    "--judge_model", "stub", "--api_base", f"http://127.0.0.1:{stub.server_port}/v1",
                    "--api_key_env", "STUB_KEY", "--output_dir", out])
