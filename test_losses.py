@@ -74,6 +74,14 @@ def test_bf16_reference_from_fp32_policy_is_rounded_once():
     ref, pol = two_param_models([1.0, 1.0], [1.015625, 1.0], torch.bfloat16)
     update_reference(ref, pol, 0.5)
     assert ref.weight.float().tolist() == [[1.0078125, 1.0]]
+def test_bf16_reference_update_crosses_blocks_like_one_lerp():
+    # 600 * 500 = 300,000 weights > one block of 2^18 = 262,144: the blocked update must equal one float32 lerp of
+    # the whole tensor, rounded once, element for element (the last block is partial)
+    torch.manual_seed(0)
+    ref, pol = torch.nn.Linear(500, 600).to(torch.bfloat16), torch.nn.Linear(500, 600)
+    want = ref.weight.detach().float().lerp(pol.weight.detach(), 0.6).to(torch.bfloat16)
+    update_reference(ref, pol, 0.6)
+    assert torch.equal(ref.weight, want)
 def test_tied_weights_updated_exactly_once():
     cfg = GPTNeoXConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=16, tie_word_embeddings=True)
