@@ -316,7 +316,8 @@ def median_time(fn, k, cuda):
 
 def bench_update(spec):
     """update_reference at alpha 0.6, fp32 and bf16 reference, and TRL's per-parameter mul_/add_ loop.
-    GB/s counts the bytes a lerp must move: read the policy, read and write the reference."""
+    GB/s counts the bytes a lerp must move: read the policy, read and write the reference. A plain copy of as
+    many fp32 values gives the rate this machine streams memory at, for comparison."""
     import torch
     from common import load_model, make_reference, update_reference
     cuda = torch.cuda.is_available()
@@ -336,7 +337,13 @@ def bench_update(spec):
         res["trl_float32"] = {"ms": 1e3 * t, "gb_per_s": n * 12 / t / 1e9}
     except ImportError:
         pass
+    # the machine's own streaming rate for this thread count: a copy of n fp32 values (read 4 B, write 4 B)
+    src = torch.ones(n, device=model.device)
+    dst = torch.empty_like(src)
+    t = median_time(lambda: dst.copy_(src), k, cuda)
+    res["copy_float32"] = {"ms": 1e3 * t, "gb_per_s": n * 8 / t / 1e9}
     res["gb_per_s"] = res["ours_float32"]["gb_per_s"]
+    res["of_copy_bandwidth"] = res["gb_per_s"] / res["copy_float32"]["gb_per_s"]
     return res
 
 
