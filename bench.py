@@ -134,6 +134,31 @@ def write_data(args, lengths, path):
             p, c, r = lengths[i % len(lengths)] if len(lengths) == 1 else rng.choice(lengths)
             f.write(json.dumps({"prompt": "Q" + text(p - 1), "chosen": text(c - 1), "rejected": text(r - 1)}) + "\n")
 
+def epoch_padding(args, data):
+    """Padding share of one whole epoch of the data file's training pairs, for each batch layout, from lengths
+    alone (no model): the batches the scripts draw (global_batch, with or without --group_by_length), cut into
+    micro-batches and collated by the scripts' own collate_pairs. TRL pads like 'plain' (the same slots, checked
+    in the runs). Steadier than the padding of a few timed steps."""
+    from common import Dist, byte_tokenizer, collate_pairs, example_lengths, global_batch, load_preferences, tokenize_rows
+    tok = byte_tokenizer()
+    rows = tokenize_rows(tok, load_preferences(data, 1, args.seed)[0], ("chosen", "rejected"), args.max_length,
+                         args.max_prompt_length)
+    out = {}
+    for share in (False, True):
+        for grouped in (False, True):
+            lengths = example_lengths(rows, share) if grouped else None
+            real = slots = 0
+            for step in range(len(rows) // args.batch_size):
+                ids = global_batch(step, len(rows), args.batch_size, args.seed, lengths)
+                for i in range(0, len(ids), args.micro_batch_size):
+                    b = collate_pairs([rows[j] for j in ids[i:i + args.micro_batch_size]], tok.pad_token_id, share)
+                    masks = [b[k] for k in ("prompt_mask", "response_mask", "attention_mask") if k in b]
+                    real += sum(int(m.sum()) for m in masks)
+                    slots += sum(m.numel() for m in masks)
+            name = "+".join(["share_prompt"] * share + ["group_by_length"] * grouped) or "plain"
+            out[name] = 1 - real / slots
+    return out
+
 # -----------------------------------------------------------------------------
 # one run, in its own process
 
@@ -231,12 +256,16 @@ def run_trl(spec):
     import datasets
     import torch
     from transformers import TrainerCallback
-    from common import load_model, make_reference, unpair
+    from common import global_batch, load_model, load_preferences, load_unpaired, make_reference
     cuda = torch.cuda.is_available()
     clock = Clock(cuda)
     model, tok = load_model(spec["model"], spec["seed"])
-    rows = [json.loads(line) for line in open(spec["data"])]
     kto = spec["method"] == "kto"
+    # the rows our script trains on, in the order it draws them (same split, same global batches, micro-batches
+    # cut in order), fed to TRL through a sequential sampler: both run the same batches, the same padding
+    rows = (load_unpaired if kto else load_preferences)(spec["data"], 1, spec["seed"])[0]
+    n_steps = spec["warmup"] + spec["steps"]
+    rows = [rows[j] for s in range(n_steps) for j in global_batch(s, len(rows), spec["batch_size"], spec["seed"])]
     common_cfg = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=spec["micro_batch_size"],
                       gradient_accumulation_steps=spec["batch_size"] // spec["micro_batch_size"],
                       max_steps=spec["warmup"] + spec["steps"], learning_rate=1e-6, lr_scheduler_type="constant",
@@ -249,7 +278,6 @@ def run_trl(spec):
     if kto:
         from trl import KTOConfig, KTOTrainer
         cfg, Trainer = KTOConfig(beta=0.1, **common_cfg), KTOTrainer
-        rows = unpair(rows)
     else:
         from trl import DPOConfig, DPOTrainer
         cfg, Trainer = DPOConfig(beta=0.05 if spec["method"] == "dpo" else 0.1,
@@ -258,9 +286,11 @@ def run_trl(spec):
     trainer = Trainer(model=model, ref_model=make_reference(model), args=cfg,
                       train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
 
-    collate = trainer.data_collator
-
-    trainer.data_collator = lambda examples: count_batch(clock, collate(examples))
+    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
+    # count each micro-batch as it is trained on: the data loader fetches one batch ahead, so counting in the
+    # collator would credit a step with the next step's first micro-batch
+    training_step = trainer.training_step
+    trainer.training_step = lambda model, inputs, *a, **k: training_step(model, count_batch(clock, inputs), *a, **k)
 
     class StepEnd(TrainerCallback):  # added last: runs after TRL's SyncRefModelCallback
         def on_train_begin(self, *a, **k):
@@ -504,6 +534,7 @@ def main(argv=None):
                 runs.setdefault((method, config), []).append(res)
     keys = ["tokens_per_s", "ms_per_step", "cpu_ms_per_step", "peak_mem_mb", "ref_update_share", "padding_share"]
     summary = summarise(runs, keys)
+    padding = epoch_padding(args, data) if args.data else None
     components = {}
     for comp in [c for c in args.components.split(",") if c and c != "none"]:
         P, R = (int(round(mean(0))), int(round((mean(1) + mean(2)) / 2)))
@@ -513,7 +544,7 @@ def main(argv=None):
         else:
             variants = ("response_only", "full_logits") if comp == "head" else ("eager", "compiled")
             components[comp] = {v: spawn({**spec, "kind": comp, "variant": v}) for v in variants}
-    result = {"settings": settings, "summary": summary, "components": components,
+    result = {"settings": settings, "summary": summary, "epoch_padding_share": padding, "components": components,
               "runs": [{"method": m, "config": c, **{k: v for k, v in r.items()}}
                        for (m, c), reps in runs.items() for r in reps[-1:]]}
     with open(args.out, "w") as f:
@@ -529,6 +560,9 @@ def main(argv=None):
     for r in summary:
         if "error" in r:
             print(f"\n{r['method']} {r['config']} failed:\n{r['error']}")
+    if padding:
+        print("\npadding share over a whole epoch of the training pairs (plain is also TRL's): "
+              + ", ".join(f"{k} {v:.1%}" for k, v in padding.items()))
     if skipped:
         print(f"\nskipped (trl not installed or --no_trl): {', '.join(skipped)}")
     for name, c in components.items():

@@ -15,7 +15,8 @@ Conventions (stated here once, pinned by test_common.py):
 - Log-probs. sequence_logps() returns per-sequence SUMS of response-token log-probs and the token counts;
   a loss that wants averages divides (IPO does by default; DPO and KTO use sums).
 - Reference dtype. The reference is kept in float32 unless --ref_dtype bfloat16; update_reference() then
-  computes the lerp in float32 and rounds once.
+  computes the lerp in float32 and rounds once, and the reference's forward runs in bfloat16 too (its
+  log-probs are still summed in float32).
 - Reference schedule. After optimizer step s (counted from 1), the reference is updated when s % tau == 0:
   never at step 0, first at step tau.
 """

@@ -194,3 +194,20 @@ def test_bench_update_component():
     assert res["ours_float32"]["gb_per_s"] > 0 and res["ours_bfloat16"]["ms"] > 0
     # the bandwidth share is the lerp's rate over the copy's: both count bytes over the same n values
     assert res["of_copy_bandwidth"] == pytest.approx(res["ours_float32"]["gb_per_s"] / res["copy_float32"]["gb_per_s"])
+
+
+def test_bench_epoch_padding_by_hand(tmp_path):
+    import bench
+    # byte tokenizer: one token per character, + EOS on each response. Rows A, B, A, B (+ one eval row held out):
+    # A: prompt 4, chosen 1+1 = 2, rejected 2+1 = 3 -> sequences of 6 and 7; B: prompt 1, chosen 0+1, rejected 1+1
+    # -> 2 and 3. One micro-batch of all 4 pairs:
+    # plain: 8 rows padded to 7 = 56 slots, 6+7+2+3 twice = 36 real -> 20/56 padding
+    # shared prompt: prompts 4 x 4 = 16 slots, 4+1+4+1 = 10 real; responses 8 x 3 = 24 slots, 2+1+2+1 + 3+2+3+2 = 16
+    # real -> (40 - 26)/40. One batch per epoch, so grouping changes nothing.
+    a, b = {"prompt": "aaaa", "chosen": "b", "rejected": "cc"}, {"prompt": "a", "chosen": "", "rejected": "c"}
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (a, b, a, b, a)))
+    args = argparse.Namespace(seed=0, max_length=64, max_prompt_length=32, batch_size=4, micro_batch_size=4)
+    pad = bench.epoch_padding(args, str(path))
+    assert pad["plain"] == pytest.approx(20 / 56) and pad["group_by_length"] == pytest.approx(20 / 56)
+    assert pad["share_prompt"] == pytest.approx(14 / 40) and pad["share_prompt+group_by_length"] == pytest.approx(14 / 40)
