@@ -137,12 +137,13 @@ def write_data(args, lengths, path):
             p, c, r = lengths[i % len(lengths)] if len(lengths) == 1 else rng.choice(lengths)
             f.write(json.dumps({"prompt": "Q" + text(p - 1), "chosen": text(c - 1), "rejected": text(r - 1)}) + "\n")
 
+
 def epoch_padding(args, data):
     """Padding share of one whole epoch of the data file's training pairs, for each batch layout, from lengths
     alone (no model): the batches the scripts draw (global_batch, with or without --group_by_length), cut into
     micro-batches and collated by the scripts' own collate_pairs. TRL pads like 'plain' (the same slots, checked
     in the runs). Steadier than the padding of a few timed steps."""
-    from common import Dist, byte_tokenizer, collate_pairs, example_lengths, global_batch, load_preferences, tokenize_rows
+    from common import byte_tokenizer, collate_pairs, example_lengths, global_batch, load_preferences, tokenize_rows
     tok = byte_tokenizer()
     rows = tokenize_rows(tok, load_preferences(data, 1, args.seed)[0], ("chosen", "rejected"), args.max_length,
                          args.max_prompt_length)
@@ -271,7 +272,7 @@ def run_trl(spec):
     rows = [rows[j] for s in range(n_steps) for j in global_batch(s, len(rows), spec["batch_size"], spec["seed"])]
     common_cfg = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=spec["micro_batch_size"],
                       gradient_accumulation_steps=spec["batch_size"] // spec["micro_batch_size"],
-                      max_steps=spec["warmup"] + spec["steps"], learning_rate=1e-6, lr_scheduler_type="constant",
+                      max_steps=n_steps, learning_rate=1e-6, lr_scheduler_type="constant",
                       warmup_steps=0, max_grad_norm=2.0, max_length=spec["max_length"],
                       gradient_checkpointing=spec["config"] == "trl_ckpt",
                       bf16=spec["dtype"] == "bfloat16" or (spec["dtype"] == "auto" and cuda),
