@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -151,16 +152,14 @@ def epoch_padding(args, data):
     for share in (False, True):
         for grouped in (False, True):
             lengths = example_lengths(rows, share) if grouped else None
-            real = slots = 0
+            count = types.SimpleNamespace(tokens=0, real=0, slots=0)  # what count_batch adds to a Clock
             for step in range(len(rows) // args.batch_size):
                 ids = global_batch(step, len(rows), args.batch_size, args.seed, lengths)
                 for i in range(0, len(ids), args.micro_batch_size):
-                    b = collate_pairs([rows[j] for j in ids[i:i + args.micro_batch_size]], tok.pad_token_id, share)
-                    masks = [b[k] for k in ("prompt_mask", "response_mask", "attention_mask") if k in b]
-                    real += sum(int(m.sum()) for m in masks)
-                    slots += sum(m.numel() for m in masks)
+                    count_batch(count, collate_pairs([rows[j] for j in ids[i:i + args.micro_batch_size]],
+                                                     tok.pad_token_id, share))
             name = "+".join(["share_prompt"] * share + ["group_by_length"] * grouped) or "plain"
-            out[name] = 1 - real / slots
+            out[name] = 1 - count.real / count.slots
     return out
 
 # -----------------------------------------------------------------------------
