@@ -210,3 +210,34 @@ def test_bench_epoch_padding_by_hand(tmp_path):
     pad = bench.epoch_padding(args, str(path))
     assert pad["plain"] == pytest.approx(20 / 56) and pad["group_by_length"] == pytest.approx(20 / 56)
     assert pad["share_prompt"] == pytest.approx(14 / 40) and pad["share_prompt+group_by_length"] == pytest.approx(14 / 40)
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_bench_trl_trains_our_batches(tmp_path, method):
+    # only where TRL is installed (it is optional, not in CI): on variable lengths, TRL's timed steps must see
+    # exactly the tokens and padded slots of our plain run's (same examples, order and micro-batches)
+    pytest.importorskip("trl")
+    import bench
+    args = argparse.Namespace(seed=0, n_examples=24, micro_batch_size=2)
+    path = str(tmp_path / "d.jsonl")
+    bench.write_data(args, [(10, 5, 8), (30, 3, 12), (4, 20, 2), (17, 9, 9)], path)
+    spec = dict(model="tiny", batch_size=4, micro_batch_size=2, max_length=64, max_prompt_length=48, dtype="float32",
+                tau=1, alpha=0.6, steps=3, warmup=1, seed=0, threads=1, kind="run", method=method, data=path)
+    marks = {}
+    summary = bench.Clock.summary
+
+    def keep(clock, warmup):
+        marks[len(marks)] = [m[3:] for m in clock.marks]  # (tokens, real, slots) counted at each step end
+        return summary(clock, warmup)
+    bench.Clock.summary = keep
+    try:
+        bench.run_ours({**spec, "config": "plain"})
+        bench.run_trl({**spec, "config": "trl"})
+    finally:
+        bench.Clock.summary = summary
+    ours, trl = marks[0], marks[1]
+    assert len(ours) == len(trl) == 5 and ours[-1][0] > 0
+    if method == "dpo":
+        assert ours == trl  # the same concatenated layout: equal tokens, real tokens and slots at every step
+    else:  # TRL's KTO pairs the KL completions within its micro-batch, ours over the global batch
+        assert [t for t, _, _ in ours] == pytest.approx([t for t, _, _ in trl], rel=0.1)
