@@ -19,7 +19,7 @@ the scripts truncate. The built-in shapes use the byte tokenizer, so each length
 letters: the model sees the real length distribution, and TRL tokenises the same text to the same lengths.
 
 Components (--components): 'update' times update_reference (GB/s, fp32 and bf16 reference) against TRL's sync
-loop; 'head' compares sequence_logps (LM head on response positions only) with full-vocabulary logits, time and
+loop and a plain copy of as many values; 'head' compares sequence_logps (LM head on response positions only) with full-vocabulary logits, time and
 extra memory; 'compile' times sequence_logps forward+backward with and without torch.compile.
 
 With --data, the padding share of a whole epoch is also computed for each layout from the lengths alone.
