@@ -258,13 +258,14 @@ def update_reference(ref_model, policy_model, alpha):
         # lerp in fp32 and round once, one block at a time through a float32 buffer: on CPU blocks of 2^18 stay
         # in cache and halve the time of upcasting whole tensors (bench.py --components update); a GPU streams
         # whole tensors
-        block = 1 << 18 if low[0][0].device.type == "cpu" else max(r.numel() for r, _ in low)
-        buf = torch.empty(min(block, max(r.numel() for r, _ in low)), dtype=torch.float32, device=low[0][0].device)
+        largest = max(r.numel() for r, _ in low)
+        block = min(1 << 18, largest) if low[0][0].device.type == "cpu" else largest
+        buf = torch.empty(block, dtype=torch.float32, device=low[0][0].device)
         for r, p in low:
             r, p = r.view(-1), p.view(-1)  # parameters are contiguous
             for i in range(0, len(r), block):
-                b = buf[:len(r[i:i + block])].copy_(r[i:i + block]).lerp_(p[i:i + block].float(), alpha)
-                r[i:i + block].copy_(b)
+                r_i = r[i:i + block]
+                r_i.copy_(buf[:len(r_i)].copy_(r_i).lerp_(p[i:i + block].float(), alpha))
 
 
 def should_update_reference(step, mode, tau):
