@@ -196,8 +196,10 @@ def test_any_jsonl_loads_or_fails_with_named_row(tmp_path_factory, rows, cut):
     except DataError as e:
         msg = str(e)
         assert str(path) in msg
-        assert ("row " in msg and ("field" in msg or "JSON object" in msg)) or "line " in msg or "nothing to train" in msg \
-            or "no rows" in msg, msg
+        # a row error names the row and what is wrong with it: a field, not an object, or (an HH-style row of
+        # chosen + rejected dialogues only) no shared "\n\nAssistant:" to split the prompt at
+        named_row = "row " in msg and ("field" in msg or "JSON object" in msg or "Assistant:" in msg)
+        assert named_row or "line " in msg or "nothing to train" in msg or "no rows" in msg, msg
         return
     for r in train + evals:  # loaded: every row is three strings with a non-empty prompt
         assert all(isinstance(r[f], str) for f in FIELDS) and r["prompt"].strip()
