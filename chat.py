@@ -49,7 +49,8 @@ from common import DataError
 
 def is_chat(row):
     """True for a conversational row: one of its text fields holds a list (of messages)."""
-    return isinstance(row, dict) and any(isinstance(row.get(f), list) for f in ("prompt", "chosen", "rejected", "completion"))
+    fields = ("prompt", "chosen", "rejected", "completion")
+    return isinstance(row, dict) and any(isinstance(row.get(f), list) for f in fields)
 
 
 def check_messages(messages, field):
@@ -98,21 +99,19 @@ def chat_row(row, fields):
     (KTO's label) are passed through unchecked, for check_rows. `fields` is ("prompt", "chosen", "rejected"),
     ("prompt", "completion", "label") or ("prompt", "completion")."""
     responses = [f for f in fields if f not in ("prompt", "label")]
+    # implicit prompt: none given, or H4's string, which repeats the first user turn and is not needed
     implicit = len(responses) == 2 and (row.get("prompt") is None or isinstance(row["prompt"], str))
-    if not implicit:  # explicit: always so for unpaired rows
-        checked = {}
-        for f in ("prompt", *responses):
-            if row.get(f) is None:
-                raise DataError(f"missing field {f!r}")
-            checked[f] = check_messages(row[f], f)
-            if f != "prompt" and checked[f][0]["role"] != "assistant":
-                raise DataError(f"field {f!r}: message 1 has role {checked[f][0]['role']!r}; "
-                                f"a response starts with an assistant turn")
-    else:  # implicit; H4's string prompt repeats the first user turn and is not needed
-        for f in responses:
-            if row.get(f) is None:
-                raise DataError(f"missing field {f!r}")
-        checked = dict(zip(("prompt", *responses), split_chat(*(check_messages(row[f], f) for f in responses))))
+    checked = {}
+    for f in (responses if implicit else ["prompt", *responses]):
+        if row.get(f) is None:
+            raise DataError(f"missing field {f!r}")
+        checked[f] = check_messages(row[f], f)
+    if implicit:
+        checked = dict(zip(("prompt", *responses), split_chat(*checked.values())))
+    for f in responses:  # split_chat's responses always do
+        if checked[f][0]["role"] != "assistant":
+            raise DataError(f"field {f!r}: message 1 has role {checked[f][0]['role']!r}; "
+                            f"a response starts with an assistant turn")
     return {f: checked.get(f, row.get(f)) for f in fields}
 
 # -----------------------------------------------------------------------------
@@ -135,8 +134,9 @@ def render_chat(tokenizer, row, keys):
         full = tokenizer.apply_chat_template(row["prompt"] + row[k], tokenize=False)
         if not full.startswith(prompt):
             i = len(os.path.commonprefix([prompt, full]))
-            raise DataError(f"the chat template renders the prompt (with add_generation_prompt=True) as {prompt[i:i + 30]!r}... "
-                            f"where prompt + {k} has {full[i:i + 30]!r}..., so there is no prompt/response boundary; "
-                            f"use a model whose template renders the prompt as the start of the conversation")
+            raise DataError(f"the chat template renders the prompt (with add_generation_prompt=True) as "
+                            f"{prompt[i:i + 30]!r}... where prompt + {k} has {full[i:i + 30]!r}..., so there is no "
+                            f"prompt/response boundary; use a model whose template renders the prompt as the start "
+                            f"of the conversation")
         out[k] = full[len(prompt):]
     return out

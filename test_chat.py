@@ -107,7 +107,8 @@ def test_layouts_give_the_same_rows():
     assert [chat_row(r, PAIR) for r in h4] == [want[0], want[3], want[5]]
     # KTO's unpaired rows: one response, the label passed through for check_rows
     assert [chat_row(r, UNPAIRED) for r in fixture("chat_unpaired.jsonl")] == [
-        {"prompt": w["prompt"], "completion": w[k], "label": k == "chosen"} for w in want for k in ("chosen", "rejected")]
+        {"prompt": w["prompt"], "completion": w[k], "label": k == "chosen"}
+        for w in want for k in ("chosen", "rejected")]
     # only the role and content of a message are kept (Arrow fills in the other keys of a file with None)
     assert chat_row({"prompt": [{"role": "user", "content": "Hi", "name": None}], "chosen": [bot("a")],
                      "rejected": [bot("b")]}, PAIR)["prompt"] == [user("Hi")]
@@ -184,8 +185,10 @@ def test_render_conversations_diverging_before_the_last_turn(byte_tok):
     row = chat_row(fixture("chat_implicit.jsonl")[4], PAIR)
     assert render_chat(byte_tok, row, ("chosen", "rejected")) == {
         "prompt": SYSTEM + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
-        "chosen": "Hello!<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\nBlue.<|im_end|>\n",
-        "rejected": "Hello!<|im_end|>\n<|im_start|>user\nName a shape.<|im_end|>\n<|im_start|>assistant\nSquare.<|im_end|>\n"}
+        "chosen": "Hello!<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n"
+                  "<|im_start|>assistant\nBlue.<|im_end|>\n",
+        "rejected": "Hello!<|im_end|>\n<|im_start|>user\nName a shape.<|im_end|>\n"
+                    "<|im_start|>assistant\nSquare.<|im_end|>\n"}
 
 
 def test_render_h4_and_unpaired_rows(byte_tok):
@@ -245,7 +248,8 @@ def test_smollm2_boundary_and_mask(smol_tok):
                       im_start, *assistant, nl, 19556, 17, im_end, nl,                 # assistant\nHello!
                       im_start, 4093, nl, 5820, 253, 7302, 30, im_end, nl,             # user\nName a colour.
                       im_start, *assistant, nl]                                        # assistant\n: the boundary
-    assert chosen == [23390, 30, im_end, nl] and rejected == [5230, 30, im_end, nl]  # Blue. / No., then EOS (= im_end), "\n"
+    assert chosen == [23390, 30, im_end, nl]  # Blue. then the end of the turn: EOS (= <|im_end|>) and "\n"
+    assert rejected == [5230, 30, im_end, nl]  # No.
     _, labels = build_sequence(prompt, chosen)
     assert labels == [-100] * 35 + [23390, 30, im_end, nl]
     # cutting the text at the boundary does not change its tokens
