@@ -1,11 +1,12 @@
 """
 bench.py: the training step of tr_dpo.py, tr_ipo.py and tr_kto.py, timed side by side with TRL.
 
-What runs. Each (method, config) is a fresh Python process that calls the script's own main(argv), the training
-loop users run, not a copy, on a data file written here. The process adds timers without changing the step:
-Logger.throughput (called once per step with --log_every 1, right after the metrics sync) marks step ends,
-update_reference and the collate functions are wrapped to time the update and count padding, and save_final is
-skipped. The first --warmup steps are dropped. TRL's DPOTrainer (sync_ref_model=True) and KTOTrainer run on the
+What runs. Each (method, config) is a fresh Python process that calls the script's own main(argv, hooks), the
+training loop users run, not a copy, on a data file written here. The timers come in through the scripts' one seam,
+`hooks` (class Hooks below), and change nothing in the step: hooks.counted wraps the collate function to count
+tokens and padding, hooks.timing_update times the reference update, and hooks.step_end marks each step's end (with
+--log_every 1 right after the metrics sync, before evaluation). The first --warmup steps are dropped; the final
+evaluation and save run after the last mark. TRL's DPOTrainer (sync_ref_model=True) and KTOTrainer run on the
 same model and update schedule when `trl` is installed, on the very batches our 'plain' run trains on (same split,
 order and micro-batches, through a sequential sampler); their steps are timed between on_step_end callbacks.
 Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU the process's peak RSS (ru_maxrss), which includes
@@ -44,6 +45,7 @@ import sys
 import tempfile
 import time
 import types
+from contextlib import contextmanager
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -106,7 +108,8 @@ def draw_lengths(args):
     if not args.data:
         P, R = (int(x) for x in args.lengths.split(":"))
         return [(P, R, R)]
-    from common import load_preferences, load_model
+    from data import load_preferences
+    from models import load_model
     rows = sum(load_preferences(args.data, eval_size=1), [])
     if args.length_tokenizer == "model":
         tok = load_model(args.model)[1]
@@ -142,9 +145,11 @@ def write_data(args, lengths, path):
 def epoch_padding(args, data):
     """Padding share of one whole epoch of the data file's training pairs, for each batch layout, from lengths
     alone (no model): the batches the scripts draw (global_batch, with or without --group_by_length), cut into
-    micro-batches and collated by the scripts' own collate_pairs. TRL pads like 'plain' (the same slots, checked
-    in the runs). Steadier than the padding of a few timed steps."""
-    from common import byte_tokenizer, collate_pairs, example_lengths, global_batch, load_preferences, tokenize_rows
+    micro-batches and collated by the scripts' own collate functions. TRL pads like 'plain' (the same slots,
+    checked in the runs). Steadier than the padding of a few timed steps."""
+    from common import byte_tokenizer, collate_pairs, global_batch, tokenize_rows
+    from data import load_preferences
+    from speed import collate_shared_prompt, example_lengths
     tok = byte_tokenizer()
     rows = tokenize_rows(tok, load_preferences(data, 1, args.seed)[0], ("chosen", "rejected"), args.max_length,
                          args.max_prompt_length)
@@ -156,8 +161,8 @@ def epoch_padding(args, data):
             for step in range(len(rows) // args.batch_size):
                 ids = global_batch(step, len(rows), args.batch_size, args.seed, lengths)
                 for i in range(0, len(ids), args.micro_batch_size):
-                    count_batch(count, collate_pairs([rows[j] for j in ids[i:i + args.micro_batch_size]],
-                                                     tok.pad_token_id, share))
+                    collate = collate_shared_prompt if share else collate_pairs
+                    count_batch(count, collate([rows[j] for j in ids[i:i + args.micro_batch_size]], tok.pad_token_id))
             name = "+".join(["share_prompt"] * share + ["group_by_length"] * grouped) or "plain"
             out[name] = 1 - count.real / count.slots
     return out
@@ -206,39 +211,49 @@ class Clock:
 
 def count_batch(clock, batch):
     """Tokens, real tokens and padded slots of a batch, whatever its layout: ours (plain or shared prompt) or
-    TRL's (KTO's mismatched KL sequences included, as they are in ours)."""
-    from common import count_tokens
+    TRL's (KTO's mismatched KL sequences included, as they are in ours). Tokens are prompt + response of every
+    sequence run, a shared prompt once per response: common.count_tokens's rule, read from the masks."""
     masks = [k for k in ("prompt_mask", "response_mask", "attention_mask", "KL_attention_mask") if k in batch]
     clock.real += sum(int(batch[k].sum()) for k in masks)
     clock.slots += sum(batch[k].numel() for k in masks)
-    clock.tokens += int(count_tokens(batch).sum()) + (int(batch["KL_attention_mask"].sum()) if "KL_attention_mask" in batch else 0)
+    if "prompt_ids" in batch:  # speed.collate_shared_prompt: K responses per stored prompt
+        k = len(batch["response_ids"]) // len(batch["prompt_ids"])
+        clock.tokens += k * int(batch["prompt_mask"].sum()) + int(batch["response_mask"].sum())
+    else:
+        clock.tokens += sum(int(batch[k].sum()) for k in ("attention_mask", "KL_attention_mask") if k in batch)
     return batch
 
 
-def run_ours(spec):
+class Hooks:
+    """What bench.py passes to a script's train_loop (main(argv, hooks)): the script calls these at three places
+    of its loop and nothing else changes."""
+
+    def __init__(self, clock):
+        self.clock = clock
+
+    def counted(self, collate):
+        """The script's collate function, counting every batch it builds (count_batch)."""
+        return lambda *a, **k: count_batch(self.clock, collate(*a, **k))
+
+    @contextmanager
+    def timing_update(self):
+        """Around the reference update: its time, device work included."""
+        self.clock.sync()
+        t = time.perf_counter()
+        yield
+        self.clock.sync()
+        self.clock.update_s += time.perf_counter() - t
+
+    def step_end(self):
+        self.clock.mark()
+
+
+def run_ours(spec, clock=None):
+    """One run of our script; `clock` (a test passes its own to read the marks) records the steps."""
     import torch
-    import common
     mod = importlib.import_module(SCRIPTS[spec["method"]])
     cuda = torch.cuda.is_available()
-    clock = Clock(cuda)
-
-    class TimedLogger(common.Logger):  # throughput() is called once per step, after the metrics sync
-        def throughput(self, tokens):
-            clock.mark()
-            return super().throughput(tokens)
-
-    def timed_update(*a, **k):
-        clock.sync()
-        t = time.perf_counter()
-        common.update_reference(*a, **k)
-        clock.sync()
-        clock.update_s += time.perf_counter() - t
-
-    for name in ("collate_pairs", "collate_unpaired"):
-        if hasattr(mod, name):
-            f = getattr(common, name)
-            setattr(mod, name, lambda *a, _f=f, **k: count_batch(clock, _f(*a, **k)))
-    mod.Logger, mod.update_reference, mod.save_final = TimedLogger, timed_update, lambda *a, **k: None
+    clock = clock or Clock(cuda)
     steps = spec["warmup"] + spec["steps"]
     with tempfile.TemporaryDirectory() as out:
         argv = ["--model", spec["model"], "--dataset", spec["data"], "--eval_size", "1",
@@ -249,19 +264,20 @@ def run_ours(spec):
                 "--log_every", "1", "--eval_every", "0", "--seed", str(spec["seed"]), "--output_dir", out]
         clock.marks.clear()
         clock.mark()
-        mod.main(argv + CONFIGS[spec["config"]])
-    # the eval at the end runs after the last mark; the marks are the steps
-    clock.marks = clock.marks[:steps + 1]
+        mod.main(argv + CONFIGS[spec["config"]], hooks=Hooks(clock))
     return {**clock.summary(spec["warmup"]), "peak_mem_mb": peak_memory_mb("cuda" if cuda else "cpu")}
 
 
-def run_trl(spec):
+def run_trl(spec, clock=None):
+    """One run of TRL's trainer on our plain run's batches; `clock` as in run_ours."""
     import datasets
     import torch
     from transformers import TrainerCallback
-    from common import global_batch, load_model, load_preferences, load_unpaired, make_reference
+    from common import global_batch, make_reference
+    from data import load_preferences, load_unpaired
+    from models import load_model
     cuda = torch.cuda.is_available()
-    clock = Clock(cuda)
+    clock = clock or Clock(cuda)
     model, tok = load_model(spec["model"], spec["seed"])
     kto = spec["method"] == "kto"
     # the rows our script trains on, in the order it draws them (same split, same global batches, micro-batches
@@ -303,17 +319,15 @@ def run_trl(spec):
         def on_step_end(self, *a, **k):
             clock.mark()
     trainer.add_callback(StepEnd())
-    # time TRL's reference sync the same way as ours
+    # time TRL's reference sync the same way as ours: on this trainer's own callback object, not TRL's class
     from trl.trainer.callbacks import SyncRefModelCallback
-    sync = SyncRefModelCallback.sync_target_model
+    (sync_cb,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, SyncRefModelCallback)]
+    timing = Hooks(clock).timing_update
 
     def timed_sync(*a, **k):
-        clock.sync()
-        t = time.perf_counter()
-        sync(*a, **k)
-        clock.sync()
-        clock.update_s += time.perf_counter() - t
-    SyncRefModelCallback.sync_target_model = staticmethod(timed_sync)
+        with timing():
+            SyncRefModelCallback.sync_target_model(*a, **k)
+    sync_cb.sync_target_model = timed_sync
     trainer.train()
     return {**clock.summary(spec["warmup"]), "peak_mem_mb": peak_memory_mb("cuda" if cuda else "cpu")}
 
@@ -352,7 +366,8 @@ def bench_update(spec):
     GB/s counts the bytes a lerp must move: read the policy, read and write the reference. time_vs_copy compares
     the fp32 update with a plain copy of as many fp32 values, the least any update writing every weight costs."""
     import torch
-    from common import load_model, make_reference, update_reference
+    from common import make_reference, update_reference
+    from models import load_model
     cuda = torch.cuda.is_available()
     model = load_model(spec["model"])[0].to("cuda" if cuda else "cpu")
     n = sum(p.numel() for p in model.parameters())
@@ -396,7 +411,8 @@ def bench_head(spec):
     does). Memory is the peak above what was allocated before the first pass."""
     import torch
     import torch.nn.functional as F
-    from common import load_model, sequence_logps, to_device
+    from common import sequence_logps, to_device
+    from models import load_model
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     model, tok = load_model(spec["model"])
@@ -429,7 +445,8 @@ def bench_compile(spec):
     """sequence_logps forward + backward on one fixed-shape micro-batch, eager or with the transformer body under
     torch.compile: the first call (compilation included) and the median of the next ones."""
     import torch
-    from common import load_model, sequence_logps, to_device
+    from common import sequence_logps, to_device
+    from models import load_model
     cuda = torch.cuda.is_available()
     model, tok = load_model(spec["model"])
     model.to("cuda" if cuda else "cpu").train()

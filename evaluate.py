@@ -17,7 +17,7 @@ Each model in --models answers N held-out prompts (the eval split of --dataset);
   response against the others; 1 = all alike), counted on the model's own tokens, so they work for prose and digit
   strings alike; compare them between models that share a tokenizer. Optional: --reward_model scores.
 Judges: api (an OpenAI-compatible chat-completions endpoint), local (a Hugging Face causal LM, greedy) and gold (toy
-task only: the higher common.toy_gold_score wins, equal scores tie). On the toy task the gold score, gold accuracy
+task only: the higher toy.toy_gold_score wins, equal scores tie). On the toy task the gold score, gold accuracy
 (exact answers) and invalid-output rate (malformed answers) are reported whatever the judge.
 Generations go to output_dir/generations/<model>.jsonl batch by batch and judge answers to judge_cache.jsonl, so a
 rerun after a crash does only what is missing. Under torchrun generation is sharded; scoring runs on rank 0.
@@ -52,8 +52,11 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import torch
 from tqdm import tqdm
 
-from common import (autocast, barrier, build_sequence, cleanup_distributed, load_model, load_preferences,
-                    pad_sequences, sequence_logps, setup_distributed, to_device, toy_gold_score, toy_malformed)
+from common import (autocast, barrier, build_sequence, cleanup_distributed, pad_sequences, sequence_logps,
+                    setup_distributed, to_device)
+from data import load_preferences
+from models import load_model
+from toy import toy_gold_score, toy_malformed
 
 # -----------------------------------------------------------------------------
 # judge prompts, modelled on the GPT-4 prompts of the DPO paper (arXiv 2305.18290, Appendix C.2). For dialogue the
@@ -272,7 +275,7 @@ def response_logps(model, pad_id, prompt_ids, response_ids, batch_size=8, dtype=
     out = []
     for b in range(0, len(prompt_ids), batch_size):
         seqs = [build_sequence(p, r) for p, r in zip(prompt_ids[b:b + batch_size], response_ids[b:b + batch_size])]
-        with autocast(argparse.Namespace(dtype=dtype), model.device):
+        with autocast(dtype, model.device):
             logps, _ = sequence_logps(model, **to_device(pad_sequences(seqs, pad_id), model.device))
         out += logps.float().tolist()
     return out
@@ -347,7 +350,7 @@ def generate(model, tokenizer, prompts, path, args, d, desc="generate"):
             p_ids = [tokenizer(prompts[i], add_special_tokens=False)["input_ids"][-args.max_prompt_length:]
                      for i in idx]
             torch.manual_seed(args.seed * 1_000_003 + idx[0])
-            with autocast(args, model.device):
+            with autocast(args.dtype, model.device):
                 r_ids = sample(model, tokenizer, p_ids, args.max_new_tokens, args.temperature, args.top_p, args.greedy)
             logps = response_logps(model, tokenizer.pad_token_id, p_ids, r_ids, len(idx), args.dtype)
             for i, p, r, lp in zip(idx, p_ids, r_ids, logps):
@@ -419,7 +422,7 @@ class ApiJudge:
 
 
 class LocalJudge:
-    """A Hugging Face causal LM (anything common.load_model takes) answering greedily, through its chat template
+    """A Hugging Face causal LM (anything models.load_model takes) answering greedily, through its chat template
     when the tokenizer has one."""
 
     def __init__(self, name, device, max_new_tokens=256, batch_size=8, seed=0, trust_remote_code=False, dtype="auto"):
@@ -436,7 +439,7 @@ class LocalJudge:
 
     def __call__(self, texts):
         for b in range(0, len(texts), self.batch_size):
-            with autocast(argparse.Namespace(dtype=self.dtype), self.model.device):
+            with autocast(self.dtype, self.model.device):
                 out = sample(self.model, self.tok, [self.encode(t) for t in texts[b:b + self.batch_size]],
                              self.max_new_tokens, greedy=True)
             for j, r in enumerate(out):

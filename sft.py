@@ -12,11 +12,11 @@ masked by common.build_sequence(), as in the TR scripts; the per-sequence sums c
 Dividing by the global batch's token count (not a per-micro-batch mean) makes the gradient independent of how the
 batch is split into micro-batches and ranks.
 
-Data (--dataset): 'toy' = digit puzzles whose SFT answers are wrong 30% of the time on purpose (common.toy_sft_rows),
+Data (--dataset): 'toy' = digit puzzles whose SFT answers are wrong 30% of the time on purpose (toy.toy_sft_rows),
 'hh[:subset]' = the chosen dialogues, 'tldr' = the reference summaries of CarperAI/openai_summarize_tldr, or a local
 file of {"prompt", "completion"} rows, {"prompt", "label"} rows (TL;DR style) or preference pairs (chosen used).
-Flags, DDP, logging, checkpoints and resume are those of the TR scripts (common.py); the trust-region flags are
-accepted and unused. The output is policy/, the --model of every TR run:
+Flags, DDP, logging, checkpoints and resume are those of the TR scripts, and the step is theirs without a
+reference model; the trust-region flags are accepted and unused. The output is policy/, the --model of every TR run:
 
     python sft.py --model small --max_steps 1200 --lr 3e-3 --lr_schedule cosine --warmup_steps 20 \
         --batch_size 32 --micro_batch_size 32 --output_dir out/sft      # toy_experiment.py's SFT: ~2 min, 2 cores
@@ -33,11 +33,15 @@ import os
 
 import torch
 
-from common import (Logger, Metrics, Preemption, add_common_args, autocast, build_sequence, cleanup_distributed,
-                    count_tokens, end_of_step, example_lengths, exit_on_lost_rank, global_batch, load_checkpoint,
-                    load_model, load_sft, make_optimizer, no_sync, optimizer_step, pad_sequences, rank_micro_batches,
-                    save_checkpoint, save_final, setup_distributed, to_device, tokenize_rows, total_steps,
-                    validate_args, wrap_models)
+from checkpoint import Preemption, check_finite, exit_on_lost_rank, load_checkpoint, save_checkpoint, save_final
+from common import (Metrics, add_common_args, autocast, cleanup_distributed, collate_unpaired, count_tokens,
+                    global_batch, make_optimizer, rank_micro_batches, setup_distributed, to_device, tokenize_rows,
+                    total_steps, validate_args)
+from data import load_sft
+from logger import Logger
+from models import load_model
+from parallel import no_sync, wrap_models
+from speed import example_lengths
 
 
 def get_args(argv=None):
@@ -47,16 +51,16 @@ def get_args(argv=None):
 
 
 def main(argv=None):
+    """`python sft.py [flags]`, `torchrun ... sft.py [flags]`, or main([flags]) from Python."""
     args = get_args(argv)
-    d = setup_distributed(args.dist_timeout)
+    d = setup_distributed(args.dist_timeout)  # one process, or one per GPU/CPU slot under torchrun
     with exit_on_lost_rank(d):
         train_loop(args, d)
     cleanup_distributed()
 
 
 def train_loop(args, d):
-    # -------------------------------------------------------------------------
-    # set-up: one process, or one per GPU/CPU slot under torchrun
+    """The whole run on this rank."""
     validate_args(args, d.world_size)
     torch.manual_seed(args.seed + d.rank)
 
@@ -66,7 +70,7 @@ def train_loop(args, d):
     model, tokenizer = load_model(args.model, args.seed, args.trust_remote_code)
     tok = lambda rows: tokenize_rows(tokenizer, rows, ("completion",), args.max_length, args.max_prompt_length)  # noqa: E731
     train, evals = tok(train_rows), tok(eval_rows)
-    num_steps = total_steps(args, len(train))
+    num_steps = total_steps(len(train), args.batch_size, args.max_steps, args.epochs)
     lengths = example_lengths(train) if args.group_by_length else None  # batches of similar length: less padding
     os.makedirs(args.output_dir, exist_ok=True)
 
@@ -75,19 +79,20 @@ def train_loop(args, d):
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(d.device).train()
-    policy, policy_lm, _ = wrap_models(model, None, d, args)
-    opt, sched = make_optimizer(model, args, d.device, num_steps)
+    policy, policy_lm, _ = wrap_models(model, None, d, args.fsdp)
+    opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.warmup_steps, args.lr_schedule, num_steps,
+                                d.device)
     start, state = 0, {"skipped_steps": 0}
     if args.resume:
-        start, state = load_checkpoint(args, d, model, None, opt, sched)
+        start, state = load_checkpoint(args.output_dir, d, model, None, opt, sched)
 
     def sft_batch(examples, metrics, lm):
         """Summed response log-probs (B,) of a micro-batch; its token-mean NLL is logged as `loss`."""
-        batch = to_device(pad_sequences([build_sequence(e["prompt"], e["completion"]) for e in examples],
-                                        tokenizer.pad_token_id), d.device)
-        with autocast(args, d.device):
+        batch = to_device(collate_unpaired(examples, tokenizer.pad_token_id), d.device)
+        with autocast(args.dtype, d.device):
             logps, n_tokens = lm(**batch)
-        metrics.add(loss=-logps, n_loss=n_tokens, logps=logps, n=torch.ones_like(logps), tokens=count_tokens(batch))
+        metrics.add(loss=-logps, n_loss=n_tokens, logps=logps, n=torch.ones_like(logps),
+                    tokens=count_tokens(examples, ("completion",), d.device))
         return logps
 
     @torch.no_grad()
@@ -103,29 +108,52 @@ def train_loop(args, d):
 
     # -------------------------------------------------------------------------
     # training loop: one iteration = one optimizer step over a global batch of --batch_size examples
-    logger, metrics, preemption = Logger(args, d, start, num_steps), Metrics(), Preemption(d)
+    logger, metrics, preemption = Logger(args.output_dir, d.master, start, num_steps), Metrics(), Preemption(d)
     for step in range(start, num_steps):
         batch_ids = global_batch(step, len(train), args.batch_size, args.seed, lengths)
         n_global = sum(len(train[j]["completion"]) for j in batch_ids)  # response tokens (EOS included) in the batch
         micro = rank_micro_batches(batch_ids, d, args.micro_batch_size)
         for i, idx in enumerate(micro):
-            with no_sync(policy, args, last=i == len(micro) - 1):
+            # gradients are all-reduced (DDP) or reduce-scattered (FSDP) once per step, on the last micro-batch
+            with no_sync(policy, args.fsdp, last=i == len(micro) - 1):
                 logps = sft_batch([train[j] for j in idx], metrics, policy)
                 # the ranks' gradients are averaged, hence * world_size: the sum is the global token-mean NLL
                 (-logps.sum() * d.world_size / n_global).backward()
-        optimizer_step(model, opt, sched, args, state, step + 1, batch_ids, metrics)  # clip, NaN guard, step
-        done = step + 1  # optimizer steps finished
+        done = step + 1  # optimizer steps finished, counted from 1
 
-        # log, evaluate and checkpoint on their intervals; a SIGTERM/SIGINT checkpoints here and stops
-        if end_of_step(done, num_steps, args, state, sched, logger, metrics.reduce, evaluate,
-                       lambda: save_checkpoint(args, d, model, None, opt, sched, done, state), preemption,
-                       show=("loss",)):
+        # the optimizer step: clip the gradient norm, and never apply a non-finite one (skip it, or stop)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+        if check_finite(grad_norm, done, batch_ids, state["skipped_steps"], args.skip_nonfinite, args.output_dir):
+            opt.step()
+            metrics.add(grad_norm=grad_norm, n_grad_norm=torch.ones_like(grad_norm))  # once per step and rank
+        else:
+            state["skipped_steps"] += 1
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+        # log, evaluate and checkpoint on their intervals
+        if done % args.log_every == 0 or done == num_steps:
+            rec = metrics.reduce()  # means over the interval, all-reduced across ranks
+            rec.pop("n_grad_norm", None)
+            rec["tokens_per_s"] = logger.throughput(rec.pop("tokens"))
+            rec["lr"] = sched.get_last_lr()[0]
+            logger.log(done, rec, show=("loss",))
+        if (args.eval_every and done % args.eval_every == 0) or done == num_steps:
+            logger.log(done, evaluate(), show=("eval_loss",))
+        if args.save_every and done % args.save_every == 0:
+            save_checkpoint(args.output_dir, d, model, None, opt, sched, done, state)
+        logger.bar.update(1)
+        if done < num_steps and preemption.stop_requested():  # SIGTERM/SIGINT: checkpoint here and stop
+            save_checkpoint(args.output_dir, d, model, None, opt, sched, done, state)
+            logger.close()
+            print(f"stopped by a signal after step {done}; continue with --resume")
             return
 
     # -------------------------------------------------------------------------
     # save policy/ (save_pretrained + tokenizer)
     logger.close()
-    save_final(args, d, model, None, tokenizer)
+    save_final(args.output_dir, d, model, None, tokenizer)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,13 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from common import (DataError, Dist, add_common_args, byte_tokenizer, collate_pairs, global_batch, load_model,
-                    load_preferences, rank_micro_batches, sequence_logps, split_hh, toy_gold_score,
-                    toy_preferences, tokenize_rows, truncate, validate_args)
+from common import (DataError, Dist, add_common_args, byte_tokenizer, collate_pairs, count_tokens, global_batch,
+                    rank_micro_batches, sequence_logps, split_hh, tokenize_rows, truncate, validate_args)
+from conftest import HERE, naive_logp
+from data import load_preferences
+from models import load_model
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 HH, TLDR = (os.path.join(HERE, "fixtures", f) for f in ("hh.jsonl", "tldr.jsonl"))
 
 
@@ -122,6 +122,8 @@ def test_labels_mask_prompt_and_padding_literal():
     assert b["input_ids"].tolist() == [[97, 98, 99, 256, 257], [97, 98, 100, 101, 256]]
     assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
     assert b["labels"].tolist() == [[-100, -100, 99, 256, -100], [-100, -100, 100, 101, 256]]
+    # tokens/s counts prompt + response of each sequence run: 2 + 2 and 2 + 3, the attention mask's 4 + 5
+    assert count_tokens(ex, ("chosen", "rejected"), torch.device("cpu")).item() == 9 == b["attention_mask"].sum()
 
 
 def test_tokenize_rows_truncates_pairs_with_one_prompt():
@@ -151,48 +153,34 @@ def test_sequence_logps_padded_batch_equals_naive():
     batch = collate_pairs(ex, tok.pad_token_id)
     logps, counts = sequence_logps(model, **batch)
     # naive: each sequence alone, no padding, full-vocabulary log-softmax, sum over response positions
-    for i, (e, key) in enumerate([(e, k) for k in ("chosen", "rejected") for e in ex]):
-        ids = torch.tensor([e["prompt"] + e[key]])
-        logp = F.log_softmax(model(ids).logits[0, :-1].double(), -1)
-        resp = range(len(e["prompt"]) - 1, ids.shape[1] - 1)  # position t predicts token t + 1
-        naive = sum(logp[t, ids[0, t + 1]] for t in resp)
-        assert counts[i].item() == len(e[key])
-        assert logps[i].item() == pytest.approx(naive.item(), abs=1e-5)
+    with torch.no_grad():
+        for i, (e, key) in enumerate([(e, k) for k in ("chosen", "rejected") for e in ex]):
+            assert counts[i].item() == len(e[key])
+            assert logps[i].item() == pytest.approx(naive_logp(model, e["prompt"], e[key]), abs=1e-5)
 
 
 # -----------------------------------------------------------------------------
 # the global batch does not depend on the world size
 
-def test_global_batch_split_across_ranks():
+def test_global_batch_is_the_seeded_permutation_split_across_ranks():
+    # step 3 of 50 examples in batches of 8: epoch 3 // 6 = 0, slice [24, 32) of the epoch's permutation, seeded by
+    # seed * 100003 + epoch (global_batch's docstring); the world size is not an input
+    perm = torch.randperm(50, generator=torch.Generator().manual_seed(1 * 100003 + 0)).tolist()
     idx = global_batch(3, n_examples=50, batch_size=8, seed=1)
-    assert len(idx) == 8 and len(set(idx)) == 8
-    assert idx == global_batch(3, 50, 8, 1)  # a function of (step, seed) only
-    one = rank_micro_batches(idx, Dist(0, 0, 1, torch.device("cpu")), 2)
-    two = [mb for r in range(2) for mb in rank_micro_batches(idx, Dist(r, r, 2, torch.device("cpu")), 2)]
-    assert one == two == [idx[0:2], idx[2:4], idx[4:6], idx[6:8]]
+    assert idx == perm[24:32] and global_batch(3, 50, 8, seed=2) != idx
+    # ranks take contiguous shares in rank order: 1, 2 or 4 ranks run the same micro-batches of 2
+    cpu = torch.device("cpu")
+    def split(world):
+        return [mb for r in range(world) for mb in rank_micro_batches(idx, Dist(r, r, world, cpu), 2)]
+    assert split(1) == split(2) == split(4) == [idx[0:2], idx[2:4], idx[4:6], idx[6:8]]
+    assert rank_micro_batches(idx, Dist(1, 1, 2, cpu), 2) == [idx[4:6], idx[6:8]]  # rank 1: the second half
     # 50 // 8 = 6 batches an epoch: step 6 starts epoch 1, a new permutation
     epoch0 = [i for s in range(6) for i in global_batch(s, 50, 8, 1)]
     assert len(set(epoch0)) == 48 and global_batch(6, 50, 8, 1) != global_batch(0, 50, 8, 1)
 
 
 # -----------------------------------------------------------------------------
-# the toy task and flag validation
-
-def test_toy_task_deterministic_and_chosen_beats_rejected():
-    rows = toy_preferences(200, seed=3)
-    assert rows == toy_preferences(200, seed=3) and rows != toy_preferences(200, seed=4)
-    for r in rows:
-        assert toy_gold_score(r["prompt"], r["chosen"]) == 1.0 > toy_gold_score(r["prompt"], r["rejected"])
-
-
-def test_toy_gold_score_by_hand():
-    p = "\n\nHuman: sort 3142\n\nAssistant:"
-    assert toy_gold_score(p, " 1234") == 1.0
-    assert toy_gold_score(p, " 1243") == 0.5  # positions 1, 2 right of 4
-    assert toy_gold_score(p, " 123") == 0.0  # wrong length: malformed
-    assert toy_gold_score(p, " 12a4") == 0.0
-    assert toy_gold_score("\n\nHuman: reverse 3142\n\nAssistant:", " 2413") == 1.0
-
+# flag validation
 
 @pytest.mark.parametrize("flags, message", [
     (["--alpha", "0"], "--alpha must be in (0, 1]"),

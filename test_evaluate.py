@@ -4,8 +4,6 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,7 +12,10 @@ import pytest
 import torch
 
 import evaluate as ev
-from common import Dist, load_model, load_preferences
+from common import Dist
+from conftest import naive_logp, torchrun
+from data import load_preferences
+from models import load_model
 
 SECRET = "sk-test-0123456789abcdef-SECRET"
 CPU = Dist(0, 0, 1, torch.device("cpu"))
@@ -145,12 +146,6 @@ def test_plot_or_message(tmp_path, capsys):
 
 # -----------------------------------------------------------------------------
 # generation, KL, resume
-
-
-def naive_logp(model, prompt_ids, response_ids):
-    """log pi(response | prompt) from one unpadded forward pass and a full-vocabulary log-softmax."""
-    logp = torch.log_softmax(model(torch.tensor([prompt_ids + response_ids])).logits[0].double(), -1)
-    return sum(logp[len(prompt_ids) - 1 + t, tok].item() for t, tok in enumerate(response_ids))
 
 
 @torch.no_grad()
@@ -364,6 +359,7 @@ def tiny_dirs(tmp_path_factory):
     return str(root / "policy"), str(root / "rm")
 
 
+@pytest.mark.slow
 def test_end_to_end_tiny_local_judge(tiny_dirs, tmp_path):
     policy_dir, rm_dir = tiny_dirs
     n, out = 3, str(tmp_path / "eval")
@@ -423,6 +419,7 @@ def hand_made_generations(out, n, responses):
     return rows
 
 
+@pytest.mark.slow
 def test_end_to_end_gold_judge_by_hand(tmp_path):
     out = str(tmp_path / "eval")
     rows = load_preferences("toy", 4)[1]
@@ -444,6 +441,7 @@ def test_end_to_end_gold_judge_by_hand(tmp_path):
     assert [r["response"] for r in ev.read_jsonl(os.path.join(out, "generations", "policy.jsonl"))][2] == " abc"  # not regenerated
 
 
+@pytest.mark.slow
 def test_end_to_end_api_judge_cancels_position_bias(stub, secret_env, tmp_path, capsys):
     out = str(tmp_path / "eval")
     hand_made_generations(out, 3, [" 1", " 2", " 3"])
@@ -465,15 +463,12 @@ def test_end_to_end_api_judge_cancels_position_bias(stub, secret_env, tmp_path, 
     assert stub.calls["judge"] == 12
 
 
+@pytest.mark.slow
 def test_torchrun_shards_generation(tmp_path):
     """Two CPU ranks (gloo) generate what one process generates (greedy), merged by rank 0."""
     common = ["--models", "tiny", "--labels", "policy", "--judge", "none", "--greedy", "--n_prompts", "5",
               "--max_new_tokens", "4", "--batch_size", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "evaluate.py", *common, "--output_dir", str(tmp_path / "two")], env=env, text=True,
-                       cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True)
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun("evaluate.py", *common, "--output_dir", str(tmp_path / "two"))
     ev.main([*common, "--output_dir", str(tmp_path / "one")])
     two = ev.read_jsonl(str(tmp_path / "two" / "generations" / "policy.jsonl"))
     one = ev.read_jsonl(str(tmp_path / "one" / "generations" / "policy.jsonl"))

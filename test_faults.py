@@ -12,26 +12,16 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import AutoModelForCausalLM
 
-import common
+import checkpoint
 import tr_dpo
-from common import DataError, byte_tokenizer, load_preferences, tokenize_rows
+from common import DataError, byte_tokenizer, global_batch, tokenize_rows
+from conftest import ENV, FAST, HERE, torchrun, weights
+from data import load_preferences
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-FAST = ["--batch_size", "8", "--micro_batch_size", "2", "--eval_size", "16", "--log_every", "1", "--eval_every", "0",
-        "--tau", "2", "--alpha", "0.5"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def weights(out, name):
-    return AutoModelForCausalLM.from_pretrained(os.path.join(out, name)).state_dict()
-
-
-def torchrun(*flags, nproc=2):
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                    os.path.join(HERE, "tr_dpo.py"), *flags], check=True, env=ENV, cwd=HERE, capture_output=True,
-                   timeout=300)
+# two micro-batches of 2 per rank under two processes, a reference update every 2 steps
+FLAGS = FAST + ["--micro_batch_size", "2", "--tau", "2", "--alpha", "0.5"]
+slow = pytest.mark.slow
 
 
 def steps_logged(out):
@@ -42,17 +32,18 @@ def steps_logged(out):
 # -----------------------------------------------------------------------------
 # FSDP2
 
+@slow
 def test_fsdp_matches_ddp_and_resumes(tmp_path):
     ddp, fsdp, resumed = (str(tmp_path / n) for n in ("ddp", "fsdp", "resumed"))
-    torchrun(*FAST, "--max_steps", "4", "--output_dir", ddp)
-    torchrun(*FAST, "--max_steps", "4", "--fsdp", "--output_dir", fsdp)
+    torchrun("tr_dpo.py", *FLAGS, "--max_steps", "4", "--output_dir", ddp)
+    torchrun("tr_dpo.py", *FLAGS, "--max_steps", "4", "--fsdp", "--output_dir", fsdp)
     for name in ("policy", "reference"):
         a, b = weights(ddp, name), weights(fsdp, name)
         for k in a:
             assert torch.allclose(a[k], b[k], atol=1e-5), (name, k)
     # resume under FSDP: stop at step 2 with a checkpoint, continue to 4: the same weights as the straight run
-    torchrun(*FAST, "--max_steps", "2", "--save_every", "2", "--fsdp", "--output_dir", resumed)
-    torchrun(*FAST, "--max_steps", "4", "--resume", "--fsdp", "--output_dir", resumed)
+    torchrun("tr_dpo.py", *FLAGS, "--max_steps", "2", "--save_every", "2", "--fsdp", "--output_dir", resumed)
+    torchrun("tr_dpo.py", *FLAGS, "--max_steps", "4", "--resume", "--fsdp", "--output_dir", resumed)
     for name in ("policy", "reference"):
         a, b = weights(fsdp, name), weights(resumed, name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
@@ -61,9 +52,10 @@ def test_fsdp_matches_ddp_and_resumes(tmp_path):
 # -----------------------------------------------------------------------------
 # preemption: a real SIGTERM
 
+@slow
 def test_sigterm_saves_and_resume_matches(tmp_path):
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
-    script, flags = os.path.join(HERE, "tr_dpo.py"), FAST + ["--max_steps", "40"]
+    script, flags = os.path.join(HERE, "tr_dpo.py"), FLAGS + ["--max_steps", "40"]
     run = lambda *extra: subprocess.run([sys.executable, script, *flags, *extra], env=ENV, cwd=HERE,  # noqa: E731
                                         check=True, capture_output=True, timeout=300)
     run("--output_dir", straight)  # all three runs in subprocesses with one thread each: identical arithmetic
@@ -87,9 +79,10 @@ def test_sigterm_saves_and_resume_matches(tmp_path):
 # -----------------------------------------------------------------------------
 # a crash in the middle of a checkpoint save leaves the previous checkpoint usable
 
+@slow
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
-    flags = FAST + ["--max_steps", "4"]
+    flags = FLAGS + ["--max_steps", "4"]
     tr_dpo.main(flags + ["--output_dir", straight])
     real_save, calls = torch.save, []
 
@@ -101,14 +94,14 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
             raise OSError("disk full (simulated)")
         return real_save(obj, path, *a, **k)
 
-    monkeypatch.setattr(common.torch, "save", failing_save)
+    monkeypatch.setattr(checkpoint.torch, "save", failing_save)
     with pytest.raises(OSError, match="simulated"):
         tr_dpo.main(flags + ["--save_every", "2", "--output_dir", crashed])
     monkeypatch.undo()
     ck = torch.load(os.path.join(crashed, "checkpoint", "state.pt"), weights_only=False)
     assert ck["step"] == 2  # the half-written one stayed in checkpoint.tmp
     tr_dpo.main(flags + ["--resume", "--output_dir", crashed])
-    a, b = weights(straight, "policy"), weights(crashed, "policy")
+    a, b = weights(straight), weights(crashed)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -128,22 +121,24 @@ def nan_at_step(monkeypatch, bad_step):
     monkeypatch.setattr(tr_dpo, "dpo_loss", poisoned)
 
 
+@slow
 def test_nan_stops_with_step_and_example_ids(tmp_path, monkeypatch, capsys):
     out = str(tmp_path)
     nan_at_step(monkeypatch, bad_step=3)
     with pytest.raises(SystemExit) as e:
-        tr_dpo.main(FAST + ["--max_steps", "6", "--save_every", "2", "--output_dir", out])
-    ids = common.global_batch(2, 2048, 8, 0)  # step 3 is global batch index 2
+        tr_dpo.main(FLAGS + ["--max_steps", "6", "--save_every", "2", "--output_dir", out])
+    ids = global_batch(2, 2048, 8, 0)  # step 3 is global batch index 2
     assert "step 3: non-finite loss or gradient" in str(e.value) and str(ids) in str(e.value)
     ck = torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=False)
     assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["policy"].values())
 
 
+@slow
 def test_nan_step_skipped_within_limit(tmp_path, monkeypatch):
     out = str(tmp_path)
     nan_at_step(monkeypatch, bad_step=3)
-    tr_dpo.main(FAST + ["--max_steps", "5", "--skip_nonfinite", "1", "--output_dir", out])
-    w = weights(out, "policy")
+    tr_dpo.main(FLAGS + ["--max_steps", "5", "--skip_nonfinite", "1", "--output_dir", out])
+    w = weights(out)
     assert all(torch.isfinite(v).all() for v in w.values())
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in line]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
@@ -158,13 +153,14 @@ def free_port():
         return s.getsockname()[1]
 
 
+@slow
 def test_lost_rank_exits_cleanly(tmp_path):
     out, port = str(tmp_path), free_port()
     procs = []
     for rank in range(2):
         env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, os.path.join(HERE, "tr_dpo.py"), *FAST, "--max_steps", "500",
+        procs.append(subprocess.Popen([sys.executable, os.path.join(HERE, "tr_dpo.py"), *FLAGS, "--max_steps", "500",
                                        "--dist_timeout", "20", "--output_dir", out], env=env, cwd=HERE,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     deadline = time.time() + 120

@@ -1,33 +1,24 @@
-"""tr_ipo.py and tr_kto.py on CPU: KTO's data and KL reference point by hand and against a naive computation, the
-demos, resume, and 1 process vs 2 (Gloo)."""
+"""tr_ipo.py and tr_kto.py: KTO's data and KL reference point by hand and against a naive computation, IPO's
+--logps, the demos. (Resume and 1 process vs 2 for every script: test_train.py.)"""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 import tr_ipo
 import tr_kto
-from common import (DataError, SequenceLogps, collate_pairs, global_batch, load_model, load_preferences, load_unpaired,
-                    sequence_logps, tokenize_rows, unpair)
+from common import DataError, collate_pairs, global_batch, sequence_logps, tokenize_rows
+from conftest import FAST, metrics, naive_logp
+from data import load_preferences, load_unpaired, unpair
+from models import load_model
+from parallel import SequenceLogps
 from tr_kto import class_balance_warning, estimate_kl, mismatched_pairs
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-FAST = ["--batch_size", "8", "--micro_batch_size", "4", "--eval_size", "16", "--log_every", "1", "--eval_every", "0"]
-
-
-def metrics(out, key="loss"):
-    return [m for m in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if key in m]
-
-
-def weights(out, name):
-    return load_file(os.path.join(out, name, "model.safetensors"))
+slow = pytest.mark.slow
 
 # -----------------------------------------------------------------------------
 # KTO data
@@ -100,13 +91,6 @@ def kl_setup():
     return policy.eval(), ref.eval(), tok, ex, mismatched_pairs(ex, 64, 32)
 
 
-def naive_logp(model, prompt, completion):
-    """log pi(completion | prompt) from one unpadded full forward, summed over the completion's tokens."""
-    ids = torch.tensor([prompt + completion])
-    logp = F.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
-    return sum(logp[len(prompt) - 1 + t, c].item() for t, c in enumerate(completion))
-
-
 def test_kl_estimate_matches_naive():
     policy, ref, tok, ex, pairs = kl_setup()
     # example 0's prompt goes with example 1's completion: toy rows 0 and 1 are different puzzles
@@ -145,6 +129,7 @@ def _kl_rank(rank, tmp):
     dist.destroy_process_group()
 
 
+@slow
 def test_kl_estimate_is_the_same_on_every_rank(tmp_path):
     mp.spawn(_kl_rank, args=(str(tmp_path),), nprocs=2, join=True)
     k0, k1 = (torch.load(tmp_path / f"kl_{r}.pt") for r in (0, 1))
@@ -160,10 +145,11 @@ def test_kl_estimate_is_the_same_on_every_rank(tmp_path):
 # the demos
 
 
+@slow
 def test_ipo_demo_learns(tmp_path):
     out = str(tmp_path)
     tr_ipo.main(FAST + ["--max_steps", "40", "--ref_update", "none", "--lr", "3e-3", "--output_dir", out])
-    train = metrics(out)
+    train = metrics(out, "loss")
     assert [m["step"] for m in train] == list(range(1, 41))
     # step 1: policy == reference, h = 0, loss = 1/(4 beta^2) = 1 for the default beta 0.5
     assert train[0]["loss"] == pytest.approx(1.0, abs=1e-6)
@@ -172,6 +158,7 @@ def test_ipo_demo_learns(tmp_path):
     assert metrics(out, "eval_loss")[-1]["eval_n"] == 16
 
 
+@slow
 @pytest.mark.parametrize("mode", ["mean", "sum"])
 def test_ipo_logps_flag_reaches_the_loss(tmp_path, mode):
     out = str(tmp_path)
@@ -183,14 +170,15 @@ def test_ipo_logps_flag_reaches_the_loss(tmp_path, mode):
     with torch.no_grad():
         logps, n = sequence_logps(model, **collate_pairs(batch, tok.pad_token_id))
     chosen = (logps / n if mode == "mean" else logps)[:8]
-    assert metrics(out)[0]["logps_chosen"] == pytest.approx(chosen.mean().item(), abs=1e-4)
+    assert metrics(out, "loss")[0]["logps_chosen"] == pytest.approx(chosen.mean().item(), abs=1e-4)
 
 
+@slow
 def test_kto_demo_learns_and_counts_classes(tmp_path):
     out = str(tmp_path)
     tr_kto.main(FAST + ["--max_steps", "60", "--eval_every", "20", "--ref_update", "none", "--lr", "3e-3",
                         "--output_dir", out])
-    train = metrics(out)
+    train = metrics(out, "loss")
     # step 1: policy == reference, so r = 0 and the KL estimate is exactly 0: every loss is 1 - sigmoid(0) = 0.5
     assert train[0]["loss"] == 0.5 and train[0]["kl"] == 0.0
     assert all(m["kl"] >= 0 for m in train)
@@ -208,6 +196,7 @@ def test_kto_demo_learns_and_counts_classes(tmp_path):
     assert ev[-1]["eval_n_desirable"] == ev[-1]["eval_n_undesirable"] == 16
 
 
+@slow
 def test_kto_one_class_micro_batches_of_one(tmp_path, capsys):
     # 10 desirable rows and 2 undesirable ones at the end (held out): training sees one class only
     path = tmp_path / "fb.jsonl"
@@ -217,7 +206,7 @@ def test_kto_one_class_micro_batches_of_one(tmp_path, capsys):
     tr_kto.main(["--dataset", str(path), "--eval_size", "2", "--batch_size", "4", "--micro_batch_size", "1",
                  "--max_steps", "3", "--log_every", "1", "--output_dir", out])
     assert "= inf, outside [1, 4/3]" in capsys.readouterr().out
-    train = metrics(out)
+    train = metrics(out, "loss")
     assert [(m["n_desirable"], m["n_undesirable"]) for m in train] == [(4.0, 0.0)] * 3
     assert all(m["undesirable_reward"] == 0.0 for m in train)  # no examples: 0 by convention, not nan
     assert all(0 < m["loss"] < 1 for m in train)  # 0 < 1 - sigmoid(x) < 1 for finite x
@@ -230,38 +219,3 @@ def test_kto_refuses_a_batch_of_one(tmp_path):
     with pytest.raises(SystemExit, match="--batch_size must be >= 2"):
         tr_kto.main(["--batch_size", "1", "--micro_batch_size", "1", "--output_dir", str(tmp_path)])
     assert not os.listdir(tmp_path)  # refused before anything was written
-
-# -----------------------------------------------------------------------------
-# resume, and 1 process vs 2
-
-
-@pytest.mark.parametrize("script", [tr_ipo, tr_kto])
-def test_resume_equals_uninterrupted(tmp_path, script):
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    flags = FAST + ["--tau", "2"]  # reference updates after steps 2 (before the checkpoint) and 4 (after)
-    script.main(flags + ["--max_steps", "5", "--output_dir", a])
-    script.main(flags + ["--max_steps", "3", "--save_every", "3", "--output_dir", b])  # "interrupted" at step 3
-    script.main(flags + ["--max_steps", "5", "--resume", "--output_dir", b])
-    for name in ("policy", "reference"):
-        wa, wb = weights(a, name), weights(b, name)
-        assert all(torch.equal(wa[k], wb[k]) for k in wa), name  # bit for bit on CPU
-    assert [m["loss"] for m in metrics(a)] == [m["loss"] for m in metrics(b)]
-
-
-@pytest.mark.parametrize("script", [tr_ipo, tr_kto])
-def test_two_processes_match_one(tmp_path, script):
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    flags = FAST + ["--max_steps", "4", "--tau", "2", "--alpha", "0.5"]
-    script.main(flags + ["--output_dir", one])
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    script.__file__, *flags, "--output_dir", two],
-                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=HERE, capture_output=True, timeout=300)
-    for name in ("policy", "reference"):
-        w1, w2 = weights(one, name), weights(two, name)
-        for k in w1:
-            assert torch.allclose(w1[k], w2[k], atol=1e-5), (name, k)
-    m1, m2 = metrics(one), metrics(two)
-    assert [m["loss"] for m in m1] == pytest.approx([m["loss"] for m in m2], abs=1e-5)
-    if script is tr_kto:  # z0 is a function of the global batch, not of how it is split across ranks
-        assert [m["kl"] for m in m1] == pytest.approx([m["kl"] for m in m2], abs=1e-5)
-        assert [m["n_desirable"] for m in m1] == [m["n_desirable"] for m in m2]

@@ -1,15 +1,18 @@
 """Losses and the reference update against numbers worked out by hand (the arithmetic is in the comments)."""
-
 import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from common import should_update_reference, update_reference
 from tr_dpo import dpo_loss
+from tr_ipo import ipo_loss, logps_for_loss
+from tr_kto import kto_loss
 
 T = lambda *xs: torch.tensor(xs, dtype=torch.float64)  # noqa: E731
+
 # -----------------------------------------------------------------------------
 # DPO
+
 
 def test_dpo_loss_by_hand():
     beta = 0.1
@@ -33,13 +36,17 @@ def test_dpo_loss_by_hand():
     assert pr.grad[0].item() == pytest.approx(+0.04501660027, abs=1e-10)
     # pair 1: -0.1 * sigmoid(0.5) = -0.1 * 0.6224593312
     assert pc.grad[1].item() == pytest.approx(-0.06224593312, abs=1e-10)
+
+
 def test_dpo_loss_large_margin_is_stable():
     # beta*h = 0.1 * 2000 = 200: -log sigmoid(200) = log(1 + e^-200) ~ 1.4e-87, not nan; and -200 gives 200.
     losses, _, _ = dpo_loss(T(0.0, -2000.0), T(-2000.0, 0.0), T(0.0, 0.0), T(0.0, 0.0), 0.1)
     assert losses[0].item() == pytest.approx(0.0, abs=1e-80)
     assert losses[1].item() == pytest.approx(200.0, abs=1e-9)
+
 # -----------------------------------------------------------------------------
 # the trust-region reference update
+
 
 def two_param_models(ref_vals, pol_vals, ref_dtype=torch.float32):
     ref, pol = torch.nn.Linear(2, 1, bias=False), torch.nn.Linear(2, 1, bias=False)
@@ -47,6 +54,8 @@ def two_param_models(ref_vals, pol_vals, ref_dtype=torch.float32):
         ref.weight.copy_(torch.tensor([ref_vals]))
         pol.weight.copy_(torch.tensor([pol_vals]))
     return ref.to(ref_dtype), pol
+
+
 def test_soft_update_by_hand():
     # alpha 0.6: 0.6*3 + 0.4*1 = 2.2 ; 0.6*(-2) + 0.4*2 = -0.4
     ref, pol = two_param_models([1.0, 2.0], [3.0, -2.0])
@@ -56,10 +65,14 @@ def test_soft_update_by_hand():
     # again: 0.6*3 + 0.4*2.2 = 2.68 ; 0.6*(-2) + 0.4*(-0.4) = -1.36
     update_reference(ref, pol, 0.6)
     assert ref.weight.tolist() == [pytest.approx([2.68, -1.36], abs=1e-6)]
+
+
 def test_hard_update_copies():
     ref, pol = two_param_models([1.0, 2.0], [3.0, -2.0])
     update_reference(ref, pol, 1.0)
     assert ref.weight.tolist() == [[3.0, -2.0]]
+
+
 def test_bf16_reference_from_fp32_policy_is_rounded_once():
     torch.manual_seed(0)
     ref, pol = torch.nn.Linear(64, 64).to(torch.bfloat16), torch.nn.Linear(64, 64)
@@ -74,6 +87,8 @@ def test_bf16_reference_from_fp32_policy_is_rounded_once():
     ref, pol = two_param_models([1.0, 1.0], [1.015625, 1.0], torch.bfloat16)
     update_reference(ref, pol, 0.5)
     assert ref.weight.float().tolist() == [[1.0078125, 1.0]]
+
+
 def test_bf16_reference_update_crosses_blocks_like_one_lerp():
     # 600 * 500 = 300,000 weights > one block of 2^18 = 262,144: the blocked update must equal one float32 lerp of
     # the whole tensor, rounded once, element for element (the last block is partial)
@@ -82,6 +97,8 @@ def test_bf16_reference_update_crosses_blocks_like_one_lerp():
     want = ref.weight.detach().float().lerp(pol.weight.detach(), 0.6).to(torch.bfloat16)
     update_reference(ref, pol, 0.6)
     assert torch.equal(ref.weight, want)
+
+
 def test_tied_weights_updated_exactly_once():
     cfg = GPTNeoXConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=16, tie_word_embeddings=True)
@@ -95,16 +112,16 @@ def test_tied_weights_updated_exactly_once():
     # once: 0.6*1 + 0.4*0 = 0.6 ; a second application through the tied alias would give 0.6 + 0.6*0.4 = 0.84
     assert torch.allclose(ref.get_output_embeddings().weight, torch.full((16, 8), 0.6))
     assert ref.get_input_embeddings().weight is ref.get_output_embeddings().weight
+
+
 def test_schedule_first_update_at_step_tau():
     # `step` counts finished optimizer steps: tau = 4 updates after steps 4 and 8 of 10; never at step 0
     assert [s for s in range(0, 11) if should_update_reference(s, "soft", 4)] == [4, 8]
     assert [s for s in range(0, 11) if should_update_reference(s, "hard", 1)] == list(range(1, 11))
     assert not any(should_update_reference(s, "none", 1) for s in range(0, 11))
+
 # -----------------------------------------------------------------------------
 # IPO
-
-from tr_ipo import ipo_loss, response_logps  # noqa: E402
-from tr_kto import kto_loss  # noqa: E402
 
 
 def test_ipo_loss_by_hand():
@@ -135,15 +152,15 @@ def test_ipo_loss_is_zero_at_the_target():
 
 
 def test_ipo_summed_vs_averaged_logps():
-    # response_logps: sums from sequence_logps divided by the response length in "mean" mode
+    # logps_for_loss: sums from sequence_logps divided by the response length in "mean" mode
     sums, n = T(-6.0, -9.0, -8.0, -4.0), torch.tensor([3, 3, 4, 4])
-    assert response_logps(sums, n, "mean").tolist() == [-2.0, -3.0, -2.0, -1.0]
-    assert response_logps(sums, n, "sum").tolist() == [-6.0, -9.0, -8.0, -4.0]
+    assert logps_for_loss(sums, n, "mean").tolist() == [-2.0, -3.0, -2.0, -1.0]
+    assert logps_for_loss(sums, n, "sum").tolist() == [-6.0, -9.0, -8.0, -4.0]
     # one pair: chosen 3 tokens, policy -6 / ref -9; rejected 4 tokens, policy -8 / ref -4; beta 0.1, target 5
     # summed:   h = (-6 - -9) - (-8 - -4) = 3 - (-4) = 7;   loss = (7 - 5)^2 = 4
     # averaged: h = (-2 - -3) - (-2 - -1) = 1 - (-1) = 2;   loss = (2 - 5)^2 = 9
     for mode, want in (("sum", 4.0), ("mean", 9.0)):
-        pc, rc, pr, rr = response_logps(sums, n, mode).split(1)
+        pc, rc, pr, rr = logps_for_loss(sums, n, mode).split(1)
         assert ipo_loss(pc, pr, rc, rr, 0.1)[0].item() == pytest.approx(want, abs=1e-12), mode
 
 # -----------------------------------------------------------------------------

@@ -9,11 +9,15 @@ import sys
 import pytest
 import torch
 
-from common import (Dist, add_common_args, byte_tokenizer, collate_pairs, count_tokens, example_lengths,
-                    global_batch, load_model, rank_micro_batches, sequence_logps, shared_prompt_logps,
-                    tokenize_rows, validate_args)
+import bench
+import tr_dpo
+from common import (Dist, add_common_args, byte_tokenizer, collate_pairs, global_batch, rank_micro_batches,
+                    sequence_logps, tokenize_rows, validate_args)
+from conftest import HERE, metrics
+from models import load_model
+from speed import collate_shared_prompt, example_lengths, shared_prompt_logps
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+slow = pytest.mark.slow
 
 # prompts of 2, 20 and 31 bytes, so the shared layout left-pads two of them; responses of 1 to 27 tokens
 ROWS = [{"prompt": "\n\nHuman: sort 312\n\nAssistant:", "chosen": " 123", "rejected": " 12"},
@@ -29,7 +33,7 @@ def test_collate_shared_prompt_literal():
     tok = byte_tokenizer()  # token id == byte value; EOS 256, pad 257
     ex = tokenize_rows(tok, [{"prompt": "ab", "chosen": "c", "rejected": "de"},
                              {"prompt": "xyz", "chosen": "", "rejected": "f"}], ("chosen", "rejected"), 16, 8)
-    b = collate_pairs(ex, tok.pad_token_id, share_prompt=True)
+    b = collate_shared_prompt(ex, tok.pad_token_id)
     assert b["prompt_ids"].tolist() == [[257, 97, 98], [120, 121, 122]]  # left-padded: prompts end together
     assert b["prompt_mask"].tolist() == [[0, 1, 1], [1, 1, 1]]
     # rows [0, B) chosen, [B, 2B) rejected, right-padded
@@ -37,8 +41,11 @@ def test_collate_shared_prompt_literal():
     assert b["response_mask"].tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]]
     # flat indices n * R + t of the response positions t whose next token is a response token
     assert b["positions"].tolist() == [0, 6, 7, 9]
-    # the same tokens as the plain layout, a prompt counted once per response
-    assert count_tokens(b).tolist() == count_tokens(collate_pairs(ex, tok.pad_token_id)).tolist() == [4, 4, 5, 5]
+    # bench.py counts the same tokens as in the plain layout, a prompt once per response: 2+2, 3+1, 2+3, 3+2 = 18
+    plain, shared = bench.Clock(False), bench.Clock(False)
+    bench.count_batch(plain, collate_pairs(ex, tok.pad_token_id))
+    bench.count_batch(shared, b)
+    assert plain.tokens == shared.tokens == 18
 
 
 def logps_and_grads(model, batch, fn):
@@ -53,7 +60,7 @@ def test_share_prompt_matches_plain_forward_fp32():
     model.train()
     ex = tokenize_rows(tok, ROWS, ("chosen", "rejected"), 64, 32)
     plain = logps_and_grads(model, collate_pairs(ex, tok.pad_token_id), sequence_logps)
-    shared = logps_and_grads(model, collate_pairs(ex, tok.pad_token_id, share_prompt=True), shared_prompt_logps)
+    shared = logps_and_grads(model, collate_shared_prompt(ex, tok.pad_token_id), shared_prompt_logps)
     assert (shared[0] - plain[0]).abs().max().item() <= 1e-5
     assert shared[1].tolist() == plain[1].tolist() == [len(e[k]) for k in ("chosen", "rejected") for e in ex]
     assert shared[2].keys() == plain[2].keys()
@@ -70,7 +77,7 @@ def test_share_prompt_matches_plain_forward_fp32():
 def test_share_prompt_without_positions_and_under_no_grad():
     model, tok = load_model("tiny", seed=1)
     ex = tokenize_rows(tok, ROWS, ("chosen", "rejected"), 64, 32)
-    b = collate_pairs(ex, tok.pad_token_id, share_prompt=True)
+    b = collate_shared_prompt(ex, tok.pad_token_id)
     with torch.no_grad():
         want, _ = shared_prompt_logps(model, **b)
         got, _ = shared_prompt_logps(model, **{k: v for k, v in b.items() if k != "positions"})
@@ -84,7 +91,7 @@ def test_share_prompt_refuses_gradient_checkpointing():
     model, tok = load_model("tiny", seed=0)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    b = collate_pairs(tokenize_rows(tok, ROWS, ("chosen", "rejected"), 64, 32), tok.pad_token_id, share_prompt=True)
+    b = collate_shared_prompt(tokenize_rows(tok, ROWS, ("chosen", "rejected"), 64, 32), tok.pad_token_id)
     with pytest.raises(ValueError, match="gradient checkpointing"):
         shared_prompt_logps(model, **b)
     args = add_common_args(argparse.ArgumentParser()).parse_args(["--share_prompt", "--gradient_checkpointing"])
@@ -92,20 +99,23 @@ def test_share_prompt_refuses_gradient_checkpointing():
         validate_args(args, world_size=1)
 
 
+@slow
 def test_tr_dpo_share_prompt_same_run(tmp_path):
-    """Two optimizer steps of tr_dpo.py with and without --share_prompt: the same losses and rewards."""
-    import tr_dpo
+    """Two optimizer steps of tr_dpo.py with and without --share_prompt: the same log line, value for value."""
     runs = {}
     for name, extra in (("plain", []), ("shared", ["--share_prompt"])):
         out = str(tmp_path / name)
         tr_dpo.main(["--max_steps", "2", "--batch_size", "8", "--micro_batch_size", "4", "--eval_size", "8",
                      "--log_every", "1", "--eval_every", "0", "--ref_update", "soft", "--tau", "1",
                      "--lr", "3e-3", "--output_dir", out] + extra)
-        runs[name] = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    for a, b in zip(runs["plain"], runs["shared"]):
-        for k in ("loss", "reward_margin", "logps_chosen", "eval_loss"):
-            if k in a:
-                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), k
+        runs[name] = metrics(out)
+    plain, shared = runs["plain"], runs["shared"]
+    assert [m["step"] for m in plain] == [m["step"] for m in shared] == [1, 2, 2]  # two steps, then the eval
+    assert {"loss", "reward_margin", "logps_chosen", "grad_norm"} <= plain[1].keys() and "eval_loss" in plain[2]
+    for a, b in zip(plain, shared):
+        assert a.keys() == b.keys()
+        for k in a.keys() - {"tokens_per_s"}:  # the one value that is a wall-clock measurement
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), k
 
 
 # -----------------------------------------------------------------------------
@@ -167,6 +177,7 @@ def test_example_lengths():
 # bench.py: a smoke test (the benchmark itself does not run in CI)
 
 
+@slow
 def test_bench_smoke(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--model", "tiny", "--methods", "dpo",
@@ -188,15 +199,20 @@ def test_bench_smoke(tmp_path):
 
 
 def test_bench_update_component():
-    import bench
     res = bench.bench_update({"model": "tiny", "k": 2})
-    assert res["n_params"] == sum(p.numel() for p in load_model("tiny")[0].parameters())
-    assert res["ours_float32"]["gb_per_s"] > 0 and res["ours_bfloat16"]["ms"] > 0
+    n = sum(p.numel() for p in load_model("tiny")[0].parameters())
+    assert res["n_params"] == n
+    # GB/s counts the bytes each pass must move per parameter: the fp32 lerp reads the policy (4) and reads and
+    # writes the reference (4 + 4); with a bf16 reference 4 + 2 + 2; the plain fp32 copy reads 4 and writes 4
+    per = {"ours_float32": 12, "ours_bfloat16": 8, "copy_float32": 8, "trl_float32": 12}
+    assert {"ours_float32", "ours_bfloat16", "copy_float32"} <= res.keys()
+    for name in per.keys() & res.keys():
+        assert res[name]["gb_per_s"] == pytest.approx(n * per[name] / (res[name]["ms"] / 1e3) / 1e9), name
+    assert res["gb_per_s"] == res["ours_float32"]["gb_per_s"]
     assert res["time_vs_copy"] == pytest.approx(res["ours_float32"]["ms"] / res["copy_float32"]["ms"])
 
 
 def test_bench_epoch_padding_by_hand(tmp_path):
-    import bench
     # byte tokenizer: one token per character, + EOS on each response. Rows A, B, A, B (+ one eval row held out):
     # A: prompt 4, chosen 1+1 = 2, rejected 2+1 = 3 -> sequences of 6 and 7; B: prompt 1, chosen 0+1, rejected 1+1
     # -> 2 and 3. One micro-batch of all 4 pairs:
@@ -212,30 +228,21 @@ def test_bench_epoch_padding_by_hand(tmp_path):
     assert pad["share_prompt"] == pytest.approx(14 / 40) and pad["share_prompt+group_by_length"] == pytest.approx(14 / 40)
 
 
+@slow
 @pytest.mark.parametrize("method", ["dpo", "kto"])
 def test_bench_trl_trains_our_batches(tmp_path, method):
-    # only where TRL is installed (it is optional, not in CI): on variable lengths, TRL's timed steps must see
-    # exactly the tokens and padded slots of our plain run's (same examples, order and micro-batches)
+    # where TRL is installed (requirements-dev.txt): on variable lengths, TRL's timed steps must see exactly the
+    # tokens and padded slots of our plain run's (same examples, order and micro-batches)
     pytest.importorskip("trl")
-    import bench
     args = argparse.Namespace(seed=0, n_examples=24, micro_batch_size=2)
     path = str(tmp_path / "d.jsonl")
     bench.write_data(args, [(10, 5, 8), (30, 3, 12), (4, 20, 2), (17, 9, 9)], path)
     spec = dict(model="tiny", batch_size=4, micro_batch_size=2, max_length=64, max_prompt_length=48, dtype="float32",
                 tau=1, alpha=0.6, steps=3, warmup=1, seed=0, threads=1, kind="run", method=method, data=path)
-    marks = {}
-    summary = bench.Clock.summary
-
-    def keep(clock, warmup):
-        marks[len(marks)] = [m[3:] for m in clock.marks]  # (tokens, real, slots) counted at each step end
-        return summary(clock, warmup)
-    bench.Clock.summary = keep
-    try:
-        bench.run_ours({**spec, "config": "plain"})
-        bench.run_trl({**spec, "config": "trl"})
-    finally:
-        bench.Clock.summary = summary
-    ours, trl = marks[0], marks[1]
+    ours, trl = bench.Clock(False), bench.Clock(False)
+    bench.run_ours({**spec, "config": "plain"}, clock=ours)
+    bench.run_trl({**spec, "config": "trl"}, clock=trl)
+    ours, trl = ([m[3:] for m in c.marks] for c in (ours, trl))  # (tokens, real, slots) counted at each step end
     assert len(ours) == len(trl) == 5 and ours[-1][0] > 0
     if method == "dpo":
         assert ours == trl  # the same concatenated layout: equal tokens, real tokens and slots at every step

@@ -1,27 +1,17 @@
-"""sft.py, the toy task's data and gold score, and toy_experiment.py end to end (CPU, offline)."""
-import importlib.util
+"""sft.py and the toy task (toy.py): its data and gold score by hand, SFT's loss and gradient (CPU, offline).
+(SFT's resume and 1 process vs 2: test_train.py.)"""
 import json
 import os
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
-from transformers import AutoModelForCausalLM
 
 import sft
-import toy_experiment
-from common import DataError, load_sft, toy_gold_score, toy_preferences, toy_sft_rows
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-FAST = ["--batch_size", "8", "--micro_batch_size", "8", "--eval_size", "16", "--log_every", "1", "--eval_every", "0"]
-
-
-def metrics(out):
-    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-
-
-def weights(out):
-    return AutoModelForCausalLM.from_pretrained(os.path.join(out, "policy")).state_dict()
+from common import DataError
+from conftest import FAST, HERE, metrics, weights
+from data import load_sft
+from toy import toy_gold_score, toy_preferences, toy_sft_rows
 
 # -----------------------------------------------------------------------------
 # the gold score and the toy data
@@ -82,57 +72,27 @@ def test_load_sft_formats(tmp_path):
 # sft.py
 
 
+@pytest.mark.slow
 def test_sft_loss_falls_and_masks_the_prompt(tmp_path):
     out = str(tmp_path)
-    sft.main(FAST + ["--max_steps", "40", "--lr", "3e-3", "--output_dir", out])
-    train = [m for m in metrics(out) if "loss" in m]
+    sft.main(FAST + ["--micro_batch_size", "8", "--max_steps", "40", "--lr", "3e-3", "--output_dir", out])
+    train = metrics(out, "loss")
     assert [m["step"] for m in train] == list(range(1, 41))
     first, last = sum(m["loss"] for m in train[:5]) / 5, sum(m["loss"] for m in train[-5:]) / 5
     assert train[0]["loss"] > 5.0  # ~ln(258): a random byte-level model
     assert last < 0.6 * first
     # the loss is over response tokens only: with byte tokens, len(completion) + 1 (EOS) per held-out example
-    ev = [m for m in metrics(out) if "eval_loss" in m][-1]
+    ev = metrics(out, "eval_loss")[-1]
     _, held_out = load_sft("toy", eval_size=16)
     assert ev["eval_n_loss"] == sum(len(r["completion"].encode()) + 1 for r in held_out)
     assert not os.path.exists(os.path.join(out, "reference"))  # SFT has no reference model
 
 
-def test_sft_resume_equals_uninterrupted(tmp_path):
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    sft.main(FAST + ["--max_steps", "6", "--output_dir", a])
-    sft.main(FAST + ["--max_steps", "4", "--save_every", "4", "--output_dir", b])  # "interrupted" at step 4
-    sft.main(FAST + ["--max_steps", "6", "--resume", "--output_dir", b])
-    wa, wb = weights(a), weights(b)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # bit for bit on CPU
-    assert [m["loss"] for m in metrics(a) if "loss" in m] == [m["loss"] for m in metrics(b) if "loss" in m]
-
-
+@pytest.mark.slow
 def test_sft_gradient_is_a_global_token_mean(tmp_path):
     """Micro-batches of 2 or 8 give the same step: each micro-batch's sum is divided by the global token count."""
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    sft.main(FAST + ["--max_steps", "3", "--output_dir", a])
+    sft.main(FAST + ["--max_steps", "3", "--micro_batch_size", "8", "--output_dir", a])
     sft.main(FAST + ["--max_steps", "3", "--micro_batch_size", "2", "--output_dir", b])
     wa, wb = weights(a), weights(b)
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
-
-# -----------------------------------------------------------------------------
-# toy_experiment.py
-
-
-def test_toy_experiment_quick_end_to_end(tmp_path):
-    out = str(tmp_path)
-    table = toy_experiment.main(["--quick", "--output_dir", out])
-    md = open(os.path.join(out, "results.md")).read()
-    assert table in md
-    labels = ["SFT"] + [f"{p}{m}{s}" for m in ("DPO", "IPO", "KTO") for p, s in (("", ""), ("TR-", " soft"), ("TR-", " hard"))]
-    rows = [line.split(" | ")[0].lstrip("| ") for line in md.splitlines() if line.startswith("| ") and "---" not in line]
-    assert rows[1:] == labels
-    res = json.load(open(os.path.join(out, "results.json")))
-    cfg = res["config"]
-    assert len(res["checkpoints"]) == 9 * len(cfg["checkpoints"]) * cfg["seeds"]
-    for r in res["checkpoints"]:
-        assert 0 <= r["win_rate"] <= 1 and 0 <= r["accuracy"] <= r["gold_score"] + 1e-9 <= 1 + 1e-9
-        assert 0 <= r["invalid"] <= 1 and r["kl"] == r["kl"]  # finite
-    assert res["sft"]["kl"] == pytest.approx(0, abs=1e-4)  # the SFT model against itself
-    if importlib.util.find_spec("matplotlib") is not None:
-        assert os.path.getsize(os.path.join(out, "gold_vs_kl.png")) > 1000

