@@ -21,11 +21,16 @@ The loss is measured against a moving reference, so it drifts back towards ln 2 
 Plain DPO baseline, hard update:
     python tr_dpo.py --ref_update none
     python tr_dpo.py --ref_update hard --tau 16
-The paper's setting on 8 GPUs (Pythia 2.8B SFT model on Anthropic-HH; soft: alpha 0.6, hard: tau 512):
+The paper's settings, as its authors' own code runs them: alpha is applied once every tau optimizer steps
+(TRL's SyncRefModelCallback, contributed in TRL pull request 1593, and the authors' turbo-alignment library);
+TRL's paper index cites Tables 1-2 as alpha 0.6, tau 512, beta 0.05, lr 1e-6, 1 epoch, max length 1024,
+grad-norm clip 2, 100 warm-up steps. Not verified here: the tables themselves, the batch size (64 is ours)
+and max_prompt_length. See README, "The paper's settings".
+Soft update on 8 GPUs (Pythia 2.8B SFT model on Anthropic-HH):
     torchrun --nproc_per_node=8 tr_dpo.py --model path/to/pythia-2.8b-sft --dataset hh \
         --beta 0.05 --lr 1e-6 --epochs 1 --max_steps 0 --max_length 1024 --max_prompt_length 512 \
         --max_grad_norm 2 --warmup_steps 100 --batch_size 64 --micro_batch_size 4 \
-        --ref_update soft --alpha 0.6 --tau 1 --eval_every 500 --save_every 500 --output_dir out/tr-dpo-hh
+        --ref_update soft --alpha 0.6 --tau 512 --eval_every 500 --save_every 500 --output_dir out/tr-dpo-hh
     (hard update: --ref_update hard --tau 512)
 """
 import argparse

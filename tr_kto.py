@@ -41,16 +41,21 @@ Plain KTO, hard update, your own unpaired data:
     python tr_kto.py --ref_update none
     python tr_kto.py --ref_update hard --tau 16
     python tr_kto.py --dataset my_feedback.jsonl --desirable_weight 1.33
-The paper's setting on 8 GPUs (Pythia SFT models; soft: alpha 0.6, tau 1; hard: tau 512), Anthropic-HH:
+The paper's settings, as its authors' own code runs them: alpha is applied once every tau optimizer steps
+(TRL's SyncRefModelCallback, contributed in TRL pull request 1593, and the authors' turbo-alignment library);
+TRL's paper index cites Tables 1-2 as alpha 0.6, tau 512, beta 0.05 (for DPO), lr 1e-6, 1 epoch, max length 1024,
+grad-norm clip 2, 100 warm-up steps. Not verified here: the tables themselves, the batch size (64 is ours)
+and max_prompt_length. See README, "The paper's settings".
+Soft update on 8 GPUs (Pythia SFT models), Anthropic-HH:
     torchrun --nproc_per_node=8 tr_kto.py --model path/to/pythia-2.8b-sft --dataset hh \
         --beta 0.1 --lr 1e-6 --epochs 1 --max_steps 0 --max_length 1024 --max_prompt_length 512 \
         --max_grad_norm 2 --warmup_steps 100 --batch_size 128 --micro_batch_size 8 \
-        --ref_update soft --alpha 0.6 --tau 1 --eval_every 500 --save_every 500 --output_dir out/tr-kto-hh
+        --ref_update soft --alpha 0.6 --tau 512 --eval_every 500 --save_every 500 --output_dir out/tr-kto-hh
 Reddit TL;DR (an SFT model trained on TL;DR summaries):
     torchrun --nproc_per_node=8 tr_kto.py --model path/to/pythia-2.8b-sft-tldr --dataset tldr \
         --beta 0.1 --lr 1e-6 --epochs 1 --max_steps 0 --max_length 1024 --max_prompt_length 512 \
         --max_grad_norm 2 --warmup_steps 100 --batch_size 128 --micro_batch_size 8 \
-        --ref_update soft --alpha 0.6 --tau 1 --eval_every 500 --save_every 500 --output_dir out/tr-kto-tldr
+        --ref_update soft --alpha 0.6 --tau 512 --eval_every 500 --save_every 500 --output_dir out/tr-kto-tldr
     (hard update: --ref_update hard --tau 512. --batch_size counts examples: 128 = the 64 pairs of the TR-DPO
     command. beta 0.1 is the KTO authors' default; the paper's own TR-KTO value is not verified here.)
 """
