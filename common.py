@@ -9,9 +9,11 @@ Conventions (stated here once, pinned by test_common.py):
 - Prompt boundary. A prompt is text; a response is the text the model is trained on. For Anthropic HH the
   prompt is the dialogue up to and including the last "\n\nAssistant:" that chosen and rejected share
   (see split_hh). Prompt and response are tokenised separately, without special tokens, and EOS is appended
-  to every response, so the model learns to stop.
+  to every text response, so the model learns to stop. A chat-format row is first rendered as text by the
+  tokenizer's chat template (chat.render_chat: the prompt ends with the assistant header) and gets no EOS: the
+  template ends every turn with its own end-of-turn token.
 - Masking. build_sequence() is the one place where prompt tokens get label -100; padding gets -100 in
-  pad_sequences(). Nothing else masks, and nothing depends on a chat template.
+  pad_sequences(). Nothing else masks, and nothing depends on a chat template's token count.
 - Truncation (truncate()). If prompt + longest response exceeds max_length, the prompt keeps its last
   max_prompt_length tokens (the end holds the question being answered), then every response is cut from
   the right to fit. Decided per example on its longest response, so chosen and rejected share one prompt.
@@ -151,8 +153,10 @@ def validate_args(args, world_size, positive=()):
     need(os.path.isdir(args.model) or (not args.model.startswith((".", "/")) and args.model.count("/") <= 1),
          f"--model {args.model!r}: not a built-in name, an existing folder or a hub id (org/name)")
     d = args.dataset
-    need(d in ("toy", "hh", "tldr") or d.startswith("hh:") or os.path.exists(d),
-         f"unknown --dataset {d!r}: use toy, hh, hh:<subset>, tldr or an existing .json/.jsonl/.jsonl.gz file")
+    hub_id = not d.startswith((".", "/")) and d.count("/") == 1 and not d.endswith((".json", ".jsonl", ".gz"))
+    need(d in ("toy", "hh", "tldr") or d.startswith("hh:") or os.path.exists(d) or hub_id,
+         f"unknown --dataset {d!r}: use toy, hh, hh:<subset>, tldr, a hub dataset id (org/name), or an existing "
+         f".json/.jsonl/.jsonl.gz file or dataset folder")
     need(not args.resume or os.path.isdir(os.path.join(args.output_dir, "checkpoint")),
          f"--resume: no checkpoint in {args.output_dir}; drop --resume or point --output_dir at a run with --save_every")
     for name in positive:
@@ -261,13 +265,18 @@ def truncate(prompt_ids, responses, max_length, max_prompt_length):
 
 
 def tokenize_rows(tokenizer, rows, response_keys, max_length, max_prompt_length):
-    """Tokenise rows once, up front: {"prompt": ids, key: ids + [EOS] for key in response_keys}, truncated."""
+    """Tokenise rows once, up front: {"prompt": ids, key: ids + [EOS] for key in response_keys}, truncated. A
+    chat-format row is rendered by the chat template first, and its responses get no EOS (see the docstring)."""
+    from chat import is_chat, render_chat  # here, not at the top: chat.py imports this module
+    chat = [is_chat(r) for r in rows]
+    rows = [render_chat(tokenizer, r, response_keys) if c else r for r, c in zip(rows, chat)]
     enc = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
     prompts = enc([r["prompt"] for r in rows])
     resp = {k: enc([r[k] for r in rows]) for k in response_keys}
     out = []
     for i, p in enumerate(prompts):
-        p, rs = truncate(p, [resp[k][i] + [tokenizer.eos_token_id] for k in response_keys], max_length, max_prompt_length)
+        eos = [] if chat[i] else [tokenizer.eos_token_id]
+        p, rs = truncate(p, [resp[k][i] + eos for k in response_keys], max_length, max_prompt_length)
         out.append({"prompt": p, **dict(zip(response_keys, rs))})
     return out
 

@@ -1,33 +1,44 @@
 """
-Data loading: Anthropic HH and TL;DR from the hub, local .json/.jsonl/.jsonl.gz files, and the toy task, each as
-validated rows of text: {"prompt", "chosen", "rejected"} pairs, {"prompt", "completion", "label"} examples (KTO)
-or {"prompt", "completion"} demonstrations (SFT).
+Data loading: Anthropic HH and TL;DR from the hub, other hub datasets (org/name) and local dataset folders laid out
+like them, local .json/.jsonl/.jsonl.gz files, and the toy task, each as validated rows: {"prompt", "chosen",
+"rejected"} pairs, {"prompt", "completion", "label"} examples (KTO) or {"prompt", "completion"} demonstrations (SFT).
+A field holds text, or in a chat-format row a list of messages {"role", "content"} (chat.py: the explicit and
+implicit prompt layouts; tokenize_rows renders them with the tokenizer's chat template).
 
 Every row is checked before training starts, and a bad one stops the run naming the file, the row and the field
 (or is skipped and counted under --skip_bad_rows). A reader needs this file to train on their own data or to see
-what a hub set is turned into; the prompt boundary of HH dialogues itself is common.split_hh.
+what a hub set is turned into; the prompt boundary of HH dialogues itself is common.split_hh, that of two
+conversations chat.split_chat.
 """
 import gzip
 import json
 import os
 
+from chat import chat_row, is_chat
 from common import DataError, split_hh
 from toy import toy_preferences, toy_sft_rows
+
+PAIRED, UNPAIRED, HH = ("prompt", "chosen", "rejected"), ("prompt", "completion", "label"), ("chosen", "rejected")
 
 
 def check_rows(rows, source, fields, skip_bad_rows, hh_fields=None):
     """Validate rows (dicts) in order; return the good ones as dicts of `fields`.
 
     A row must have every field as a string, with a non-empty prompt (responses may be empty). HH-style rows
-    holding only `hh_fields` = (chosen, rejected) full dialogues are split with split_hh. A bad row raises
-    DataError naming the source, the row (1-based) and the field, unless skip_bad_rows, then it is counted.
+    holding only `hh_fields` = (chosen, rejected) full dialogues are split with split_hh. A chat-format row (a
+    field holds a list) is checked by chat.chat_row instead and comes out in the explicit layout, its fields lists
+    of messages. A bad row raises DataError naming the source, the row (1-based) and the field, unless
+    skip_bad_rows, then it is counted.
     """
     good, bad = [], 0
     for i, row in enumerate(rows, 1):
         try:
             if not isinstance(row, dict):
                 raise DataError(f"is a {type(row).__name__}, not a JSON object")
-            if hh_fields and "prompt" not in row and all(f in row for f in hh_fields):
+            chat = is_chat(row)
+            if chat:  # message lists checked, an implicit prompt split off
+                row = chat_row(row, fields)
+            elif hh_fields and "prompt" not in row and all(f in row for f in hh_fields):
                 for f in hh_fields:
                     if not isinstance(row[f], str):
                         raise DataError(f"field {f!r} must be a string, got {type(row[f]).__name__}")
@@ -38,9 +49,9 @@ def check_rows(rows, source, fields, skip_bad_rows, hh_fields=None):
                     raise DataError(f"missing field {f!r}")
                 if f == "label" and not isinstance(row[f], bool):  # "false" as a string would count as True
                     raise DataError(f"field 'label' must be true or false (a JSON bool), got {row[f]!r}")
-                if f != "label" and not isinstance(row[f], str):
+                if f != "label" and not chat and not isinstance(row[f], str):
                     raise DataError(f"field {f!r} must be a string, got {type(row[f]).__name__}")
-            if not row["prompt"].strip():
+            if not chat and not row["prompt"].strip():
                 raise DataError("field 'prompt' is empty")
             good.append({f: row[f] for f in fields})
         except DataError as e:
@@ -93,28 +104,58 @@ def read_json_rows(path, skip_bad_rows=False):
     return rows
 
 
-def load_preferences(name, eval_size=64, seed=0, skip_bad_rows=False):
-    """(train_rows, eval_rows) of {"prompt", "chosen", "rejected"} for 'toy', 'hh[:subset]', 'tldr' or a path.
+def read_dataset(name):
+    """(train rows, test rows or None) of a hub dataset id (org/name) or a local folder laid out like one (data files
+    named by split, e.g. data/train-00000-of-00001.parquet, or a README.md naming them), both through
+    datasets.load_dataset. The splits: train_prefs and test_prefs where the set has them
+    (HuggingFaceH4/ultrafeedback_binarized), else train and test; no test split gives None."""
+    import datasets
+    datasets.disable_progress_bars()
+    splits = datasets.load_dataset(name)
+    train, test = ("train_prefs", "test_prefs") if "train_prefs" in splits else ("train", "test")
+    if train not in splits:
+        raise DataError(f"{name}: no split named train_prefs or train (it has {', '.join(splits)})")
+    return splits[train].to_list(), splits[test].to_list() if test in splits else None
 
-    Hub sets use their own test split (first eval_size rows); local files and toy hold out their last
-    eval_size rows. Everything is validated before it is returned, so a bad row stops the run before any
-    output is written.
-    """
-    fields, hh = ("prompt", "chosen", "rejected"), ("chosen", "rejected")
-    if name == "toy":
-        rows = toy_preferences(2048 + eval_size, seed)
-    elif name == "hh" or name.startswith("hh:") or name == "tldr":
-        import datasets
-        repo, sub = (("CarperAI/openai_summarize_comparisons", None) if name == "tldr"
-                     else ("Anthropic/hh-rlhf", name[3:] or None))
-        load = lambda split: datasets.load_dataset(repo, data_dir=sub, split=split).to_list()  # noqa: E731
-        return (check_rows(load("train"), name, fields, skip_bad_rows, hh),
-                check_rows(load("test")[:eval_size], name, fields, skip_bad_rows, hh))
-    else:
-        rows = check_rows(read_json_rows(name, skip_bad_rows), name, fields, skip_bad_rows, hh)
+
+def read_rows(name, skip_bad_rows=False):
+    """(train rows, test rows or None) of a local file (no test split) or of read_dataset."""
+    return (read_json_rows(name, skip_bad_rows), None) if os.path.isfile(name) else read_dataset(name)
+
+
+def is_builtin(name):
+    return name in ("toy", "hh", "tldr") or name.startswith("hh:")
+
+
+def checked_splits(name, rows, test, fields, eval_size, skip_bad_rows, hh_fields=None):
+    """(train_rows, eval_rows), each checked by check_rows: eval is the first eval_size rows of the test split, or
+    when there is none (test None) the last eval_size rows, held out."""
+    check = lambda rows, source=name: check_rows(rows, source, fields, skip_bad_rows, hh_fields)  # noqa: E731
+    if test is not None:
+        return check(rows), check(test[:eval_size], f"{name} (test split)")
+    rows = check(rows)
     if len(rows) <= eval_size:
         raise DataError(f"{name}: {len(rows)} rows leave nothing to train on after --eval_size {eval_size}; lower it")
     return rows[:-eval_size], rows[-eval_size:]
+
+
+def load_preferences(name, eval_size=64, seed=0, skip_bad_rows=False):
+    """(train_rows, eval_rows) of {"prompt", "chosen", "rejected"} for 'toy', 'hh[:subset]', 'tldr', a hub id, a
+    dataset folder or a file.
+
+    Sets with a test split use its first eval_size rows; local files and toy hold out their last eval_size rows.
+    Everything is validated before it is returned, so a bad row stops the run before any output is written.
+    """
+    if name == "toy":
+        rows, test = toy_preferences(2048 + eval_size, seed), None
+    elif is_builtin(name):
+        import datasets
+        repo, sub = (("CarperAI/openai_summarize_comparisons", None) if name == "tldr"
+                     else ("Anthropic/hh-rlhf", name[3:] or None))
+        rows, test = (datasets.load_dataset(repo, data_dir=sub, split=s).to_list() for s in ("train", "test"))
+    else:
+        rows, test = read_rows(name, skip_bad_rows)
+    return checked_splits(name, rows, test, PAIRED, eval_size, skip_bad_rows, HH)
 
 
 def unpair(rows):
@@ -127,19 +168,17 @@ def unpair(rows):
 def load_unpaired(name, eval_size=64, seed=0, skip_bad_rows=False):
     """(train_rows, eval_rows) of {"prompt", "completion", "label": bool} for KTO.
 
-    A local file with a "completion" field in any row is read as unpaired rows and validated like the paired
-    sets (a bad row stops the run naming file, row and field; label must be a JSON true/false); its last
-    eval_size rows are held out. Anything else is loaded with load_preferences and unpaired, so eval_size
-    counts pairs there (2 * eval_size examples).
+    A file, folder or hub set with a "completion" field in any row is read as unpaired rows and validated like
+    the paired sets (a bad row stops the run naming file, row and field; label must be a JSON true/false). Anything
+    else is read as pairs and unpaired, so eval_size counts pairs there (2 * eval_size examples).
     """
-    if os.path.isfile(name):
-        rows = read_json_rows(name, skip_bad_rows)
+    if is_builtin(name):
+        train, evals = load_preferences(name, eval_size, seed, skip_bad_rows)
+    else:
+        rows, test = read_rows(name, skip_bad_rows)
         if any(isinstance(r, dict) and "completion" in r for r in rows):
-            rows = check_rows(rows, name, ("prompt", "completion", "label"), skip_bad_rows)
-            if len(rows) <= eval_size:
-                raise DataError(f"{name}: {len(rows)} rows leave nothing to train on after --eval_size {eval_size}; lower it")
-            return rows[:-eval_size], rows[-eval_size:]
-    train, evals = load_preferences(name, eval_size, seed, skip_bad_rows)
+            return checked_splits(name, rows, test, UNPAIRED, eval_size, skip_bad_rows)
+        train, evals = checked_splits(name, rows, test, PAIRED, eval_size, skip_bad_rows, HH)
     return unpair(train), unpair(evals)
 
 
@@ -147,31 +186,26 @@ def load_sft(name, eval_size=64, seed=0, skip_bad_rows=False):
     """(train_rows, eval_rows) of {"prompt", "completion"} for SFT: the preferred responses.
 
     'toy': toy_sft_rows (imperfect on purpose). 'tldr': the reference summaries of CarperAI/openai_summarize_tldr
-    ({"prompt", "label"} rows). 'hh[:subset]': the chosen dialogues. A local file holds {"prompt", "completion"}
-    rows (of KTO-style rows only the desirable ones), {"prompt", "label": "<text>"} rows (TL;DR style) or
-    preference pairs, of which the chosen response is used. Local and toy sets hold out their last eval_size
-    rows, hub sets use the first eval_size test rows.
+    ({"prompt", "label"} rows). 'hh[:subset]': the chosen dialogues. A file, folder or hub set holds {"prompt",
+    "completion"} rows (of KTO-style rows only the desirable ones), {"prompt", "label": "<text>"} rows (TL;DR
+    style) or preference pairs, of which the chosen response is used; chat-format rows too. Sets with a test
+    split use its first eval_size rows, the others hold out their last eval_size rows.
     """
-    fields = ("prompt", "completion")
-    label_to_completion = lambda rows: [  # noqa: E731 - TL;DR's "label" is the reference summary (text)
-        {"prompt": r.get("prompt"), "completion": r["label"]} if isinstance(r, dict) and isinstance(r.get("label"), str)
-        else r for r in rows]
+    chosen = lambda splits: tuple([{"prompt": r["prompt"], "completion": r["chosen"]} for r in rs] for rs in splits)  # noqa: E731
     if name == "toy":
-        rows = toy_sft_rows(8192 + eval_size, seed)
+        rows, test = toy_sft_rows(8192 + eval_size, seed), None
     elif name == "tldr":
         import datasets
-        load = lambda split: label_to_completion(  # noqa: E731
-            datasets.load_dataset("CarperAI/openai_summarize_tldr", split=split).to_list())
-        return (check_rows(load("train"), name, fields, skip_bad_rows),
-                check_rows(load("test")[:eval_size], name, fields, skip_bad_rows))
+        rows, test = (datasets.load_dataset("CarperAI/openai_summarize_tldr", split=s).to_list() for s in ("train", "test"))
+    elif is_builtin(name):  # hh, hh:<subset>
+        return chosen(load_preferences(name, eval_size, seed, skip_bad_rows))
     else:
-        rows = read_json_rows(name, skip_bad_rows) if os.path.isfile(name) else []
-        if not any(isinstance(r, dict) and ("completion" in r or isinstance(r.get("label"), str)) for r in rows):
-            # preference pairs: hh, hh:<subset> or a local file of pairs
-            train, evals = load_preferences(name, eval_size, seed, skip_bad_rows)
-            return tuple([{"prompt": r["prompt"], "completion": r["chosen"]} for r in rs] for rs in (train, evals))
-        rows = [r for r in rows if not (isinstance(r, dict) and r.get("label") is False)]  # KTO rows: desirable only
-        rows = check_rows(label_to_completion(rows), name, fields, skip_bad_rows)
-    if len(rows) <= eval_size:
-        raise DataError(f"{name}: {len(rows)} rows leave nothing to train on after --eval_size {eval_size}; lower it")
-    return rows[:-eval_size], rows[-eval_size:]
+        rows, test = read_rows(name, skip_bad_rows)
+    if not any(isinstance(r, dict) and ("completion" in r or isinstance(r.get("label"), str)) for r in rows):
+        return chosen(checked_splits(name, rows, test, PAIRED, eval_size, skip_bad_rows, HH))  # preference pairs
+
+    def demonstrations(rows):  # KTO rows: the desirable ones; TL;DR's "label" is the reference summary (text)
+        return [{"prompt": r.get("prompt"), "completion": r["label"]} if isinstance(r, dict) and isinstance(r.get("label"), str)
+                else r for r in rows if not (isinstance(r, dict) and r.get("label") is False)]
+    return checked_splits(name, demonstrations(rows), None if test is None else demonstrations(test),
+                          ("prompt", "completion"), eval_size, skip_bad_rows)
