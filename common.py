@@ -356,6 +356,23 @@ def sequence_logps(model, input_ids, attention_mask, labels, positions=None):
     return logps, (labels[:, 1:] != -100).sum(1)
 
 
+@torch.no_grad()
+def example_logps(lm, examples, batches, collate, pad_id, per_example, device, amp):
+    """Summed log-probs under `lm` of every sequence of `examples`, as a (per_example, len(examples)) float32 tensor
+    on `device` holding the rows of all ranks, so that [:, ids].flatten() is laid out as lm's output for the
+    micro-batch ids (per_example = 2 for pairs: chosen, then rejected; 1 for unpaired examples). `batches` are this
+    rank's micro-batches (lists of indices), collated and run as the caller's own loop runs them, so every value is
+    bit for bit what that loop gets from the same weights. The scripts keep the initial reference's eval log-probs
+    this way, once at step 0. Every rank must call it (one all-reduce; FSDP forwards)."""
+    out = torch.zeros(per_example, len(examples), device=device)
+    for ids in batches:
+        batch = to_device(collate([examples[j] for j in ids], pad_id), device)
+        with amp():
+            logps, _ = lm(**batch)
+        out[:, ids] = logps.view(per_example, len(ids))
+    return all_reduce_sum(out)
+
+
 # -----------------------------------------------------------------------------
 # global-batch order: a function of (seed, epoch) only, never of the world size
 
@@ -386,6 +403,13 @@ def rank_micro_batches(indices, d: Dist, micro_batch_size):
     """This rank's contiguous share of a global batch, split into micro-batches."""
     share = len(indices) // d.world_size
     mine = indices[d.rank * share:(d.rank + 1) * share]
+    return [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+
+
+def eval_micro_batches(n_examples, d: Dist, micro_batch_size):
+    """This rank's eval micro-batches (lists of indices): every world_size-th of the first n_examples - n_examples %
+    world_size, an equal share, so that under FSDP every rank runs the same number of forwards."""
+    mine = list(range(n_examples - n_examples % d.world_size))[d.rank::d.world_size]
     return [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
 
 

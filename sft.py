@@ -35,8 +35,8 @@ import torch
 
 from checkpoint import Preemption, check_finite, exit_on_lost_rank, load_checkpoint, save_checkpoint, save_final
 from common import (Metrics, add_common_args, autocast, cleanup_distributed, collate_unpaired, count_tokens,
-                    global_batch, make_optimizer, rank_micro_batches, setup_distributed, to_device, tokenize_rows,
-                    total_steps, validate_args)
+                    eval_micro_batches, global_batch, make_optimizer, rank_micro_batches, setup_distributed,
+                    to_device, tokenize_rows, total_steps, validate_args)
 from data import load_sft
 from logger import Logger
 from models import load_model
@@ -70,6 +70,7 @@ def train_loop(args, d):
     model, tokenizer = load_model(args.model, args.seed, args.trust_remote_code)
     tok = lambda rows: tokenize_rows(tokenizer, rows, ("completion",), args.max_length, args.max_prompt_length)  # noqa: E731
     train, evals = tok(train_rows), tok(eval_rows)
+    eval_batches = eval_micro_batches(len(evals), d, args.micro_batch_size)  # this rank's share of the eval rows
     num_steps = total_steps(len(train), args.batch_size, args.max_steps, args.epochs)
     lengths = example_lengths(train) if args.group_by_length else None  # batches of similar length: less padding
     os.makedirs(args.output_dir, exist_ok=True)
@@ -97,12 +98,11 @@ def train_loop(args, d):
 
     @torch.no_grad()
     def evaluate():
-        """Held-out token-mean NLL, each rank on an equal share of the eval rows, summed across ranks."""
+        """Held-out token-mean NLL, each rank on its eval_batches, summed across ranks."""
         metrics = Metrics()
         model.eval()
-        mine = evals[:len(evals) - len(evals) % d.world_size][d.rank::d.world_size]
-        for i in range(0, len(mine), args.micro_batch_size):
-            sft_batch(mine[i:i + args.micro_batch_size], metrics, policy_lm)  # not DDP's forward: no collectives
+        for ids in eval_batches:  # policy_lm, not DDP's forward: no collectives
+            sft_batch([evals[j] for j in ids], metrics, policy_lm)
         model.train()
         return {f"eval_{k}": v for k, v in metrics.reduce().items() if k != "tokens"}
 

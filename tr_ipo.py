@@ -64,9 +64,9 @@ import torch
 
 from checkpoint import Preemption, check_finite, exit_on_lost_rank, load_checkpoint, save_checkpoint, save_final
 from common import (Metrics, add_common_args, autocast, cleanup_distributed, collate_pairs, count_tokens,
-                    global_batch, make_optimizer, make_reference, rank_micro_batches, sequence_logps,
-                    setup_distributed, should_update_reference, to_device, tokenize_rows, total_steps,
-                    update_reference, validate_args)
+                    eval_micro_batches, example_logps, global_batch, make_optimizer, make_reference,
+                    rank_micro_batches, sequence_logps, setup_distributed, should_update_reference, to_device,
+                    tokenize_rows, total_steps, update_reference, validate_args)
 from data import load_preferences
 from logger import Logger
 from models import load_model
@@ -131,6 +131,7 @@ def train_loop(args, d, hooks=None):
     model, tokenizer = load_model(args.model, args.seed, args.trust_remote_code)
     tok = lambda rows: tokenize_rows(tokenizer, rows, ("chosen", "rejected"), args.max_length, args.max_prompt_length)  # noqa: E731
     train, evals = tok(train_rows), tok(eval_rows)
+    eval_batches = eval_micro_batches(len(evals), d, args.micro_batch_size)  # this rank's share of the eval rows
     num_steps = total_steps(len(train), args.batch_size, args.max_steps, args.epochs)
     lengths = example_lengths(train, args.share_prompt) if args.group_by_length else None  # less padding
     os.makedirs(args.output_dir, exist_ok=True)
@@ -152,9 +153,15 @@ def train_loop(args, d, hooks=None):
     start, state = 0, {"ref_updates": 0, "last_ref_update": 0, "skipped_steps": 0}
     if args.resume:
         start, state = load_checkpoint(args.output_dir, d, model, ref, opt, sched)
+    else:  # the initial reference's eval log-probs, once (the eval set is fixed; checkpoints keep them)
+        state["init_ref_logps"] = example_logps(ref_lm, evals, eval_batches, collate, tokenizer.pad_token_id, 2,
+                                                d.device, lambda: autocast(args.dtype, d.device))
+    init_ref_logps = state["init_ref_logps"].to(d.device)
 
-    def ipo_batch(examples, metrics, lm):
-        """Loss per pair for a micro-batch; chosen and rejected go through the model in one forward pass."""
+    def ipo_batch(examples, metrics, lm, init_logps=None):
+        """Loss per pair for a micro-batch; chosen and rejected go through the model in one forward pass.
+        init_logps (eval only): the initial reference's log-probs of these pairs, laid out as ref_logps; the
+        same policy log-probs are scored against them too, logged as init_*."""
         batch = to_device(collate(examples, tokenizer.pad_token_id), d.device)
         with autocast(args.dtype, d.device):
             logps, n_tokens = lm(**batch)
@@ -169,17 +176,21 @@ def train_loop(args, d, hooks=None):
                     reward_margin=r_c - r_r, chosen_reward=r_c, rejected_reward=r_r,
                     logps_chosen=pi_c, logps_rejected=pi_r, logps_margin=pi_c - pi_r,
                     tokens=count_tokens(examples, ("chosen", "rejected"), d.device))
+        if init_logps is not None:
+            init_c, init_r = logps_for_loss(init_logps, n_tokens, args.logps).chunk(2)
+            init_losses, i_c, i_r = ipo_loss(pi_c, pi_r, init_c, init_r, args.beta)
+            metrics.add(init_loss=init_losses, init_reward_accuracy=(i_c > i_r).float(), init_reward_margin=i_c - i_r,
+                        init_chosen_reward=i_c, init_rejected_reward=i_r)
         return losses
 
     @torch.no_grad()
     def evaluate():
-        """Held-out metrics, each rank on an equal share of the eval rows (the last len % world_size are left
-        out, so under FSDP every rank runs the same number of forwards), summed across ranks."""
+        """Held-out metrics, each rank on its eval_batches, summed across ranks: against the reference as it is now,
+        and (init_*) against the initial reference, whose rewards can be compared from one evaluation to the next."""
         metrics = Metrics()
         model.eval()
-        mine = evals[:len(evals) - len(evals) % d.world_size][d.rank::d.world_size]
-        for i in range(0, len(mine), args.micro_batch_size):
-            ipo_batch(mine[i:i + args.micro_batch_size], metrics, policy_lm)  # not DDP's forward: no collectives
+        for ids in eval_batches:  # policy_lm, not DDP's forward: no collectives
+            ipo_batch([evals[j] for j in ids], metrics, policy_lm, init_ref_logps[:, ids].flatten())
         model.train()
         return {f"eval_{k}": v for k, v in metrics.reduce().items() if k != "tokens"}
 

@@ -67,9 +67,9 @@ import torch
 
 from checkpoint import Preemption, check_finite, exit_on_lost_rank, load_checkpoint, save_checkpoint, save_final
 from common import (Metrics, add_common_args, all_reduce_sum, autocast, cleanup_distributed,
-                    collate_unpaired, count_tokens, global_batch, make_optimizer, make_reference, rank_micro_batches,
-                    setup_distributed, should_update_reference, to_device, tokenize_rows, total_steps, truncate,
-                    update_reference, validate_args)
+                    collate_unpaired, count_tokens, eval_micro_batches, example_logps, global_batch, make_optimizer,
+                    make_reference, rank_micro_batches, setup_distributed, should_update_reference, to_device,
+                    tokenize_rows, total_steps, truncate, update_reference, validate_args)
 from data import load_unpaired
 from logger import Logger
 from models import load_model
@@ -110,19 +110,22 @@ def mismatched_pairs(examples, max_length, max_prompt_length):
 
 @torch.no_grad()
 def estimate_kl(policy_lm, ref_lm, pairs, micro_batch_size, pad_id, device, amp=nullcontext,
-                collate=collate_unpaired):
+                collate=collate_unpaired, init_ref_logps=None):
     """Mean of log pi_theta(y'|x) - log pi_ref(y'|x) over the mismatched pairs of ALL ranks (each rank passes its
     own): sums and counts are all-reduced, so every rank returns the same value. Not clamped. Every rank must call
-    it, with or without pairs."""
-    total = torch.zeros(2, device=device)  # [sum of log-ratios, number of pairs]
+    it, with or without pairs. init_ref_logps (eval only): the pairs' log-probs under the initial reference, shape
+    (len(pairs),); the same policy log-probs give the estimate against it too, and both are returned, shape (2,)."""
+    # [sum of log-ratios, (sum of log-ratios to the initial reference,) number of pairs]
+    total = torch.zeros(2 if init_ref_logps is None else 3, device=device)
     for i in range(0, len(pairs), micro_batch_size):
         batch = to_device(collate(pairs[i:i + micro_batch_size], pad_id), device)
         with amp():
             logps, _ = policy_lm(**batch)
             ref_logps, _ = ref_lm(**batch)
-        total += torch.stack([(logps - ref_logps).sum(), torch.tensor(float(len(logps)), device=device)])
+        init = [] if init_ref_logps is None else [(logps - init_ref_logps[i:i + micro_batch_size]).sum()]
+        total += torch.stack([(logps - ref_logps).sum(), *init, torch.tensor(float(len(logps)), device=device)])
     total = all_reduce_sum(total)
-    return total[0] / total[1]
+    return total[0] / total[1] if init_ref_logps is None else total[:2] / total[2]
 
 
 def class_balance_warning(n_desirable, n_undesirable, desirable_weight, undesirable_weight):
@@ -188,6 +191,7 @@ def train_loop(args, d, hooks=None):
     if not evals:
         raise SystemExit(f"error: {len(eval_rows)} eval examples cannot be shared by {d.world_size} ranks; raise --eval_size")
     eval_pairs = mismatched_pairs(evals, args.max_length, args.max_prompt_length)  # over the whole eval set
+    eval_batches = eval_micro_batches(len(evals), d, args.micro_batch_size)  # this rank's examples and their pairs
     num_steps = total_steps(len(train), args.batch_size, args.max_steps, args.epochs)
     lengths = example_lengths(train) if args.group_by_length else None  # batches of similar length: less padding
     os.makedirs(args.output_dir, exist_ok=True)
@@ -207,11 +211,18 @@ def train_loop(args, d, hooks=None):
     start, state = 0, {"ref_updates": 0, "last_ref_update": 0, "skipped_steps": 0}
     if args.resume:
         start, state = load_checkpoint(args.output_dir, d, model, ref, opt, sched)
-    kl_of = lambda pairs: estimate_kl(policy_lm, ref_lm, pairs, args.micro_batch_size, tokenizer.pad_token_id,  # noqa: E731
-                                      d.device, lambda: autocast(args.dtype, d.device), collate).clamp(min=0)
+    else:  # the initial reference's log-probs of the eval examples and their pairs, once (checkpoints keep them)
+        state["init_ref_logps"] = torch.cat([
+            example_logps(ref_lm, examples, eval_batches, collate, tokenizer.pad_token_id, 1, d.device,
+                          lambda: autocast(args.dtype, d.device)) for examples in (evals, eval_pairs)])
+    init_ref_logps = state["init_ref_logps"].to(d.device)  # (2, len(evals)): examples, then their pairs
+    kl_of = lambda pairs, init=None: estimate_kl(  # noqa: E731
+        policy_lm, ref_lm, pairs, args.micro_batch_size, tokenizer.pad_token_id, d.device,
+        lambda: autocast(args.dtype, d.device), collate, init).clamp(min=0)
 
-    def kto_batch(examples, kl, metrics, lm):
-        """Loss per example for a micro-batch, given the step's z0."""
+    def kto_batch(examples, kl, metrics, lm, init=None):
+        """Loss per example for a micro-batch, given the step's z0. init (eval only): (z0, these examples'
+        log-probs) against the initial reference; the same policy log-probs are scored against it too, as init_*."""
         batch = to_device(collate(examples, tokenizer.pad_token_id), d.device)
         desirable = torch.tensor([e["label"] for e in examples], device=d.device)
         with autocast(args.dtype, d.device):
@@ -221,33 +232,48 @@ def train_loop(args, d, hooks=None):
         ref_logps = ref_logps.clone()  # a normal tensor: autograd may not save inference tensors for backward
         losses, rewards = kto_loss(logps, ref_logps, desirable, kl, args.beta, args.desirable_weight, args.undesirable_weight)
         metrics.add(n=torch.ones_like(losses), loss=losses, tokens=count_tokens(examples, ("completion",), d.device))
-        for name, m in (("desirable", desirable.float()), ("undesirable", (~desirable).float())):
+        classes = (("desirable", desirable.float()), ("undesirable", (~desirable).float()))
+        for name, m in classes:
             # per-class means as sums and counts: Metrics divides 'x' by 'n_x', so an absent class gives 0, not nan
             metrics.add(**{f"{name}_reward": rewards * m, f"n_{name}_reward": m, f"{name}_logps": logps * m,
                            f"n_{name}_logps": m})
+        if init is not None:
+            init_kl, init_logps = init
+            init_losses, init_rewards = kto_loss(logps, init_logps, desirable, init_kl, args.beta,
+                                                 args.desirable_weight, args.undesirable_weight)
+            metrics.add(init_loss=init_losses)
+            for name, m in classes:
+                metrics.add(**{f"init_{name}_reward": init_rewards * m, f"n_init_{name}_reward": m})
         return losses
 
     def summary(metrics):
-        """Reduce across ranks; name the class counts; the margins between the classes' means."""
+        """Reduce across ranks; name the class counts; the margins between the classes' means (eval: also against
+        the initial reference)."""
         rec = metrics.reduce()
         for name in ("desirable", "undesirable"):
             rec[f"n_{name}"] = rec.pop(f"n_{name}_reward")
             rec.pop(f"n_{name}_logps")
+            rec.pop(f"n_init_{name}_reward", None)
         rec["reward_margin"] = rec["desirable_reward"] - rec["undesirable_reward"]
         rec["logps_margin"] = rec["desirable_logps"] - rec["undesirable_logps"]  # the policy's own preference
+        if "init_loss" in rec:
+            rec["init_reward_margin"] = rec["init_desirable_reward"] - rec["init_undesirable_reward"]
         rec.pop("n_kl")  # kl, like grad_norm, is a per-step mean: every rank added the same value once
+        rec.pop("n_init_kl", None)
         return rec
 
     @torch.no_grad()
     def evaluate():
-        """Held-out metrics, each rank on its share of the eval examples and of their mismatched pairs."""
+        """Held-out metrics, each rank on its eval_batches of examples and of their mismatched pairs: against the
+        reference as it is now, and (init_*) against the initial reference, comparable from one evaluation to the
+        next."""
         metrics = Metrics()
         model.eval()
-        kl = kl_of(eval_pairs[d.rank::d.world_size])
-        mine = evals[d.rank::d.world_size]
-        for i in range(0, len(mine), args.micro_batch_size):
-            kto_batch(mine[i:i + args.micro_batch_size], kl, metrics, policy_lm)  # not DDP's forward: no collectives
-        metrics.add(kl=kl, n_kl=torch.ones_like(kl))
+        mine = [j for ids in eval_batches for j in ids]
+        kl, init_kl = kl_of([eval_pairs[j] for j in mine], init_ref_logps[1, mine])
+        for ids in eval_batches:  # policy_lm, not DDP's forward: no collectives
+            kto_batch([evals[j] for j in ids], kl, metrics, policy_lm, (init_kl, init_ref_logps[0, ids]))
+        metrics.add(kl=kl, n_kl=torch.ones_like(kl), init_kl=init_kl, n_init_kl=torch.ones_like(init_kl))
         model.train()
         return {f"eval_{k}": v for k, v in summary(metrics).items() if k != "tokens"}
 
