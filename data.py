@@ -64,29 +64,24 @@ def check_rows(rows, source, fields, skip_bad_rows, hh_fields=None):
 
 
 def read_json_rows(path, skip_bad_rows=False):
-    """Rows of a local .json (a list), .jsonl or .jsonl.gz file, loaded with `datasets` like the hub sets.
+    """Rows of a local .json (one list, or JSON lines), .jsonl or .jsonl.gz file, exactly as written.
 
-    When `datasets` cannot parse the file we read it again line by line to name the bad line (and skip it
-    under skip_bad_rows), since Arrow's error does not say which row broke.
+    Read with the json module, not `datasets`: Arrow wants one type per column, and where rows disagree (a string
+    in one row, a number in another) it keeps the column as JSON text and decodes every value, so the string
+    "5." comes back as the number 5.0 and the wrong row is blamed. A line that is not JSON is named (and skipped
+    under skip_bad_rows).
     """
-    import datasets
-    datasets.disable_progress_bars()
-    try:
-        return datasets.load_dataset("json", data_files=path, split="train").to_list()
-    except Exception as err:  # noqa: BLE001 - any parse failure is re-diagnosed below
-        arrow_error = err
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rt", encoding="utf-8") as f:
             text = f.read()
     except (OSError, EOFError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot be read ({e})") from None
-    if path.endswith(".json"):
+    if path.endswith(".json") and text.lstrip().startswith("["):
         try:
-            rows = json.loads(text)
+            return json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-        return rows if isinstance(rows, list) else [rows]
     rows, bad = [], 0
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -100,7 +95,7 @@ def read_json_rows(path, skip_bad_rows=False):
     if bad:
         print(f"{path}: skipped {bad} unparseable line(s)")
     if not rows and not bad:
-        raise DataError(f"{path}: no rows ({arrow_error})")
+        raise DataError(f"{path}: no rows")
     return rows
 
 

@@ -2,7 +2,9 @@
 Evaluation as in the TR paper (arXiv 2404.09656, Sec. 5): side-by-side win rates from a judge, ratings on
 human-centric criteria, and how far each policy moved from its reference (KL).
 
-Each model in --models answers N held-out prompts (the eval split of --dataset); then, per model:
+Each model in --models answers N held-out prompts (the eval split of --dataset; a chat-format prompt as the model's
+own chat template renders it, ending with the assistant header, while the judge reads its turns as "Role: content"
+paragraphs); then, per model:
 - Win rate against --baseline (a model, e.g. the SFT model or a baseline run, or "chosen", the dataset's preferred
   responses). The judge sees every pair in BOTH orders, policy as A and then as B, so a judge that favours a position
   cannot favour a model. A judgement scores the policy 1 (win), 0.5 (tie) or 0 (loss); win rate = (wins + ties/2) /
@@ -52,6 +54,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import torch
 from tqdm import tqdm
 
+from chat import is_chat, render_chat
 from common import (autocast, barrier, build_sequence, cleanup_distributed, pad_sequences, sequence_logps,
                     setup_distributed, to_device)
 from data import load_preferences
@@ -287,6 +290,16 @@ def kl_estimate(policy, reference, pad_id, prompt_ids, response_ids, batch_size=
     ratios = [a - b for a, b in zip(response_logps(policy, pad_id, prompt_ids, response_ids, batch_size),
                                     response_logps(reference, pad_id, prompt_ids, response_ids, batch_size))]
     return (*mean_ci(ratios), ratios)
+
+
+def as_text(x):
+    """A prompt or response as the judge and a reward model read it: text as it is; chat messages (chat.py) one
+    "Role: content" paragraph each, except a lone assistant message: its content, as a generated response is."""
+    if isinstance(x, str):
+        return x
+    if len(x) == 1 and x[0]["role"] == "assistant":
+        return x[0]["content"]
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in x)
 
 
 def read_jsonl(path):
@@ -622,7 +635,7 @@ def main(argv=None):
     args = get_args(argv)
     d = setup_distributed(timeout_s=6 * 3600)  # ranks wait at each merge for the slowest shard
     _, rows = load_preferences(args.dataset, args.n_prompts, args.data_seed)
-    prompts = [r["prompt"] for r in rows]
+    prompts = [as_text(r["prompt"]) for r in rows]  # as the judge reads them
     gen_dir = os.path.join(args.output_dir, "generations")
     os.makedirs(gen_dir, exist_ok=True)
     safe = lambda s: re.sub(r"[^\w.-]+", "_", s).strip("_")  # noqa: E731
@@ -634,7 +647,9 @@ def main(argv=None):
     for label, name in todo.items():
         model, tok = load_model(name, args.model_seed, args.trust_remote_code)
         model.to(d.device).eval()
-        gens[label] = generate(model, tok, prompts, os.path.join(gen_dir, safe(label) + ".jsonl"), args, d, label)
+        # a chat prompt rendered by this model's own chat template, ending with the assistant header
+        texts = [render_chat(tok, r, ())["prompt"] if is_chat(r) else r["prompt"] for r in rows]
+        gens[label] = generate(model, tok, texts, os.path.join(gen_dir, safe(label) + ".jsonl"), args, d, label)
         vocab[label] = len(tok)
         del model
         torch.cuda.empty_cache()
@@ -665,7 +680,7 @@ def main(argv=None):
     cache = os.path.join(args.output_dir, "judge_cache.jsonl")
     reward_model = load_reward_model(args.reward_model, d.device, args.trust_remote_code) if args.reward_model else None
     responses = {label: [r["response"] for r in g] for label, g in gens.items()}
-    responses.setdefault(args.baseline, [r["chosen"] for r in rows])
+    responses.setdefault(args.baseline, [as_text(r["chosen"]) for r in rows])
     base, report = responses[args.baseline], []
     os.makedirs(os.path.join(args.output_dir, "judgements"), exist_ok=True)
     for label in dict.fromkeys([*args.labels, args.baseline]):

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chat import chat_row, is_chat, render_chat, split_chat
-from common import DataError, build_sequence, byte_tokenizer, split_hh
+from common import DataError, build_sequence, byte_tokenizer, split_hh, tokenize_rows
+from data import load_preferences, load_sft, load_unpaired
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAIR, UNPAIRED = ("prompt", "chosen", "rejected"), ("prompt", "completion", "label")
@@ -218,6 +219,107 @@ def test_render_refuses_a_template_whose_prompt_is_not_a_prefix(byte_tok):
                             "'1|What is 2+2?|'... where prompt + chosen has '2|What is 2+2?|4.'..., so there is no "
                             "prompt/response boundary; use a model whose template renders the prompt as the start of "
                             "the conversation")
+
+# -----------------------------------------------------------------------------
+# the loaders and tokenize_rows: chat rows beside text rows, local files and folders laid out like hub datasets
+
+
+def test_tokenize_rows_appends_eos_to_text_rows_only(byte_tok):
+    text = {"prompt": "Q: 2+2?\nA:", "chosen": " 4.", "rejected": " 5."}
+    chat = chat_row(fixture("chat.jsonl")[0], PAIR)
+    eos = byte_tok.eos_token_id  # 256: the byte tokenizer's <|endoftext|>
+    t, c = tokenize_rows(byte_tok, [text, chat], ("chosen", "rejected"), 512, 256)
+    assert t == {"prompt": list(b"Q: 2+2?\nA:"), "chosen": [*b" 4.", eos], "rejected": [*b" 5.", eos]}
+    prompt = SYSTEM + "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    assert c == {"prompt": list(prompt.encode()), "chosen": list(b"4.<|im_end|>\n"),
+                 "rejected": list(b"5.<|im_end|>\n")}  # the template's end of turn ends the response: no EOS
+    # KTO's and SFT's one response per row, the same way
+    (u,) = tokenize_rows(byte_tok, [chat_row(fixture("chat_unpaired.jsonl")[1], UNPAIRED)], ("completion",), 512, 256)
+    assert u == {"prompt": list(prompt.encode()), "completion": list(b"5.<|im_end|>\n")}
+
+
+def test_tokenize_rows_refuses_chat_rows_without_a_template():
+    with pytest.raises(DataError, match="^chat-format rows need a tokenizer with a chat template"):
+        tokenize_rows(byte_tokenizer(), [chat_row(fixture("chat.jsonl")[0], PAIR)], ("chosen", "rejected"), 64, 32)
+
+
+def test_loaders_read_every_chat_layout():
+    want = [chat_row(r, PAIR) for r in fixture("chat.jsonl")]
+    for name in ("chat.jsonl", "chat_implicit.jsonl"):  # the last row held out
+        assert load_preferences(os.path.join(HERE, "fixtures", name), eval_size=1) == (want[:5], want[5:])
+    assert load_preferences(os.path.join(HERE, "fixtures", "chat_h4.jsonl"), eval_size=1) == ([want[0], want[3]],
+                                                                                             [want[5]])
+    unpaired = [chat_row(r, UNPAIRED) for r in fixture("chat_unpaired.jsonl")]
+    assert load_unpaired(os.path.join(HERE, "fixtures", "chat_unpaired.jsonl"), eval_size=2) == (unpaired[:10],
+                                                                                                unpaired[10:])
+    # a paired file gives KTO one desirable and one undesirable example per pair, SFT the chosen response
+    train, _ = load_unpaired(os.path.join(HERE, "fixtures", "chat.jsonl"), eval_size=1)
+    assert train[0] == unpaired[0] and train[5] == unpaired[1]
+    train, evals = load_sft(os.path.join(HERE, "fixtures", "chat.jsonl"), eval_size=1)
+    assert evals == [{"prompt": want[5]["prompt"], "completion": want[5]["chosen"]}]
+    # SFT on KTO rows: the desirable ones
+    assert load_sft(os.path.join(HERE, "fixtures", "chat_unpaired.jsonl"), eval_size=1)[0] == [
+        {"prompt": u["prompt"], "completion": u["completion"]} for u in unpaired[:10] if u["label"]]
+
+
+def hub_folder(root, splits):
+    """A local folder laid out like a dataset on the hub: data/<split>-00000-of-00001.jsonl per split, which
+    datasets.load_dataset(folder) reads, split names included, as it reads a downloaded hub repository."""
+    os.makedirs(root / "data")
+    for split, rows in splits.items():
+        (root / "data" / f"{split}-00000-of-00001.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(root)
+
+
+def test_hub_layouts_load_from_a_local_folder(tmp_path):
+    want = [chat_row(r, PAIR) for r in fixture("chat.jsonl")]
+    # HuggingFaceH4/ultrafeedback_binarized: train_prefs and test_prefs are used, its other splits are not
+    h4 = fixture("chat_h4.jsonl")
+    folder = hub_folder(tmp_path / "h4", {"train_prefs": h4, "test_prefs": h4[1:], "train_sft": h4[:1]})
+    assert load_preferences(folder, eval_size=1) == ([want[0], want[3], want[5]], [want[3]])  # test_prefs' first
+    assert load_sft(folder, eval_size=1)[1] == [{"prompt": want[3]["prompt"], "completion": want[3]["chosen"]}]
+    # trl-lib/ultrafeedback_binarized: train and test, the implicit prompt
+    implicit = fixture("chat_implicit.jsonl")
+    folder = hub_folder(tmp_path / "trl", {"train": implicit[:4], "test": implicit[4:]})
+    assert load_preferences(folder, eval_size=2) == (want[:4], want[4:])
+    # KTO's unpaired layout, and a set without a test split: its last rows are held out, as for a file
+    unpaired = fixture("chat_unpaired.jsonl")
+    folder = hub_folder(tmp_path / "kto", {"train": unpaired})
+    assert load_unpaired(folder, eval_size=2) == ([chat_row(r, UNPAIRED) for r in unpaired[:10]],
+                                                  [chat_row(r, UNPAIRED) for r in unpaired[10:]])
+    # a bad row of a test split is named as such
+    folder = hub_folder(tmp_path / "bad", {"train": implicit, "test": [{"chosen": [], "rejected": []}]})
+    with pytest.raises(DataError) as e:
+        load_preferences(folder, eval_size=1)
+    assert str(e.value) == (f"{folder} (test split): row 1: field 'chosen' is an empty list of messages (fix the row, "
+                            f"or pass --skip_bad_rows)")
+
+
+@pytest.mark.parametrize("field, bad, message", [
+    ("chosen", [{"content": "4."}], "field 'chosen': message 1 has no 'role'"),
+    ("rejected", [{"role": "assistant", "content": 5}], "field 'rejected': message 1: 'content' must be a string, got int"),
+    ("prompt", [], "field 'prompt' is an empty list of messages"),
+])
+def test_malformed_message_lists_name_file_row_and_field(tmp_path, field, bad, message):
+    rows = fixture("chat.jsonl")
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps({**r, field: bad} if i == 2 else r) + "\n" for i, r in enumerate(rows, 1)))
+    with pytest.raises(DataError) as e:
+        load_preferences(str(path), eval_size=1)
+    assert str(e.value) == f"{path}: row 2: {message} (fix the row, or pass --skip_bad_rows)"
+    train, _ = load_preferences(str(path), eval_size=1, skip_bad_rows=True)
+    assert train == [chat_row(r, PAIR) for r in rows[:1] + rows[2:5]]
+
+
+def test_malformed_unpaired_row_names_file_row_and_field(tmp_path):
+    rows = fixture("chat_unpaired.jsonl")
+    rows[3] = {**rows[3], "completion": [{"role": "assistant"}]}
+    path = tmp_path / "feedback.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError) as e:
+        load_unpaired(str(path), eval_size=2)
+    assert str(e.value) == f"{path}: row 4: field 'completion': message 1 has no 'content' (fix the row, or pass " \
+                           f"--skip_bad_rows)"
 
 # -----------------------------------------------------------------------------
 # SmolLM2's own tokenizer (~5 s to load from the GGUF: once per module)

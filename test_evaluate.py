@@ -474,3 +474,25 @@ def test_torchrun_shards_generation(tmp_path):
     one = ev.read_jsonl(str(tmp_path / "one" / "generations" / "policy.jsonl"))
     assert [r["index"] for r in two] == list(range(5)) and not list((tmp_path / "two" / "generations").glob("*.part*"))
     assert [r["response_ids"] for r in two] == [r["response_ids"] for r in one]
+
+
+def test_chat_prompts_rendered_by_each_models_template(tmp_path):
+    """A chat-format set: a model continues each prompt as its own chat template renders it (chat.render_chat,
+    ending with the assistant header); the judge and the "chosen" baseline read the turns as plain text."""
+    from test_chat import SMOLLM2_TEMPLATE, SYSTEM
+    model, tok = load_model("tiny")
+    tok.chat_template = SMOLLM2_TEMPLATE
+    model.save_pretrained(tmp_path / "chat_model")
+    tok.save_pretrained(tmp_path / "chat_model")
+    out = str(tmp_path / "eval")
+    ev.main(["--models", str(tmp_path / "chat_model"), "--labels", "policy", "--baseline", "chosen", "--dataset",
+             os.path.join(os.path.dirname(__file__), "fixtures", "chat.jsonl"), "--n_prompts", "2", "--judge", "none",
+             "--max_new_tokens", "2", "--output_dir", out])
+    generated = ev.read_jsonl(os.path.join(out, "generations", "policy.jsonl"))
+    assert [g["prompt"] for g in generated] == [  # the last two rows of fixtures/chat.jsonl
+        SYSTEM + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+        SYSTEM + "<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\n"]
+    judged = ev.read_jsonl(os.path.join(out, "judgements", "policy.jsonl"))
+    assert [(j["prompt"], j["baseline"]) for j in judged] == [
+        ("User: Hi", "Assistant: Hello!\n\nUser: Name a colour.\n\nAssistant: Blue."),  # a multi-turn response
+        ("User: Capital of France?", "Paris.")]  # one assistant message: its content, as a generated response
