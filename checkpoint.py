@@ -81,12 +81,19 @@ def load_checkpoint(output_dir, d: Dist, policy, ref, opt, sched):
 def save_final(output_dir, d: Dist, policy, ref, tokenizer):
     """policy/ and reference/ with save_pretrained (+ tokenizer), loadable with from_pretrained. Under FSDP the
     full weights are gathered to rank 0 first. With ref=None (SFT) only policy/."""
-    for name, m in (("policy", policy), ("reference", ref)) if ref is not None else (("policy", policy),):
-        weights, _ = full_state(m)
-        if d.master:
-            path = os.path.join(output_dir, name)
-            m.save_pretrained(path, state_dict=weights)
-            tokenizer.save_pretrained(path)
+    from transformers.utils import logging as hf_logging
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar per folder after the run's own bar
+    try:
+        for name, m in (("policy", policy), ("reference", ref)) if ref is not None else (("policy", policy),):
+            weights, _ = full_state(m)
+            if d.master:
+                path = os.path.join(output_dir, name)
+                m.save_pretrained(path, state_dict=weights)
+                tokenizer.save_pretrained(path)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 # -----------------------------------------------------------------------------
 # faults: preemption, non-finite steps, lost ranks

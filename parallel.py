@@ -6,6 +6,7 @@ A reader needs this file to know why `policy(**batch)` returns log-probs (Sequen
 whose forward is the whole computation, so that its hooks see the pass) or to change how a model is sharded; the
 arithmetic of a step is the same with one process or many (tested).
 """
+import inspect
 from contextlib import nullcontext
 
 import torch
@@ -51,8 +52,11 @@ def wrap_models(model, ref, d: Dist, fsdp=False, logps=sequence_logps):
             ref_lm.register_forward_hook(lambda module, inputs, output: module.reshard())
         return policy_lm, policy_lm, ref_lm
     if d.world_size > 1:
-        # broadcast_buffers=False: buffers never change here, and the broadcast is a collective per forward
-        return DDP(policy_lm, broadcast_buffers=False), policy_lm, ref_lm
+        # no buffer sync per forward: buffers never change here, and the broadcast is a collective per forward.
+        # Newer PyTorch (2.13 here) names the flag forward_sync_buffers and warns on broadcast_buffers; the new flag
+        # still syncs once at init, which changes nothing for buffers that are equal on every rank.
+        new = "forward_sync_buffers" in inspect.signature(DDP).parameters
+        return DDP(policy_lm, **{"forward_sync_buffers" if new else "broadcast_buffers": False}), policy_lm, ref_lm
     return policy_lm, policy_lm, ref_lm
 
 
