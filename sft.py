@@ -1,4 +1,4 @@
-"""
+r"""
 SFT: supervised fine-tuning on the preferred responses, the first stage of the paper's pipeline.
 
 The TR paper (Gorbatovski et al., arXiv 2404.09656) starts every DPO/IPO/KTO run, with or without the trust-region
@@ -28,15 +28,14 @@ and schedule below are not the paper's verified values):
         --max_steps 0 --max_length 1024 --max_prompt_length 512 --warmup_steps 100 --batch_size 64 \
         --micro_batch_size 4 --eval_every 500 --save_every 500 --output_dir out/sft-hh
 """
-import argparse
 import os
 
 import torch
 
 from checkpoint import Preemption, check_finite, exit_on_lost_rank, load_checkpoint, save_checkpoint, save_final
-from common import (Metrics, add_common_args, autocast, cleanup_distributed, collate_unpaired, count_tokens,
-                    eval_micro_batches, global_batch, make_optimizer, rank_micro_batches, setup_distributed,
-                    to_device, tokenize_rows, total_steps, validate_args)
+from common import (ArgumentParser, Metrics, add_common_args, autocast, cleanup_distributed, collate_unpaired,
+                    count_tokens, eval_micro_batches, exit_on_bad_input, global_batch, make_optimizer,
+                    rank_micro_batches, setup_distributed, to_device, tokenize_rows, total_steps, validate_args)
 from data import load_sft
 from logger import Logger
 from models import load_model
@@ -45,17 +44,18 @@ from speed import example_lengths
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(__doc__)  # --help shows the defaults; a bad flag is one line, exit code 2
     add_common_args(p, "sft")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     """`python sft.py [flags]`, `torchrun ... sft.py [flags]`, or main([flags]) from Python."""
-    args = get_args(argv)
-    d = setup_distributed(args.dist_timeout)  # one process, or one per GPU/CPU slot under torchrun
-    with exit_on_lost_rank(d):
-        train_loop(args, d)
+    with exit_on_bad_input():  # a bad flag, file or row: its one line on stderr, exit code 2
+        args = get_args(argv)
+        d = setup_distributed(args.dist_timeout)  # one process, or one per GPU/CPU slot under torchrun
+        with exit_on_lost_rank(d):
+            train_loop(args, d)
     cleanup_distributed()
 
 
@@ -67,7 +67,7 @@ def train_loop(args, d):
     # -------------------------------------------------------------------------
     # data: {"prompt", "completion"} rows, validated before anything is written; tokenised once
     train_rows, eval_rows = load_sft(args.dataset, args.eval_size, args.seed, args.skip_bad_rows)
-    model, tokenizer = load_model(args.model, args.seed, args.trust_remote_code)
+    model, tokenizer = load_model(args.model, args.seed, args.trust_remote_code, args.gradient_checkpointing)
     tok = lambda rows: tokenize_rows(tokenizer, rows, ("completion",), args.max_length, args.max_prompt_length)  # noqa: E731
     train, evals = tok(train_rows), tok(eval_rows)
     eval_batches = eval_micro_batches(len(evals), d, args.micro_batch_size)  # this rank's share of the eval rows
@@ -77,8 +77,6 @@ def train_loop(args, d):
 
     # -------------------------------------------------------------------------
     # model and optimiser; SFT has no reference model
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(d.device).train()
     policy, policy_lm, _ = wrap_models(model, None, d, args.fsdp)
     opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.warmup_steps, args.lr_schedule, num_steps,
@@ -151,9 +149,10 @@ def train_loop(args, d):
             return
 
     # -------------------------------------------------------------------------
-    # save policy/ (save_pretrained + tokenizer)
+    # save policy/ (save_pretrained + tokenizer); the summary on stdout
     logger.close()
     save_final(args.output_dir, d, model, None, tokenizer)
+    logger.summary(("loss",), ("policy/", "metrics.jsonl"))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from common import (DataError, Dist, add_common_args, byte_tokenizer, collate_pairs, count_tokens, global_batch,
+from common import (DataError, Dist, InputError, add_common_args, byte_tokenizer, collate_pairs, count_tokens, global_batch,
                     rank_micro_batches, sequence_logps, split_hh, tokenize_rows, truncate, validate_args)
 from conftest import HERE, naive_logp
 from data import load_preferences
@@ -193,6 +193,6 @@ def test_global_batch_is_the_seeded_permutation_split_across_ranks():
 ])
 def test_validate_args_messages(flags, message):
     args = add_common_args(argparse.ArgumentParser()).parse_args(flags)
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(InputError) as e:
         validate_args(args, world_size=1)
     assert message in str(e.value)

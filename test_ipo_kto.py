@@ -215,7 +215,9 @@ def test_kto_one_class_micro_batches_of_one(tmp_path, capsys):
     assert (ev["eval_n_desirable"], ev["eval_n_undesirable"]) == (0.0, 2.0) and ev["eval_desirable_reward"] == 0.0
 
 
-def test_kto_refuses_a_batch_of_one(tmp_path):
-    with pytest.raises(SystemExit, match="--batch_size must be >= 2"):
+def test_kto_refuses_a_batch_of_one(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
         tr_kto.main(["--batch_size", "1", "--micro_batch_size", "1", "--output_dir", str(tmp_path)])
+    assert (e.value.code, capsys.readouterr().err) == (
+        2, "error: --batch_size must be >= 2: z0 pairs each prompt with another example's completion\n")
     assert not os.listdir(tmp_path)  # refused before anything was written

@@ -11,7 +11,7 @@ import torch
 
 import bench
 import tr_dpo
-from common import (Dist, add_common_args, byte_tokenizer, collate_pairs, global_batch, rank_micro_batches,
+from common import (Dist, InputError, add_common_args, byte_tokenizer, collate_pairs, global_batch, rank_micro_batches,
                     sequence_logps, tokenize_rows, validate_args)
 from conftest import HERE, metrics
 from models import load_model
@@ -88,14 +88,13 @@ def test_share_prompt_without_positions_and_under_no_grad():
 
 
 def test_share_prompt_refuses_gradient_checkpointing():
-    model, tok = load_model("tiny", seed=0)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model, tok = load_model("tiny", seed=0, gradient_checkpointing=True)
     model.train()
     b = collate_shared_prompt(tokenize_rows(tok, ROWS, ("chosen", "rejected"), 64, 32), tok.pad_token_id)
     with pytest.raises(ValueError, match="gradient checkpointing"):
         shared_prompt_logps(model, **b)
     args = add_common_args(argparse.ArgumentParser()).parse_args(["--share_prompt", "--gradient_checkpointing"])
-    with pytest.raises(SystemExit, match="exclude each other"):
+    with pytest.raises(InputError, match="exclude each other"):
         validate_args(args, world_size=1)
 
 

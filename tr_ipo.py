@@ -1,4 +1,4 @@
-"""
+r"""
 TR-IPO: Identity Preference Optimisation with a trust-region reference model.
 
 IPO (Azar et al., arXiv 2310.12036, Eq. 17) regresses the policy's log-ratio gap on a pair (x, y_w, y_l), y_w
@@ -56,17 +56,16 @@ Reddit TL;DR (an SFT model trained on TL;DR summaries):
     (hard update: --ref_update hard --tau 512. beta: the paper tuned it per method and its IPO value is not
     verified here; 0.1 is TRL's and HALOs' default, sweep it.)
 """
-import argparse
 import os
 from contextlib import nullcontext
 
 import torch
 
 from checkpoint import Preemption, check_finite, exit_on_lost_rank, load_checkpoint, save_checkpoint, save_final
-from common import (Metrics, add_common_args, autocast, cleanup_distributed, collate_pairs, count_tokens,
-                    eval_micro_batches, example_logps, global_batch, make_optimizer, make_reference,
-                    rank_micro_batches, sequence_logps, setup_distributed, should_update_reference, to_device,
-                    tokenize_rows, total_steps, update_reference, validate_args)
+from common import (ArgumentParser, Metrics, add_common_args, autocast, cleanup_distributed, collate_pairs,
+                    count_tokens, eval_micro_batches, example_logps, exit_on_bad_input, global_batch, make_optimizer,
+                    make_reference, rank_micro_batches, sequence_logps, setup_distributed, should_update_reference,
+                    to_device, tokenize_rows, total_steps, update_reference, validate_args)
 from data import load_preferences
 from logger import Logger
 from models import load_model
@@ -101,10 +100,11 @@ def logps_for_loss(logps, n_tokens, mode):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(__doc__)  # --help shows the defaults; a bad flag is one line, exit code 2
     add_common_args(p, "tr_ipo")
-    p.add_argument("--beta", type=float, default=0.5, help="IPO's tau: the target gap is 1/(2*beta) (TRL, HALOs: 0.1; see the docstring)")
-    p.add_argument("--logps", default="mean", choices=["mean", "sum"],
+    g = p.add_argument_group("TR-IPO")
+    g.add_argument("--beta", type=float, default=0.5, help="IPO's tau: the target gap is 1/(2*beta) (TRL, HALOs: 0.1; see the docstring)")
+    g.add_argument("--logps", default="mean", choices=["mean", "sum"],
                    help="length-averaged (IPO authors, TRL, HALOs) or summed response log-probs")
     return p.parse_args(argv)
 
@@ -112,10 +112,11 @@ def get_args(argv=None):
 def main(argv=None, hooks=None):
     """`python tr_ipo.py [flags]`, `torchrun ... tr_ipo.py [flags]`, or main([flags]) from Python (hooks: bench.py's,
     see train_loop)."""
-    args = get_args(argv)
-    d = setup_distributed(args.dist_timeout)  # one process, or one per GPU/CPU slot under torchrun
-    with exit_on_lost_rank(d):
-        train_loop(args, d, hooks)
+    with exit_on_bad_input():  # a bad flag, file or row: its one line on stderr, exit code 2
+        args = get_args(argv)
+        d = setup_distributed(args.dist_timeout)  # one process, or one per GPU/CPU slot under torchrun
+        with exit_on_lost_rank(d):
+            train_loop(args, d, hooks)
     cleanup_distributed()
 
 
@@ -128,7 +129,7 @@ def train_loop(args, d, hooks=None):
     # -------------------------------------------------------------------------
     # data: validated before anything is written; tokenised once
     train_rows, eval_rows = load_preferences(args.dataset, args.eval_size, args.seed, args.skip_bad_rows)
-    model, tokenizer = load_model(args.model, args.seed, args.trust_remote_code)
+    model, tokenizer = load_model(args.model, args.seed, args.trust_remote_code, args.gradient_checkpointing)
     tok = lambda rows: tokenize_rows(tokenizer, rows, ("chosen", "rejected"), args.max_length, args.max_prompt_length)  # noqa: E731
     train, evals = tok(train_rows), tok(eval_rows)
     eval_batches = eval_micro_batches(len(evals), d, args.micro_batch_size)  # this rank's share of the eval rows
@@ -138,8 +139,6 @@ def train_loop(args, d, hooks=None):
 
     # -------------------------------------------------------------------------
     # models: the policy (fp32 master weights) and its frozen reference copy, under DDP or FSDP2
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(d.device).train()
     ref = make_reference(model, getattr(torch, args.ref_dtype))
     # --share_prompt (speed.py): each prompt stored once and run once, its KV cache reused for both responses
@@ -232,7 +231,7 @@ def train_loop(args, d, hooks=None):
             rec["tokens_per_s"] = logger.throughput(rec.pop("tokens"))
             rec.update(lr=sched.get_last_lr()[0], ref_updates=state["ref_updates"],
                        steps_since_ref_update=done - state["last_ref_update"])
-            logger.log(done, rec, show=("loss", "reward_accuracy", "logps_margin"))
+            logger.log(done, rec, show=("loss", "reward_accuracy", "logps_margin", "ref_updates"))
         if hooks:
             hooks.step_end()  # bench.py: the step's time ends here, before evaluation
         if (args.eval_every and done % args.eval_every == 0) or done == num_steps:
@@ -247,9 +246,11 @@ def train_loop(args, d, hooks=None):
             return
 
     # -------------------------------------------------------------------------
-    # save policy/ and reference/ (save_pretrained + tokenizer)
+    # save policy/ and reference/ (save_pretrained + tokenizer); the summary on stdout
     logger.close()
     save_final(args.output_dir, d, model, ref, tokenizer)
+    logger.summary(("loss", "reward_accuracy", "reward_margin", "logps_margin"),
+                   ("policy/", "reference/", "metrics.jsonl"))
 
 
 if __name__ == "__main__":

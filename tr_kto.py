@@ -1,4 +1,4 @@
-"""
+r"""
 TR-KTO: Kahneman-Tversky Optimisation with a trust-region reference model.
 
 KTO (Ethayarajh et al., arXiv 2402.01306, Sec. 4) learns from unpaired examples (x, y, desirable?) instead of
@@ -59,17 +59,17 @@ Reddit TL;DR (an SFT model trained on TL;DR summaries):
     (hard update: --ref_update hard --tau 512. --batch_size counts examples: 128 = the 64 pairs of the TR-DPO
     command. beta 0.1 is the KTO authors' default; the paper's own TR-KTO value is not verified here.)
 """
-import argparse
 import os
 from contextlib import nullcontext
 
 import torch
 
 from checkpoint import Preemption, check_finite, exit_on_lost_rank, load_checkpoint, save_checkpoint, save_final
-from common import (Metrics, add_common_args, all_reduce_sum, autocast, cleanup_distributed,
-                    collate_unpaired, count_tokens, eval_micro_batches, example_logps, global_batch, make_optimizer,
-                    make_reference, rank_micro_batches, setup_distributed, should_update_reference, to_device,
-                    tokenize_rows, total_steps, truncate, update_reference, validate_args)
+from common import (ArgumentParser, InputError, Metrics, add_common_args, all_reduce_sum, autocast,
+                    cleanup_distributed, collate_unpaired, count_tokens, eval_micro_batches, example_logps,
+                    exit_on_bad_input, global_batch, make_optimizer, make_reference, rank_micro_batches,
+                    setup_distributed, should_update_reference, to_device, tokenize_rows, total_steps, truncate,
+                    update_reference, validate_args)
 from data import load_unpaired
 from logger import Logger
 from models import load_model
@@ -144,23 +144,25 @@ def class_balance_warning(n_desirable, n_undesirable, desirable_weight, undesira
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(__doc__)  # --help shows the defaults; a bad flag is one line, exit code 2
     add_common_args(p, "tr_kto")
     # examples, not pairs: 32 examples per step are the 16 pairs (32 sequences) of tr_dpo.py's default
     p.set_defaults(batch_size=32, micro_batch_size=16)
-    p.add_argument("--beta", type=float, default=0.1, help="KTO's beta (the KTO authors' default: 0.1)")
-    p.add_argument("--desirable_weight", type=float, default=1.0, help="lambda_D, the weight of desirable examples")
-    p.add_argument("--undesirable_weight", type=float, default=1.0, help="lambda_U, the weight of undesirable examples")
+    g = p.add_argument_group("TR-KTO")
+    g.add_argument("--beta", type=float, default=0.1, help="KTO's beta (the KTO authors' default: 0.1)")
+    g.add_argument("--desirable_weight", type=float, default=1.0, help="lambda_D, the weight of desirable examples")
+    g.add_argument("--undesirable_weight", type=float, default=1.0, help="lambda_U, the weight of undesirable examples")
     return p.parse_args(argv)
 
 
 def main(argv=None, hooks=None):
     """`python tr_kto.py [flags]`, `torchrun ... tr_kto.py [flags]`, or main([flags]) from Python (hooks: bench.py's,
     see train_loop)."""
-    args = get_args(argv)
-    d = setup_distributed(args.dist_timeout)  # one process, or one per GPU/CPU slot under torchrun
-    with exit_on_lost_rank(d):
-        train_loop(args, d, hooks)
+    with exit_on_bad_input():  # a bad flag, file or row: its one line on stderr, exit code 2
+        args = get_args(argv)
+        d = setup_distributed(args.dist_timeout)  # one process, or one per GPU/CPU slot under torchrun
+        with exit_on_lost_rank(d):
+            train_loop(args, d, hooks)
     cleanup_distributed()
 
 
@@ -169,9 +171,9 @@ def train_loop(args, d, hooks=None):
     function (to count tokens and padding), times the reference update and marks the end of each step."""
     validate_args(args, d.world_size, positive=("beta", "desirable_weight", "undesirable_weight"))
     if args.batch_size < 2:
-        raise SystemExit("error: --batch_size must be >= 2: z0 pairs each prompt with another example's completion")
+        raise InputError("--batch_size must be >= 2: z0 pairs each prompt with another example's completion")
     if args.share_prompt:
-        raise SystemExit("error: --share_prompt shares a prompt between the two responses of a pair; KTO has one")
+        raise InputError("--share_prompt shares a prompt between the two responses of a pair; KTO has one")
     torch.manual_seed(args.seed + d.rank)
 
     # -------------------------------------------------------------------------
@@ -181,7 +183,7 @@ def train_loop(args, d, hooks=None):
     warning = class_balance_warning(n_des, len(train_rows) - n_des, args.desirable_weight, args.undesirable_weight)
     if warning and d.master:
         print(warning)
-    model, tokenizer = load_model(args.model, args.seed, args.trust_remote_code)
+    model, tokenizer = load_model(args.model, args.seed, args.trust_remote_code, args.gradient_checkpointing)
 
     def tok(rows):
         ids = tokenize_rows(tokenizer, rows, ("completion",), args.max_length, args.max_prompt_length)
@@ -189,7 +191,7 @@ def train_loop(args, d, hooks=None):
     train, evals = tok(train_rows), tok(eval_rows)
     evals = evals[:len(evals) - len(evals) % d.world_size]  # equal shares: under FSDP every rank runs as many forwards
     if not evals:
-        raise SystemExit(f"error: {len(eval_rows)} eval examples cannot be shared by {d.world_size} ranks; raise --eval_size")
+        raise InputError(f"{len(eval_rows)} eval examples cannot be shared by {d.world_size} ranks; raise --eval_size")
     eval_pairs = mismatched_pairs(evals, args.max_length, args.max_prompt_length)  # over the whole eval set
     eval_batches = eval_micro_batches(len(evals), d, args.micro_batch_size)  # this rank's examples and their pairs
     num_steps = total_steps(len(train), args.batch_size, args.max_steps, args.epochs)
@@ -198,8 +200,6 @@ def train_loop(args, d, hooks=None):
 
     # -------------------------------------------------------------------------
     # models: the policy (fp32 master weights) and its frozen reference copy, under DDP or FSDP2
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(d.device).train()
     ref = make_reference(model, getattr(torch, args.ref_dtype))
     collate = collate_unpaired
@@ -320,7 +320,7 @@ def train_loop(args, d, hooks=None):
             rec["tokens_per_s"] = logger.throughput(rec.pop("tokens"))
             rec.update(lr=sched.get_last_lr()[0], ref_updates=state["ref_updates"],
                        steps_since_ref_update=done - state["last_ref_update"])
-            logger.log(done, rec, show=("loss", "logps_margin", "kl"))
+            logger.log(done, rec, show=("loss", "logps_margin", "kl", "ref_updates"))
         if hooks:
             hooks.step_end()  # bench.py: the step's time ends here, before evaluation
         if (args.eval_every and done % args.eval_every == 0) or done == num_steps:
@@ -335,9 +335,10 @@ def train_loop(args, d, hooks=None):
             return
 
     # -------------------------------------------------------------------------
-    # save policy/ and reference/ (save_pretrained + tokenizer)
+    # save policy/ and reference/ (save_pretrained + tokenizer); the summary on stdout
     logger.close()
     save_final(args.output_dir, d, model, ref, tokenizer)
+    logger.summary(("loss", "reward_margin", "logps_margin", "kl"), ("policy/", "reference/", "metrics.jsonl"))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,258 @@
+"""What a new user meets first (issue 13): --help with every default, one line and exit code 2 for every bad input
+(a flag, a malformed file, a finished run in --output_dir, a hub model or dataset that cannot be fetched), the summary
+at the end of a run, and no deprecation warnings or extra progress bars. Offline: the hub tests give the child
+process an empty Hugging Face cache and point the hub at a closed port on this machine."""
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+
+import sft
+import tr_dpo
+import tr_ipo
+import tr_kto
+from common import InputError, exit_on_bad_input
+from conftest import ENV, FAST, HERE, metrics, torchrun
+from hub import fetching
+from models import load_model
+
+SCRIPTS = [sft, tr_dpo, tr_ipo, tr_kto]
+slow = pytest.mark.slow
+
+# -----------------------------------------------------------------------------
+# --help
+
+
+def help_blocks(text):
+    """{flag: its whole help text, wrapped lines joined} from argparse's --help output."""
+    blocks, flag = {}, None
+    for line in text.splitlines():
+        m = re.match(r"  (-\w|--\w+)", line)
+        if m:
+            flag = m.group(1)
+            blocks[flag] = line.strip()
+        elif flag and line.startswith("      "):
+            blocks[flag] += " " + line.strip()
+        else:
+            flag = None
+    return blocks
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_shows_every_default_and_keeps_the_commands(script, capsys):
+    with pytest.raises(SystemExit) as e:
+        script.get_args(["--help"])
+    text = capsys.readouterr().out
+    blocks = help_blocks(text)
+    assert e.value.code == 0 and len(blocks) > 30
+    assert [f for f, b in blocks.items() if "(default: " not in b] == ["-h"]  # every flag has help text and default
+    for flag in ("--warmup_steps", "--weight_decay", "--max_grad_norm", "--epochs", "--seed", "--log_every"):
+        assert not re.match(rf"{flag} \w+ \(default", blocks[flag])  # a help text before the default
+    assert "--output_dir OUTPUT_DIR where metrics.jsonl" in blocks["--output_dir"]
+    assert f"(default: out/{script.__name__})" in blocks["--output_dir"]
+    assert re.search(r"--max_steps 0 .* \\\n {8}--", text)  # the docstring's commands keep their line breaks
+
+
+@pytest.mark.parametrize("script, heading, flags", [
+    (tr_dpo, "TR-DPO", {"--beta": "0.05"}),
+    (tr_ipo, "TR-IPO", {"--beta": "0.5", "--logps": "mean"}),
+    (tr_kto, "TR-KTO", {"--beta": "0.1", "--desirable_weight": "1.0", "--undesirable_weight": "1.0"}),
+])
+def test_help_lists_the_method_flags_under_the_method(script, heading, flags, capsys):
+    with pytest.raises(SystemExit):
+        script.get_args(["--help"])
+    section = capsys.readouterr().out.split(f"\n{heading}:\n")[1]
+    blocks = help_blocks(section)
+    assert list(blocks) == list(flags)
+    assert all(b.endswith(f"(default: {flags[f]})") for f, b in blocks.items())
+
+# -----------------------------------------------------------------------------
+# bad input: one line on stderr, exit code 2, nothing written
+
+
+def test_exit_on_bad_input(capsys):
+    with pytest.raises(SystemExit) as e:
+        with exit_on_bad_input():
+            raise InputError("--alpha must be in (0, 1], got 2.0")
+    assert (e.value.code, capsys.readouterr().err) == (2, "error: --alpha must be in (0, 1], got 2.0\n")
+    with pytest.raises(KeyError):  # not a bad input: its traceback stays
+        with exit_on_bad_input():
+            raise KeyError("a bug")
+
+
+def bad_input(script, argv, capfd):
+    """Run script.main(argv) in this process; return (exit code, stdout, stderr) at the file-descriptor level, so
+    that a library logging to stderr would show too."""
+    with pytest.raises(SystemExit) as e:
+        script.main(argv)
+    out, err = capfd.readouterr()
+    return e.value.code, out, err
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+GOOD_ROW = json.dumps({"prompt": "Q", "chosen": "a", "rejected": "b"})
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_reports_a_bad_flag_and_a_malformed_file_in_one_line(script, tmp_path, capfd):
+    out = str(tmp_path / "out")
+    assert bad_input(script, ["--lr", "abc", "--output_dir", out], capfd) == (
+        2, "", "error: argument --lr: invalid float value: 'abc' (--help lists the flags)\n")
+    bad = write_lines(tmp_path / "bad.jsonl", [GOOD_ROW] * 56 + ['{"prompt": "x", "chosen": '] + [GOOD_ROW] * 3)
+    assert bad_input(script, ["--dataset", bad, "--eval_size", "2", "--output_dir", out], capfd) == (
+        2, "", f"error: {bad}: line 57: not valid JSON (Expecting value); fix it or pass --skip_bad_rows\n")
+    assert not os.path.exists(out)  # refused before anything was written
+
+
+def test_bad_flags_and_rows_are_one_line_each(tmp_path, capfd):
+    out = str(tmp_path / "out")
+    missing = write_lines(tmp_path / "missing.jsonl", [GOOD_ROW, json.dumps({"prompt": "Q", "chosen": "a"})] + [GOOD_ROW] * 4)
+    for argv, message in [
+        (["--bogus", "1"], "unrecognized arguments: --bogus 1 (--help lists the flags)"),
+        (["--alpha", "2"], "--alpha must be in (0, 1], got 2.0"),
+        (["--batch_size", "12"], "--batch_size 12 must be divisible by world size 1 x --micro_batch_size 8"),
+        (["--dataset", "nope.jsonl"], "unknown --dataset 'nope.jsonl': use toy, hh, hh:<subset>, tldr, a hub dataset id "
+                                      "(org/name), or an existing .json/.jsonl/.jsonl.gz file or dataset folder"),
+        (["--dataset", missing, "--eval_size", "2"],
+         f"{missing}: row 2: missing field 'rejected' (fix the row, or pass --skip_bad_rows)"),
+        (["--model", "tr-dpo-tests/no-such-model"],  # conftest sets HF_HUB_OFFLINE=1: the cache only
+         "model 'tr-dpo-tests/no-such-model' is not in your Hugging Face cache, and HF_HUB_OFFLINE=1 forbids "
+         "downloading it; pass a local folder as --model, or run once with network access and without HF_HUB_OFFLINE"),
+    ]:
+        assert bad_input(tr_dpo, argv + ["--output_dir", out], capfd) == (2, "", f"error: {message}\n"), argv
+        assert not os.path.exists(out)
+
+
+def test_a_folder_holding_a_run_is_not_overwritten(tmp_path, capfd):
+    out = tmp_path / "run"
+    (out / "policy").mkdir(parents=True)
+    assert bad_input(tr_dpo, ["--output_dir", str(out)], capfd) == (
+        2, "", f"error: {out} holds a run (policy/): pass --overwrite to replace it, or choose another --output_dir\n")
+    (out / "checkpoint").mkdir()
+    assert bad_input(sft, ["--output_dir", str(out)], capfd) == (
+        2, "", f"error: {out} holds a run (policy/, checkpoint/): pass --overwrite to replace it, --resume to "
+               f"continue it, or choose another --output_dir\n")
+    assert sorted(os.listdir(out)) == ["checkpoint", "policy"]  # untouched
+
+
+def test_fetching_offline_names_what_is_missing_and_the_fixes():
+    with pytest.raises(InputError) as e:  # conftest sets HF_HUB_OFFLINE=1; an OSError is a cache miss
+        with fetching("org/name", "dataset", "dataset 'org/name'", "a local .jsonl file as --dataset"):
+            raise OSError("couldn't find them in the cached files")
+    assert str(e.value) == ("dataset 'org/name' is not in your Hugging Face cache, and HF_HUB_OFFLINE=1 forbids "
+                            "downloading it; pass a local .jsonl file as --dataset, or run once with network access "
+                            "and without HF_HUB_OFFLINE")
+
+
+def run(argv, env):
+    """A script in a fresh process: (exit code, stdout, stderr, seconds)."""
+    t0 = time.time()
+    r = subprocess.run([sys.executable, *argv], env=env, cwd=HERE, capture_output=True, text=True, timeout=120)
+    return r.returncode, r.stdout, r.stderr, time.time() - t0
+
+
+@slow
+def test_command_line_errors_are_one_line_without_a_traceback(tmp_path):
+    bad = write_lines(tmp_path / "bad.jsonl", [GOOD_ROW] * 56 + ['{"prompt": "x"} trailing'] + [GOOD_ROW] * 3)
+    out = str(tmp_path / "out")
+    assert run(["tr_kto.py", "--dataset", bad, "--output_dir", out], ENV)[:3] == (
+        2, "", f"error: {bad}: line 57: not valid JSON (Extra data); fix it or pass --skip_bad_rows\n")
+    assert run(["sft.py", "--tau", "0", "--output_dir", out], ENV)[:3] == (2, "", "error: --tau must be >= 1, got 0\n")
+    assert not os.path.exists(out)
+
+
+def closed_port():
+    """A port on 127.0.0.1 that nothing listens on: a connection to it is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@slow
+@pytest.mark.parametrize("hub", ["offline", "unreachable"])
+def test_a_hub_model_or_dataset_that_cannot_be_fetched_is_one_line_within_seconds(hub, tmp_path):
+    env = {**ENV, "HF_HOME": str(tmp_path / "empty_cache"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    if hub == "unreachable":  # online mode, the hub at a closed local port: never the network
+        env = {k: v for k, v in env.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+        env["HF_ENDPOINT"] = f"http://127.0.0.1:{closed_port()}"
+    out = str(tmp_path / "out")
+    for flags, what, instead in [
+        (["--model", "gpt2"], "model 'gpt2'", "a local folder as --model"),
+        (["--dataset", "hh"], "dataset 'Anthropic/hh-rlhf' (--dataset hh)", "a local .jsonl file as --dataset"),
+    ]:
+        code, stdout, stderr, seconds = run(["tr_dpo.py", *flags, "--output_dir", out], env)
+        if hub == "offline":
+            assert stderr == (f"error: {what} is not in your Hugging Face cache, and HF_HUB_OFFLINE=1 forbids "
+                              f"downloading it; pass {instead}, or run once with network access and without "
+                              f"HF_HUB_OFFLINE\n")
+        else:  # the middle is the HTTP library's own words for a refused connection
+            assert re.fullmatch(rf"error: cannot reach the Hugging Face hub to fetch {re.escape(what)} \(.+\); pass "
+                                rf"{instead}, or set HF_HUB_OFFLINE=1 if it is in your Hugging Face cache\n", stderr)
+        assert (code, stdout) == (2, "") and seconds < 30  # the hub libraries' retries took 55 s
+    assert not os.path.exists(out)
+
+# -----------------------------------------------------------------------------
+# a run: the summary on stdout, a second run refused, --overwrite; no warnings or shard bars
+
+
+def summary_lines(out, keys, ref_updates=None, last_update=None):
+    """The summary's lines expected from out/metrics.jsonl (the time on the first line as a pattern)."""
+    train, ev = metrics(out, "loss")[-1], metrics(out, "eval_loss")[-1]
+    head = rf"done: step {train['step']}, \d+ s"
+    if ref_updates is not None:
+        head += rf", {ref_updates} reference update\(s\), the last after step {last_update}"
+    fmt = lambda rec, prefix: ", ".join(f"{k} {rec[prefix + k]:.4g}" for k in keys if prefix + k in rec)  # noqa: E731
+    lines = [head, f"train (last log interval): {fmt(train, '')}", f"eval: {fmt(ev, 'eval_')}"]
+    return lines + ([f"eval vs initial reference: {fmt(ev, 'eval_init_')}"] if "eval_init_loss" in ev else [])
+
+
+@slow
+def test_a_run_ends_with_a_summary_and_is_not_overwritten(tmp_path, capfd):
+    out = str(tmp_path / "run")
+    flags = FAST + ["--max_steps", "5", "--tau", "2", "--eval_every", "5", "--output_dir", out]
+    tr_dpo.main(flags)
+    stdout = capfd.readouterr().out.splitlines()
+    stdout = stdout[[i for i, line in enumerate(stdout) if line.startswith("done: ")][0]:]
+    expected = summary_lines(out, ("loss", "reward_accuracy", "reward_margin", "logps_margin"), 2, 4)
+    assert re.fullmatch(expected[0], stdout[0]) and stdout[1:-1] == expected[1:]
+    assert len(expected) == 4  # eval_init_ logged
+    assert stdout[-1].startswith(f"wrote {out}/policy/, {out}/reference/, {out}/metrics.jsonl")
+    assert bad_input(tr_dpo, flags, capfd) == (
+        2, "", f"error: {out} holds a run (policy/): pass --overwrite to replace it, or choose another --output_dir\n")
+    tr_dpo.main(flags + ["--overwrite", "--max_steps", "3"])
+    assert [m["step"] for m in metrics(out, "loss")] == [1, 2, 3]  # a fresh metrics.jsonl
+
+
+@slow
+def test_sft_summary(tmp_path, capfd):
+    out = str(tmp_path)
+    sft.main(FAST + ["--max_steps", "2", "--output_dir", out])
+    stdout = capfd.readouterr().out.splitlines()
+    stdout = stdout[[i for i, line in enumerate(stdout) if line.startswith("done: ")][0]:]
+    expected = summary_lines(out, ("loss",))
+    assert re.fullmatch(expected[0], stdout[0]) and stdout[1:-1] == expected[1:]
+    assert stdout[-1].startswith(f"wrote {out}/policy/, {out}/metrics.jsonl")
+
+
+def test_gradient_checkpointing_without_a_deprecation_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model, _ = load_model("tiny", gradient_checkpointing=True)
+    assert any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+@slow
+def test_two_processes_print_no_deprecation_warning_or_shard_bars(tmp_path):
+    r = torchrun("tr_dpo.py", *FAST, "--max_steps", "2", "--output_dir", str(tmp_path))
+    assert "Warning" not in r.stderr and "Writing model shards" not in r.stderr, r.stderr[-2000:]
+    assert r.stdout.startswith("done: step 2, ")  # rank 0 alone prints the summary
