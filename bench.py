@@ -27,7 +27,7 @@ With --data, the padding share of a whole epoch is also computed for each layout
 
 Examples (CPU; the README's tables come from the commands listed there):
     python bench.py --model tiny --lengths 96:32 --methods dpo,ipo,kto
-    python bench.py --model pythia-160m --data ../shared/data/tldr/comparisons.train.jsonl --batch_size 4 \
+    python bench.py --model pythia-160m --data data/tldr/comparisons.train.jsonl --batch_size 4 \
         --micro_batch_size 2 --configs plain,share_prompt,group_by_length,share_prompt+group_by_length
     python bench.py --model pythia-1b --lengths 448:63 --batch_size 8 --micro_batch_size 8 --dtype bfloat16 \
         --configs plain,share_prompt,trl,trl_ckpt   (one GPU)
