@@ -1,7 +1,9 @@
 """chat.py, pinned: the layouts, the prompt split of two conversations, the rendered boundary and the mask (by hand,
 with SmolLM2's template on the byte tokenizer and on SmolLM2's own tokenizer), and each malformed row's message."""
+import importlib
 import importlib.util
 import json
+import math
 import os
 
 import pytest
@@ -366,3 +368,35 @@ def test_smollm2_multi_turn_response(smol_tok):
     assert chosen == [34355, 30, 2, 198, 1, 4093, 198, 16937, 2, 198, 1, 520, 9531, 198, 9085, 30, 2, 198]
     # Sure.<|im_end|>\n<|im_start|>user\nThanks<|im_end|>\n<|im_start|>assistant\nWelcome.<|im_end|>\n: all trained
     assert build_sequence(encode(smol_tok, text["prompt"]), chosen)[1] == [-100] * 33 + chosen
+
+# -----------------------------------------------------------------------------
+# every script trains on chat data with a model that has a template (SmolLM2, ~15 s to load per run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, dataset, first_loss", [
+    ("tr_dpo", "h4_folder", math.log(2)),  # the first step's loss, with policy == reference: -log sigmoid(0)
+    ("tr_ipo", "chat_implicit.jsonl", 1.0),  # (0 - 1/(2 beta))^2 with beta 0.5
+    ("tr_kto", "chat_unpaired.jsonl", 0.5),  # 1 - sigmoid(0), z0 = 0
+    ("sft", "chat.jsonl", None),
+])
+def test_every_script_trains_on_chat_data(tmp_path, smol_tok, script, dataset, first_loss):
+    if dataset == "h4_folder":  # HuggingFaceH4/ultrafeedback_binarized's layout, through datasets.load_dataset
+        h4 = fixture("chat_h4.jsonl")
+        dataset = hub_folder(tmp_path / "h4", {"train_prefs": h4, "test_prefs": h4[:1]})
+    else:
+        dataset = os.path.join(HERE, "fixtures", dataset)
+    out = str(tmp_path / "out")
+    importlib.import_module(script).main([
+        "--model", "smollm2", "--dataset", dataset, "--eval_size", "2", "--batch_size", "2", "--micro_batch_size", "2",
+        "--max_steps", "2", "--tau", "1", "--lr", "1e-5", "--max_length", "128", "--max_prompt_length", "96",
+        "--log_every", "1", "--output_dir", out])
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    train, evals = [r for r in records if "loss" in r], [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in train] == [1, 2] and [r["step"] for r in evals] == [2]
+    assert all(math.isfinite(r["loss"]) for r in train + [{"loss": evals[0]["eval_loss"]}])
+    if first_loss is not None:
+        assert train[0]["loss"] == pytest.approx(first_loss, abs=1e-5)
+        assert math.isfinite(evals[0]["eval_init_loss"])
+    from transformers import AutoTokenizer  # the next stage (a TR run after SFT) renders with the same template
+    assert AutoTokenizer.from_pretrained(os.path.join(out, "policy")).chat_template == SMOLLM2_TEMPLATE

@@ -13,6 +13,7 @@ import tr_ipo
 import tr_kto
 from common import collate_pairs, sequence_logps, tokenize_rows
 from conftest import FAST, HERE, checkpoint, metrics, torchrun, weights
+from data import load_preferences
 from models import load_model
 
 SCRIPTS = [sft, tr_dpo, tr_ipo, tr_kto]
@@ -115,6 +116,8 @@ def test_resume_equals_uninterrupted(tmp_path, script):
         assert all(torch.equal(wa[k], wb[k]) for k in wa), name  # bit for bit on CPU
     assert [m["loss"] for m in metrics(a, "loss")] == [m["loss"] for m in metrics(b, "loss")]
     assert [m["step"] for m in metrics(b, "loss")] == [1, 2, 3, 4, 5]  # the resumed log continues the first
+    # the last evaluation too, eval_init_* included: the initial reference's log-probs came from the checkpoint
+    assert metrics(a, "eval_loss")[-1] == metrics(b, "eval_loss")[-1]
 
 
 @slow
@@ -134,6 +137,65 @@ def test_two_processes_match_one(tmp_path, script):
     if script is tr_kto:  # z0 is a function of the global batch, not of how it is split across ranks
         assert [m["kl"] for m in m1] == pytest.approx([m["kl"] for m in m2], abs=1e-5)
         assert [m["n_desirable"] for m in m1] == [m["n_desirable"] for m in m2]
+
+# -----------------------------------------------------------------------------
+# eval against the initial reference: eval_init_* score the same policy log-probs against the initial reference's,
+# kept from step 0
+
+INIT_KEYS = {tr_dpo: ["chosen_reward", "loss", "rejected_reward", "reward_accuracy", "reward_margin"],
+             tr_ipo: ["chosen_reward", "loss", "rejected_reward", "reward_accuracy", "reward_margin"],
+             tr_kto: ["desirable_reward", "kl", "loss", "reward_margin", "undesirable_reward"]}
+
+
+def against_initial(record):
+    """The eval_init_<name> values of an eval record, by name."""
+    return {k[len("eval_init_"):]: v for k, v in record.items() if k.startswith("eval_init_")}
+
+
+@slow
+@pytest.mark.parametrize("script", [tr_dpo, tr_ipo, tr_kto], ids=lambda m: m.__name__)
+def test_eval_init_equals_eval_under_a_frozen_reference(tmp_path, script):
+    out = str(tmp_path)
+    script.main(FAST + ["--max_steps", "4", "--eval_every", "2", "--ref_update", "none", "--output_dir", out])
+    evals = metrics(out, "eval_loss")
+    assert [e["step"] for e in evals] == [2, 4]
+    for e in evals:
+        init = against_initial(e)
+        assert sorted(init) == INIT_KEYS[script]
+        assert init == {k: e["eval_" + k] for k in init}  # exactly: the same log-probs, the same arithmetic
+
+
+@slow
+@pytest.mark.parametrize("script", [tr_dpo, tr_ipo, tr_kto], ids=lambda m: m.__name__)
+def test_eval_init_keeps_the_initial_reference_when_it_moves(tmp_path, script):
+    out = str(tmp_path)
+    script.main(FAST + ["--max_steps", "3", "--eval_every", "1", "--ref_update", "hard", "--tau", "2",
+                        "--output_dir", out])
+    e1, e2, e3 = metrics(out, "eval_loss")
+    # step 1: the reference is still the initial model
+    assert against_initial(e1) == {k: e1["eval_" + k] for k in against_initial(e1)}
+    # step 2: the hard update after it made the reference a copy of the policy, so every reward against it is
+    # exactly 0, while those against the initial model are not
+    rewards = ("chosen_reward", "rejected_reward") if script is not tr_kto else ("desirable_reward", "undesirable_reward")
+    for name in (*rewards, "reward_margin"):
+        assert e2["eval_" + name] == 0 and e2["eval_init_" + name] != 0, name
+    if script is not tr_dpo:
+        return
+    # step 3, by hand from the saved weights: DPO's rewards beta * (log pi - log pi_ref) on the 16 eval pairs
+    # against reference/ (the policy of step 2) and against the initial model ('tiny', seed 0)
+    from transformers import AutoModelForCausalLM
+    model, tok = load_model("tiny", seed=0)
+    batch = collate_pairs(tokenize_rows(tok, load_preferences("toy", 16)[1], ("chosen", "rejected"), 128, 64),
+                          tok.pad_token_id)
+    with torch.no_grad():
+        logps = {name: sequence_logps(AutoModelForCausalLM.from_pretrained(os.path.join(out, name)), **batch)[0]
+                 for name in ("policy", "reference")}
+        initial, _ = sequence_logps(model, **batch)
+    for prefix, ref in (("eval_", logps["reference"]), ("eval_init_", initial)):
+        r_c, r_r = (0.05 * (logps["policy"] - ref)).chunk(2)
+        assert e3[prefix + "reward_margin"] == pytest.approx((r_c - r_r).mean().item(), abs=1e-5)
+        assert e3[prefix + "reward_accuracy"] == (r_c > r_r).float().mean().item()
+        assert e3[prefix + "loss"] == pytest.approx(-torch.nn.functional.logsigmoid(r_c - r_r).mean().item(), abs=1e-5)
 
 # -----------------------------------------------------------------------------
 # a real pretrained model
