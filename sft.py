@@ -36,6 +36,7 @@ from checkpoint import Preemption, check_finite, exit_on_lost_rank, load_checkpo
 from common import (ArgumentParser, Metrics, add_common_args, autocast, cleanup_distributed, collate_unpaired,
                     count_tokens, eval_micro_batches, exit_on_bad_input, global_batch, make_optimizer,
                     rank_micro_batches, setup_distributed, to_device, tokenize_rows, total_steps, validate_args)
+from curves import plot_curves
 from data import load_sft
 from logger import Logger
 from models import load_model
@@ -149,10 +150,11 @@ def train_loop(args, d):
             return
 
     # -------------------------------------------------------------------------
-    # save policy/ (save_pretrained + tokenizer); the summary on stdout
+    # save policy/ (save_pretrained + tokenizer), curves.png; the summary on stdout
     logger.close()
     save_final(args.output_dir, d, model, None, tokenizer)
-    logger.summary(("loss",), ("policy/", "metrics.jsonl"))
+    png = plot_curves(os.path.join(args.output_dir, "metrics.jsonl")) if d.master else None  # None: no matplotlib
+    logger.summary(("loss",), ("policy/", "metrics.jsonl") + (("curves.png",) if png else ()))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """curves.py, pinned: literal metrics records in, literal series and reference-update steps out; the PNG, the
-line printed without matplotlib, and the command line's errors."""
+line printed without matplotlib, the command line's errors, and the PNG at the end of a run."""
+import importlib
 import json
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import sys
 import pytest
 
 import curves
+from conftest import FAST
 from curves import plot_curves, read_metrics, reference_updates, series
 
 # the records Logger writes for a DPO run with --log_every 50 --eval_every 100 --tau 100 (values made up), the
@@ -117,3 +119,25 @@ def test_command_line(tmp_path):
                           (missing, f"error: [Errno 2] No such file or directory: '{missing}'")):
         r = subprocess.run([sys.executable, curves.__file__, path], capture_output=True, text=True)
         assert (r.returncode, r.stdout, r.stderr) == (2, "", message + "\n")
+
+# -----------------------------------------------------------------------------
+# the end of a run: curves.png beside metrics.jsonl, named in the summary; the scripts' metric names are curves.py's
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, panels", [
+    ("tr_dpo", {"loss": 3, "reward_accuracy": 3, "reward_margin": 3, "logps_margin": 2}),  # kinds per panel
+    ("tr_kto", {"loss": 3, "reward_margin": 3, "logps_margin": 2, "kl": 3}),
+])
+def test_a_run_ends_with_its_curves(tmp_path, capfd, script, panels):
+    pytest.importorskip("matplotlib")
+    out = str(tmp_path)
+    importlib.import_module(script).main(FAST + ["--max_steps", "4", "--tau", "2", "--eval_every", "2",
+                                                 "--output_dir", out])
+    assert capfd.readouterr().out.splitlines()[-1] == (f"wrote {out}/policy/, {out}/reference/, {out}/metrics.jsonl, "
+                                                       f"{out}/curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = read_metrics(str(tmp_path / "metrics.jsonl"))
+    # train, eval and eval vs the initial reference on every panel that involves a reference
+    assert {name: len(kinds) for name, kinds in series(records).items()} == panels
+    assert reference_updates(records) == [2, 4]

@@ -66,6 +66,7 @@ from common import (ArgumentParser, Metrics, add_common_args, autocast, cleanup_
                     count_tokens, eval_micro_batches, example_logps, exit_on_bad_input, global_batch, make_optimizer,
                     make_reference, rank_micro_batches, sequence_logps, setup_distributed, should_update_reference,
                     to_device, tokenize_rows, total_steps, update_reference, validate_args)
+from curves import plot_curves
 from data import load_preferences
 from logger import Logger
 from models import load_model
@@ -246,11 +247,12 @@ def train_loop(args, d, hooks=None):
             return
 
     # -------------------------------------------------------------------------
-    # save policy/ and reference/ (save_pretrained + tokenizer); the summary on stdout
+    # save policy/ and reference/ (save_pretrained + tokenizer), curves.png; the summary on stdout
     logger.close()
     save_final(args.output_dir, d, model, ref, tokenizer)
+    png = plot_curves(os.path.join(args.output_dir, "metrics.jsonl")) if d.master else None  # None: no matplotlib
     logger.summary(("loss", "reward_accuracy", "reward_margin", "logps_margin"),
-                   ("policy/", "reference/", "metrics.jsonl"))
+                   ("policy/", "reference/", "metrics.jsonl") + (("curves.png",) if png else ()))
 
 
 if __name__ == "__main__":

@@ -70,6 +70,7 @@ from common import (ArgumentParser, InputError, Metrics, add_common_args, all_re
                     exit_on_bad_input, global_batch, make_optimizer, make_reference, rank_micro_batches,
                     setup_distributed, should_update_reference, to_device, tokenize_rows, total_steps, truncate,
                     update_reference, validate_args)
+from curves import plot_curves
 from data import load_unpaired
 from logger import Logger
 from models import load_model
@@ -335,10 +336,12 @@ def train_loop(args, d, hooks=None):
             return
 
     # -------------------------------------------------------------------------
-    # save policy/ and reference/ (save_pretrained + tokenizer); the summary on stdout
+    # save policy/ and reference/ (save_pretrained + tokenizer), curves.png; the summary on stdout
     logger.close()
     save_final(args.output_dir, d, model, ref, tokenizer)
-    logger.summary(("loss", "reward_margin", "logps_margin", "kl"), ("policy/", "reference/", "metrics.jsonl"))
+    png = plot_curves(os.path.join(args.output_dir, "metrics.jsonl")) if d.master else None  # None: no matplotlib
+    logger.summary(("loss", "reward_margin", "logps_margin", "kl"),
+                   ("policy/", "reference/", "metrics.jsonl") + (("curves.png",) if png else ()))
 
 
 if __name__ == "__main__":
