@@ -158,7 +158,7 @@ def add_common_args(p: argparse.ArgumentParser, name="run"):
     g.add_argument("--output_dir", default=f"out/{name}", help="where metrics.jsonl, policy/, reference/ and checkpoint/ are written")
     g.add_argument("--overwrite", action="store_true", help="start a fresh run in an --output_dir that holds one (policy/ or checkpoint/); its files are replaced as this run writes its own")
     g.add_argument("--log_every", type=int, default=10, help="write a metrics.jsonl record (means over the last N optimizer steps) every N steps")
-    g.add_argument("--eval_every", type=int, default=50, help="0 = only at the end")
+    g.add_argument("--eval_every", type=int, default=50, help="evaluate on the held-out set every N optimizer steps (0 = only at the end)")
     g.add_argument("--save_every", type=int, default=0, help="write checkpoint/ every N steps (0 = never)")
     g.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint")
     g = p.add_argument_group("faults")

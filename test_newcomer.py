@@ -1,13 +1,15 @@
 """What a new user meets first (issue 13): --help with every default, one line and exit code 2 for every bad input
 (a flag, a malformed file, a finished run in --output_dir, a hub model or dataset that cannot be fetched), the summary
 at the end of a run, and no deprecation warnings or extra progress bars. Offline: the hub tests give the child
-process an empty Hugging Face cache and point the hub at a closed port on this machine."""
+process an empty Hugging Face cache and point the hub at a closed port, or a stub server, on this machine."""
+import http.server
 import json
 import os
 import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 
@@ -116,13 +118,14 @@ def test_every_script_reports_a_bad_flag_and_a_malformed_file_in_one_line(script
 
 def test_bad_flags_and_rows_are_one_line_each(tmp_path, capfd):
     out = str(tmp_path / "out")
-    missing = write_lines(tmp_path / "missing.jsonl", [GOOD_ROW, json.dumps({"prompt": "Q", "chosen": "a"})] + [GOOD_ROW] * 4)
+    no_rejected = json.dumps({"prompt": "Q", "chosen": "a"})
+    missing = write_lines(tmp_path / "missing.jsonl", [GOOD_ROW, no_rejected] + [GOOD_ROW] * 4)
     for argv, message in [
         (["--bogus", "1"], "unrecognized arguments: --bogus 1 (--help lists the flags)"),
         (["--alpha", "2"], "--alpha must be in (0, 1], got 2.0"),
         (["--batch_size", "12"], "--batch_size 12 must be divisible by world size 1 x --micro_batch_size 8"),
-        (["--dataset", "nope.jsonl"], "unknown --dataset 'nope.jsonl': use toy, hh, hh:<subset>, tldr, a hub dataset id "
-                                      "(org/name), or an existing .json/.jsonl/.jsonl.gz file or dataset folder"),
+        (["--dataset", "nope.jsonl"], "unknown --dataset 'nope.jsonl': use toy, hh, hh:<subset>, tldr, a hub dataset "
+                                      "id (org/name), or an existing .json/.jsonl/.jsonl.gz file or dataset folder"),
         (["--dataset", missing, "--eval_size", "2"],
          f"{missing}: row 2: missing field 'rejected' (fix the row, or pass --skip_bad_rows)"),
         (["--model", "tr-dpo-tests/no-such-model"],  # conftest sets HF_HUB_OFFLINE=1: the cache only
@@ -197,8 +200,37 @@ def test_a_hub_model_or_dataset_that_cannot_be_fetched_is_one_line_within_second
                               f"HF_HUB_OFFLINE\n")
         else:  # the middle is the HTTP library's own words for a refused connection
             assert re.fullmatch(rf"error: cannot reach the Hugging Face hub to fetch {re.escape(what)} \(.+\); pass "
-                                rf"{instead}, or set HF_HUB_OFFLINE=1 if it is in your Hugging Face cache\n", stderr)
+                                rf"{re.escape(instead)}, or set HF_HUB_OFFLINE=1 if it is in your Hugging Face "
+                                rf"cache\n", stderr)
         assert (code, stdout) == (2, "") and seconds < 30  # the hub libraries' retries took 55 s
+    assert not os.path.exists(out)
+
+
+@slow
+def test_a_name_the_hub_does_not_know_is_one_line(tmp_path):
+    class NotFound(http.server.BaseHTTPRequestHandler):  # a hub on 127.0.0.1 that knows no repository
+        def do_GET(self):
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {k: v for k, v in ENV.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}", HF_HOME=str(tmp_path / "empty_cache"),
+               HF_HUB_DISABLE_TELEMETRY="1")
+    out = str(tmp_path / "out")
+    try:
+        for flag, instead in (("--model", "a local folder as --model"),
+                              ("--dataset", "a local .jsonl file or dataset folder as --dataset")):
+            code, stdout, stderr, _ = run(["tr_dpo.py", flag, "nobody/a-typo", "--output_dir", out], env)
+            assert (code, stdout) == (2, "")  # the middle is the hub library's own words for the 404
+            assert re.fullmatch(rf"error: cannot fetch {flag[2:]} 'nobody/a-typo' from the Hugging Face hub \([^\n]*404"
+                                rf"[^\n]*\); check the name, or pass {re.escape(instead)}\n", stderr), stderr
+    finally:
+        server.shutdown()
     assert not os.path.exists(out)
 
 # -----------------------------------------------------------------------------
