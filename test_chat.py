@@ -323,6 +323,36 @@ def test_malformed_unpaired_row_names_file_row_and_field(tmp_path):
     assert str(e.value) == f"{path}: row 4: field 'completion': message 1 has no 'content' (fix the row, or pass " \
                            f"--skip_bad_rows)"
 
+def test_bad_chat_input_ends_the_run_in_one_line(tmp_path, capfd):
+    """As every bad input: one line on stderr, exit code 2, nothing written."""
+    import tr_dpo
+    rows = fixture("chat.jsonl")
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps({**r, "chosen": [{"content": "4."}]} if i == 2 else r) + "\n"
+                            for i, r in enumerate(rows, 1)))
+    out = str(tmp_path / "out")
+    for dataset, message in (
+            (str(path), f"{path}: row 2: field 'chosen': message 1 has no 'role' (fix the row, or pass --skip_bad_rows)"),
+            (os.path.join(HERE, "fixtures", "chat.jsonl"),  # the built-in tiny model has no chat template
+             "chat-format rows need a tokenizer with a chat template and this one has none (the built-in --model tiny "
+             "and small have none): use a model that has one, e.g. --model smollm2, or text rows")):
+        with pytest.raises(SystemExit) as e:
+            tr_dpo.main(["--dataset", dataset, "--eval_size", "1", "--output_dir", out])
+        assert (e.value.code, *capfd.readouterr()) == (2, "", f"error: {message}\n")
+    assert not os.path.exists(out)
+
+
+def test_dataset_flag_takes_hub_ids_not_missing_files(tmp_path, capfd):
+    import tr_dpo
+    from common import validate_args
+    hub_id = ["--dataset", "HuggingFaceH4/ultrafeedback_binarized", "--output_dir", str(tmp_path / "out")]
+    validate_args(tr_dpo.get_args(hub_id), world_size=1)  # passes
+    with pytest.raises(SystemExit) as e:  # org/name in form, but a file name: a missing file, never fetched
+        tr_dpo.main(["--dataset", "data/prefs.jsonl", "--output_dir", str(tmp_path / "out")])
+    assert (e.value.code, *capfd.readouterr()) == (2, "", "error: unknown --dataset 'data/prefs.jsonl': use toy, hh, "
+                                                          "hh:<subset>, tldr, a hub dataset id (org/name), or an "
+                                                          "existing .json/.jsonl/.jsonl.gz file or dataset folder\n")
+
 # -----------------------------------------------------------------------------
 # SmolLM2's own tokenizer (~5 s to load from the GGUF: once per module)
 
