@@ -17,7 +17,10 @@ so the policy is held close to a recent version of itself (a trust region) inste
 Offline demo (tiny model built in code, toy digit puzzles, 250 steps, ~20 s on 2 CPU cores):
     python tr_dpo.py
 The loss is measured against a moving reference, so it drifts back towards ln 2 after each reference update;
-`logps_margin` = log pi(y_w|x) - log pi(y_l|x), the policy's own preference, keeps rising.
+`logps_margin` = log pi(y_w|x) - log pi(y_l|x), the policy's own preference, keeps rising. Eval records hold the
+eval set's loss, reward accuracy and margin twice: eval_* against the reference as it is (they reset with it) and
+eval_init_* against the initial reference, whose log-probs are kept from step 0, so these compare over time.
+curves.png (curves.py) plots both, with the reference updates marked.
 Plain DPO baseline, hard update:
     python tr_dpo.py --ref_update none
     python tr_dpo.py --ref_update hard --tau 16

@@ -31,7 +31,9 @@ same training step, written out here in full so that this file reads on its own.
 Offline demo (tiny model built in code, toy digit puzzles, 250 steps, ~22 s on 2 CPU cores):
     python tr_ipo.py
 The loss starts at 1/(4*beta^2) = 1 (h = 0) and falls as h approaches its target 1/(2*beta) = 1; every
-reference update pulls h back towards 0, so the loss steps up a little after each and falls again.
+reference update pulls h back towards 0, so the loss steps up a little after each and falls again. eval_init_*
+score the same eval log-probs against the initial reference (kept from step 0), comparable over time, as in
+tr_dpo.py.
 Plain IPO, hard update, summed log-probs:
     python tr_ipo.py --ref_update none
     python tr_ipo.py --ref_update hard --tau 16

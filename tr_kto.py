@@ -36,7 +36,9 @@ tr_dpo.py's demo, for the forwards on the mismatched pairs):
 Logged: loss, kl (z0), desirable_reward / undesirable_reward and desirable_logps / undesirable_logps (means over
 each class), reward_margin and logps_margin (desirable minus undesirable), n_desirable / n_undesirable (examples
 per interval). Measured against a moving reference, loss and rewards drift back after each reference update;
-logps_margin, the policy's own preference for the desirable completions, keeps rising.
+logps_margin, the policy's own preference for the desirable completions, keeps rising. Eval records also hold
+eval_init_loss, _desirable_reward, _undesirable_reward, _reward_margin and _kl: the same eval log-probs against
+the initial reference, kept from step 0, comparable over time (tr_dpo.py's docstring; curves.png plots both).
 Plain KTO, hard update, your own unpaired data:
     python tr_kto.py --ref_update none
     python tr_kto.py --ref_update hard --tau 16
