@@ -14,7 +14,8 @@ batch is split into micro-batches and ranks.
 
 Data (--dataset): 'toy' = digit puzzles whose SFT answers are wrong 30% of the time on purpose (toy.toy_sft_rows),
 'hh[:subset]' = the chosen dialogues, 'tldr' = the reference summaries of CarperAI/openai_summarize_tldr, or a local
-file of {"prompt", "completion"} rows, {"prompt", "label"} rows (TL;DR style) or preference pairs (chosen used).
+file, dataset folder or hub id of {"prompt", "completion"} rows, {"prompt", "label"} rows (TL;DR style) or
+preference pairs (chosen used), in text or chat format (data.py, chat.py).
 Flags, DDP, logging, checkpoints and resume are those of the TR scripts, and the step is theirs without a
 reference model; the trust-region flags are accepted and unused. The output is policy/, the --model of every TR run:
 

@@ -95,7 +95,7 @@ def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 def logps_for_loss(logps, n_tokens, mode):
     """The log-probs the loss sees (--logps): sequence_logps() gives sums; "mean" divides them by the response
-    length (>= 1: every response ends in EOS), "sum" keeps them."""
+    length (>= 1: every response ends in EOS, or in a chat template's end of turn), "sum" keeps them."""
     return logps / n_tokens if mode == "mean" else logps
 
 # -----------------------------------------------------------------------------

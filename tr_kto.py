@@ -12,9 +12,9 @@ Rewards are beta * r. TR-KTO (Gorbatovski et al., arXiv 2404.09656) moves the re
 optimizer step theta_ref <- alpha * theta + (1 - alpha) * theta_ref (alpha = 1 is the hard update);
 --ref_update none is plain KTO.
 
-Data. A paired set (toy, hh, tldr, a paired local file) gives one desirable (chosen) and one undesirable
-(rejected) example per pair; a local .jsonl of {"prompt", "completion", "label": true/false} rows is read as is
-(data.load_unpaired). At start-up we warn when lambda_D * n_D / (lambda_U * n_U) falls outside [1, 4/3], the
+Data. A paired set (toy, hh, tldr, a paired file, folder or hub set) gives one desirable (chosen) and one
+undesirable (rejected) example per pair; a source of {"prompt", "completion", "label": true/false} rows, text or
+chat messages, is read as is (data.load_unpaired). At start-up we warn when lambda_D * n_D / (lambda_U * n_U) falls outside [1, 4/3], the
 range the KTO paper recommends (its Eq. 8); paired data gives n_D = n_U.
 
 The reference point z0, and why it is the same whatever the world size. As in the KTO authors' code, z0 is
