@@ -117,8 +117,6 @@ def train_loop(args, d, hooks=None):
     # --share_prompt (speed.py): each prompt stored once and run once, its KV cache reused for both responses
     collate, logps_fn = ((collate_shared_prompt, shared_prompt_logps) if args.share_prompt
                          else (collate_pairs, sequence_logps))
-    if hooks:
-        collate = hooks.counted(collate)  # bench.py counts the tokens and padding of every batch
     policy, policy_lm, ref_lm = wrap_models(model, ref, d, args.fsdp, logps_fn)
     opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.warmup_steps, args.lr_schedule, num_steps,
                                 d.device)
@@ -129,6 +127,8 @@ def train_loop(args, d, hooks=None):
         state["init_ref_logps"] = example_logps(ref_lm, evals, eval_batches, collate, tokenizer.pad_token_id, 2,
                                                 d.device, lambda: autocast(args.dtype, d.device))
     init_ref_logps = state["init_ref_logps"].to(d.device)
+    if hooks:  # bench.py counts the tokens and padding of every batch from here on (not the step-0 ones above)
+        collate = hooks.counted(collate)
 
     def dpo_batch(examples, metrics, lm, init_logps=None):
         """Loss per pair for a micro-batch; chosen and rejected go through the model in one forward pass.

@@ -206,8 +206,6 @@ def train_loop(args, d, hooks=None):
     model.to(d.device).train()
     ref = make_reference(model, getattr(torch, args.ref_dtype))
     collate = collate_unpaired
-    if hooks:
-        collate = hooks.counted(collate)  # bench.py counts the tokens and padding of every batch
     policy, policy_lm, ref_lm = wrap_models(model, ref, d, args.fsdp)
     opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.warmup_steps, args.lr_schedule, num_steps,
                                 d.device)
@@ -219,6 +217,8 @@ def train_loop(args, d, hooks=None):
             example_logps(ref_lm, examples, eval_batches, collate, tokenizer.pad_token_id, 1, d.device,
                           lambda: autocast(args.dtype, d.device)) for examples in (evals, eval_pairs)])
     init_ref_logps = state["init_ref_logps"].to(d.device)  # (2, len(evals)): examples, then their pairs
+    if hooks:  # bench.py counts the tokens and padding of every batch from here on (not the step-0 ones above)
+        collate = hooks.counted(collate)
     kl_of = lambda pairs, init=None: estimate_kl(  # noqa: E731
         policy_lm, ref_lm, pairs, args.micro_batch_size, tokenizer.pad_token_id, d.device,
         lambda: autocast(args.dtype, d.device), collate, init).clamp(min=0)
