@@ -147,8 +147,9 @@ def epoch_padding(args, data):
     alone (no model): the batches the scripts draw (global_batch, with or without --group_by_length), cut into
     micro-batches and collated by the scripts' own collate functions. TRL pads like 'plain' (the same slots,
     checked in the runs). Steadier than the padding of a few timed steps."""
-    from common import byte_tokenizer, collate_pairs, global_batch, tokenize_rows
+    from common import collate_pairs, global_batch, tokenize_rows
     from data import load_preferences
+    from models import byte_tokenizer
     from speed import collate_shared_prompt, example_lengths
     tok = byte_tokenizer()
     rows = tokenize_rows(tok, load_preferences(data, 1, args.seed)[0], ("chosen", "rejected"), args.max_length,
@@ -212,7 +213,7 @@ class Clock:
 def count_batch(clock, batch):
     """Tokens, real tokens and padded slots of a batch, whatever its layout: ours (plain or shared prompt) or
     TRL's (KTO's mismatched KL sequences included, as they are in ours). Tokens are prompt + response of every
-    sequence run, a shared prompt once per response: common.count_tokens's rule, read from the masks."""
+    sequence run, a shared prompt once per response: logger.count_tokens's rule, read from the masks."""
     masks = [k for k in ("prompt_mask", "response_mask", "attention_mask", "KL_attention_mask") if k in batch]
     clock.real += sum(int(batch[k].sum()) for k in masks)
     clock.slots += sum(batch[k].numel() for k in masks)

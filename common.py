@@ -1,9 +1,11 @@
 """
 The shared core of sft.py, tr_dpo.py, tr_ipo.py and tr_kto.py: distributed set-up, flags, the HH prompt boundary,
 tokenisation and masking, sequence log-probs, the trust-region reference update and its schedule, batch order,
-the optimizer and metrics. What a reader can skip lives in files named for what they hold: data.py (loading and
-validating rows), models.py, toy.py, parallel.py (DDP, FSDP), speed.py (--share_prompt, --group_by_length),
-logger.py (metrics.jsonl) and checkpoint.py (checkpoints, preemption, faults).
+the optimizer and metrics. What a reader can skip lives in files named for what they hold: cli.py (InputError, the
+one-line exit on a bad flag, file or row, the checks on paths), data.py (loading and validating rows), models.py
+(models, the byte tokenizer, --dtype autocast), toy.py, parallel.py (DDP, FSDP, the step-0 reference log-probs),
+speed.py (--share_prompt, --group_by_length), logger.py (metrics.jsonl, token counts) and checkpoint.py
+(checkpoints, preemption, faults).
 
 Conventions (stated here once, pinned by test_common.py):
 - Prompt boundary. A prompt is text; a response is the text the model is trained on. For Anthropic HH the
@@ -30,14 +32,14 @@ import copy
 import datetime
 import math
 import os
-import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.distributed.fsdp
 import torch.nn.functional as F
+
+from cli import InputError, check_paths, need
 
 # -----------------------------------------------------------------------------
 # distributed set-up: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain `python` is one process
@@ -89,38 +91,6 @@ def barrier():
 # command-line flags shared by the four scripts; validated before anything is loaded or written
 
 
-class InputError(ValueError):
-    """A mistake in what the user gave: a flag, a file or a row (DataError), a model or dataset that cannot be
-    fetched. exit_on_bad_input turns it into one line on stderr and exit code 2."""
-
-
-@contextmanager
-def exit_on_bad_input():
-    """Every script's main() runs inside this: an InputError ends the run with its message as one line and exit
-    code 2 (argparse's code for a bad command line), with no traceback, since the user, not the code, has to change
-    something. Any other error keeps its traceback."""
-    try:
-        yield
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help: each flag's default after its help text, and the script's docstring with its line breaks."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """The scripts' parser: HelpFormatter, and a bad command line (an unknown flag, a value of the wrong type) is
-    an InputError like every other bad input, instead of argparse's usage block."""
-
-    def __init__(self, description):
-        super().__init__(description=description, formatter_class=HelpFormatter)
-
-    def error(self, message):
-        raise InputError(f"{message} (--help lists the flags)")
-
-
 def add_common_args(p: argparse.ArgumentParser, name="run"):
     """The flags every training script shares; `name` gives the default --output_dir, out/<name>."""
     g = p.add_argument_group("model")
@@ -169,10 +139,8 @@ def add_common_args(p: argparse.ArgumentParser, name="run"):
 
 def validate_args(args, world_size, positive=()):
     """Check flags before any model or data is loaded; each message says what to change. `positive` names the
-    script's own flags that must be > 0 (a method's beta: a negative one would train the method backwards)."""
-    def need(ok, msg):
-        if not ok:
-            raise InputError(msg)
+    script's own flags that must be > 0 (a method's beta: a negative one would train the method backwards). The
+    flags that name paths, hub ids and earlier runs are checked by cli.check_paths."""
     need(0 < args.alpha <= 1, f"--alpha must be in (0, 1], got {args.alpha}")
     need(args.tau >= 1, f"--tau must be >= 1, got {args.tau}")
     need(args.batch_size % (world_size * args.micro_batch_size) == 0,
@@ -185,20 +153,7 @@ def validate_args(args, world_size, positive=()):
     need(args.skip_nonfinite >= 0 and args.dist_timeout >= 1, "--skip_nonfinite must be >= 0 and --dist_timeout >= 1")
     need(not args.fsdp or hasattr(torch.distributed.fsdp, "fully_shard"),
          "--fsdp needs PyTorch >= 2.6 (torch.distributed.fsdp.fully_shard)")
-    need(os.path.isdir(args.model) or (not args.model.startswith((".", "/")) and args.model.count("/") <= 1),
-         f"--model {args.model!r}: not a built-in name, an existing folder or a hub id (org/name)")
-    d = args.dataset
-    hub_id = not d.startswith((".", "/")) and d.count("/") == 1 and not d.endswith((".json", ".jsonl", ".gz"))
-    need(d in ("toy", "hh", "tldr") or d.startswith("hh:") or os.path.exists(d) or hub_id,
-         f"unknown --dataset {d!r}: use toy, hh, hh:<subset>, tldr, a hub dataset id (org/name), or an existing "
-         f".json/.jsonl/.jsonl.gz file or dataset folder")
-    has = lambda sub: os.path.isdir(os.path.join(args.output_dir, sub))  # noqa: E731
-    need(not args.resume or has("checkpoint"),
-         f"--resume: no checkpoint in {args.output_dir}; drop --resume or point --output_dir at a run with --save_every")
-    previous = [sub + "/" for sub in ("policy", "checkpoint") if has(sub)]
-    need(not previous or args.resume or args.overwrite,
-         f"{args.output_dir} holds a run ({', '.join(previous)}): pass --overwrite to replace it, "
-         + ("--resume to continue it, " if has("checkpoint") else "") + "or choose another --output_dir")
+    check_paths(args.model, args.dataset, args.output_dir, args.resume, args.overwrite)
     for name in positive:
         need(getattr(args, name) > 0, f"--{name} must be positive, got {getattr(args, name)}")
 
@@ -281,21 +236,6 @@ def split_hh(chosen, rejected):
 # tokenisation, truncation, masking and batching
 
 
-def byte_tokenizer():
-    """A byte-level tokenizer built in code: 256 byte tokens + <|endoftext|> (EOS) + <|padding|>. No files."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    # GPT-2's byte -> printable-character map, so that token id == byte value ("a" is 97)
-    bs = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    cs = bs + [256 + i for i in range(256 - len(bs))]
-    bs = bs + [b for b in range(256) if b not in bs]
-    vocab = {chr(c): b for b, c in zip(bs, cs)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|padding|>")
-
-
 def truncate(prompt_ids, responses, max_length, max_prompt_length):
     """Keep the end of the prompt, then cut responses from the right (see the module docstring)."""
     if len(prompt_ids) + max(map(len, responses)) > max_length:
@@ -356,14 +296,6 @@ def collate_unpaired(examples, pad_id):
     return pad_sequences([build_sequence(e["prompt"], e["completion"]) for e in examples], pad_id)
 
 
-def count_tokens(examples, keys, device):
-    """Prompt + response tokens of the sequences a micro-batch runs (one per example and key), for tokens/s: the
-    same count whatever the layout (speed.collate_shared_prompt stores a prompt once; it counts once per response).
-    A 0-dim tensor on `device`, copied without waiting, so that Metrics adds it without a host-device sync."""
-    n = sum(len(e["prompt"]) + len(e[k]) for e in examples for k in keys)
-    return torch.tensor(float(n)).to(device, non_blocking=True)
-
-
 def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -394,24 +326,6 @@ def sequence_logps(model, input_ids, attention_mask, labels, positions=None):
     h = hidden.flatten(0, 1).index_select(0, positions)  # position n*T + t predicts token n*T + t + 1
     logps = response_logps_sum(model, h, labels.flatten().index_select(0, positions + 1), positions // T, N)
     return logps, (labels[:, 1:] != -100).sum(1)
-
-
-@torch.no_grad()
-def example_logps(lm, examples, batches, collate, pad_id, per_example, device, amp):
-    """Summed log-probs under `lm` of every sequence of `examples`, as a (per_example, len(examples)) float32 tensor
-    on `device` holding the rows of all ranks, so that [:, ids].flatten() is laid out as lm's output for the
-    micro-batch ids (per_example = 2 for pairs: chosen, then rejected; 1 for unpaired examples). `batches` are this
-    rank's micro-batches (lists of indices), collated and run as the caller's own loop runs them, so every value is
-    bit for bit what that loop gets from the same weights. The scripts keep the initial reference's eval log-probs
-    this way, once at step 0. Every rank must call it (one all-reduce; FSDP forwards)."""
-    out = torch.zeros(per_example, len(examples), device=device)
-    for ids in batches:
-        batch = to_device(collate([examples[j] for j in ids], pad_id), device)
-        with amp():
-            logps, _ = lm(**batch)
-        out[:, ids] = logps.view(per_example, len(ids))
-    return all_reduce_sum(out)
-
 
 # -----------------------------------------------------------------------------
 # global-batch order: a function of (seed, epoch) only, never of the world size
@@ -461,7 +375,7 @@ def total_steps(n_train, batch_size, max_steps, epochs):
     return max_steps or epochs * per_epoch
 
 # -----------------------------------------------------------------------------
-# optimiser, precision
+# optimiser
 
 
 def make_optimizer(model, lr, weight_decay, warmup_steps, schedule, num_steps, device):
@@ -477,12 +391,6 @@ def make_optimizer(model, lr, weight_decay, warmup_steps, schedule, num_steps, d
         return 1.0
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
 
-
-def autocast(dtype, device):
-    """The --dtype flag as an autocast context: "float32" (off), "bfloat16", or "auto" = bfloat16 on CUDA only."""
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None,
-             "float32": None, "bfloat16": torch.bfloat16}[dtype]
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 # -----------------------------------------------------------------------------
 # metrics: per-example sums, reduced across ranks at log intervals (logger.py writes them)

@@ -55,10 +55,10 @@ import torch
 from tqdm import tqdm
 
 from chat import is_chat, render_chat
-from common import (autocast, barrier, build_sequence, cleanup_distributed, pad_sequences, sequence_logps,
-                    setup_distributed, to_device)
+from common import (barrier, build_sequence, cleanup_distributed, pad_sequences, sequence_logps, setup_distributed,
+                    to_device)
 from data import load_preferences
-from models import load_model
+from models import autocast, load_model
 from toy import toy_gold_score, toy_malformed
 
 # -----------------------------------------------------------------------------

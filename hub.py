@@ -8,7 +8,7 @@ here. A reader learning the methods can skip this file.
 """
 from contextlib import contextmanager
 
-from common import InputError
+from cli import InputError
 
 
 @contextmanager

@@ -3,12 +3,22 @@ The Logger: one JSON line per log interval in output_dir/metrics.jsonl, the tqdm
 prints on stdout when it ends.
 
 The scripts build the record (common.Metrics means, tokens/s, learning rate, reference-update counters) and hand it
-to Logger.log; this file only writes it. A reader needs it to parse metrics.jsonl or change what the bar or the
+to Logger.log; this file writes it, and count_tokens counts the tokens behind tokens/s. A reader needs it to parse metrics.jsonl or change what the bar or the
 summary shows.
 """
 import json
 import os
 import time
+
+import torch
+
+
+def count_tokens(examples, keys, device):
+    """Prompt + response tokens of the sequences a micro-batch runs (one per example and key), for tokens/s: the
+    same count whatever the layout (speed.collate_shared_prompt stores a prompt once; it counts once per response).
+    A 0-dim tensor on `device`, copied without waiting, so that Metrics adds it without a host-device sync."""
+    n = sum(len(e["prompt"]) + len(e[k]) for e in examples for k in keys)
+    return torch.tensor(float(n)).to(device, non_blocking=True)
 
 
 class Logger:

@@ -2,7 +2,8 @@
 Models and tokenizers: the built-in random-init shapes ('tiny', 'small', the Pythia sizes), SmolLM2 from its GGUF
 file, or anything from_pretrained loads.
 
-Every script calls load_model(--model) once and gets an ordinary Hugging Face causal LM in float32 and its tokenizer.
+Every script calls load_model(--model) once and gets an ordinary Hugging Face causal LM in float32 and its tokenizer;
+autocast(--dtype) is the precision its forward passes run in.
 A reader needs this file only to add a model family or to see where the offline demo's 'tiny' model comes from; the
 training step never depends on which branch built the model.
 """
@@ -12,7 +13,7 @@ from contextlib import nullcontext
 
 import torch
 
-from common import InputError, byte_tokenizer
+from cli import InputError
 from hub import fetching
 
 # Pythia-architecture shapes (GPT-NeoX); "tiny" trains on a laptop CPU in seconds, "small" in minutes.
@@ -24,6 +25,21 @@ MODEL_SHAPES = {
     "pythia-410m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
     "pythia-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=8, intermediate_size=8192),
 }
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built in code: 256 byte tokens + <|endoftext|> (EOS) + <|padding|>. No files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    # GPT-2's byte -> printable-character map, so that token id == byte value ("a" is 97)
+    bs = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    cs = bs + [256 + i for i in range(256 - len(bs))]
+    bs = bs + [b for b in range(256) if b not in bs]
+    vocab = {chr(c): b for b, c in zip(bs, cs)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|padding|>")
 
 
 def load_model(name, seed=0, trust_remote_code=False, gradient_checkpointing=False):
@@ -63,3 +79,10 @@ def load_model(name, seed=0, trust_remote_code=False, gradient_checkpointing=Fal
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})
     return model, tok
+
+
+def autocast(dtype, device):
+    """The --dtype flag as an autocast context: "float32" (off), "bfloat16", or "auto" = bfloat16 on CUDA only."""
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None,
+             "float32": None, "bfloat16": torch.bfloat16}[dtype]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)

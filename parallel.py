@@ -2,6 +2,7 @@
 Data parallelism: the policy under DDP (a full copy per rank) or FSDP2 (--fsdp, sharded per transformer block).
 
 The scripts call wrap_models once and then no_sync around each micro-batch; with one process both do nothing.
+example_logps runs a wrapped model over every rank's share of a data set (the initial reference's eval log-probs).
 A reader needs this file to know why `policy(**batch)` returns log-probs (SequenceLogps: DDP must wrap a module
 whose forward is the whole computation, so that its hooks see the pass) or to change how a model is sharded; the
 arithmetic of a step is the same with one process or many (tested).
@@ -12,7 +13,7 @@ from contextlib import nullcontext
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import Dist, sequence_logps
+from common import Dist, all_reduce_sum, sequence_logps, to_device
 
 
 class SequenceLogps(torch.nn.Module):
@@ -66,3 +67,20 @@ def no_sync(policy, fsdp, last):
         policy.set_requires_gradient_sync(last)
         return nullcontext()
     return policy.no_sync() if isinstance(policy, DDP) and not last else nullcontext()
+
+
+@torch.no_grad()
+def example_logps(lm, examples, batches, collate, pad_id, per_example, device, amp):
+    """Summed log-probs under `lm` of every sequence of `examples`, as a (per_example, len(examples)) float32 tensor
+    on `device` holding the rows of all ranks, so that [:, ids].flatten() is laid out as lm's output for the
+    micro-batch ids (per_example = 2 for pairs: chosen, then rejected; 1 for unpaired examples). `batches` are this
+    rank's micro-batches (lists of indices), collated and run as the caller's own loop runs them, so every value is
+    bit for bit what that loop gets from the same weights. The scripts keep the initial reference's eval log-probs
+    this way, once at step 0. Every rank must call it (one all-reduce; FSDP forwards)."""
+    out = torch.zeros(per_example, len(examples), device=device)
+    for ids in batches:
+        batch = to_device(collate([examples[j] for j in ids], pad_id), device)
+        with amp():
+            logps, _ = lm(**batch)
+        out[:, ids] = logps.view(per_example, len(ids))
+    return all_reduce_sum(out)

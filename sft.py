@@ -34,13 +34,14 @@ import os
 import torch
 
 from checkpoint import Preemption, check_finite, exit_on_lost_rank, load_checkpoint, save_checkpoint, save_final
-from common import (ArgumentParser, Metrics, add_common_args, autocast, cleanup_distributed, collate_unpaired,
-                    count_tokens, eval_micro_batches, exit_on_bad_input, global_batch, make_optimizer,
-                    rank_micro_batches, setup_distributed, to_device, tokenize_rows, total_steps, validate_args)
+from cli import ArgumentParser, exit_on_bad_input
+from common import (Metrics, add_common_args, cleanup_distributed, collate_unpaired, eval_micro_batches, global_batch,
+                    make_optimizer, rank_micro_batches, setup_distributed, to_device, tokenize_rows, total_steps,
+                    validate_args)
 from curves import plot_curves
 from data import load_sft
-from logger import Logger
-from models import load_model
+from logger import Logger, count_tokens
+from models import autocast, load_model
 from parallel import no_sync, wrap_models
 from speed import example_lengths
 

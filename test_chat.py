@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chat import chat_row, is_chat, render_chat, split_chat
-from common import DataError, build_sequence, byte_tokenizer, split_hh, tokenize_rows
+from common import DataError, build_sequence, split_hh, tokenize_rows
 from data import load_preferences, load_sft, load_unpaired
+from models import byte_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAIR, UNPAIRED = ("prompt", "chosen", "rejected"), ("prompt", "completion", "label")

@@ -7,11 +7,13 @@ import os
 import pytest
 import torch
 
-from common import (DataError, Dist, InputError, add_common_args, byte_tokenizer, collate_pairs, count_tokens, global_batch,
-                    rank_micro_batches, sequence_logps, split_hh, tokenize_rows, truncate, validate_args)
+from cli import InputError
+from common import (DataError, Dist, add_common_args, collate_pairs, global_batch, rank_micro_batches, sequence_logps,
+                    split_hh, tokenize_rows, truncate, validate_args)
 from conftest import HERE, naive_logp
 from data import load_preferences
-from models import load_model
+from logger import count_tokens
+from models import byte_tokenizer, load_model
 
 HH, TLDR = (os.path.join(HERE, "fixtures", f) for f in ("hh.jsonl", "tldr.jsonl"))
 

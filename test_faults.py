@@ -15,9 +15,10 @@ from hypothesis import strategies as st
 
 import checkpoint
 import tr_dpo
-from common import DataError, byte_tokenizer, global_batch, tokenize_rows
+from common import DataError, global_batch, tokenize_rows
 from conftest import ENV, FAST, HERE, torchrun, weights
 from data import load_preferences
+from models import byte_tokenizer
 
 # two micro-batches of 2 per rank under two processes, a reference update every 2 steps
 FLAGS = FAST + ["--micro_batch_size", "2", "--tau", "2", "--alpha", "0.5"]

@@ -19,7 +19,7 @@ import sft
 import tr_dpo
 import tr_ipo
 import tr_kto
-from common import InputError, exit_on_bad_input
+from cli import InputError, exit_on_bad_input
 from conftest import ENV, FAST, HERE, metrics, torchrun
 from hub import fetching
 from models import load_model

@@ -11,10 +11,11 @@ import torch
 
 import bench
 import tr_dpo
-from common import (Dist, InputError, add_common_args, byte_tokenizer, collate_pairs, global_batch, rank_micro_batches,
-                    sequence_logps, tokenize_rows, validate_args)
+from cli import InputError
+from common import (Dist, add_common_args, collate_pairs, global_batch, rank_micro_batches, sequence_logps, tokenize_rows,
+                    validate_args)
 from conftest import HERE, metrics
-from models import load_model
+from models import byte_tokenizer, load_model
 from speed import collate_shared_prompt, example_lengths, shared_prompt_logps
 
 slow = pytest.mark.slow

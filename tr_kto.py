@@ -67,16 +67,16 @@ from contextlib import nullcontext
 import torch
 
 from checkpoint import Preemption, check_finite, exit_on_lost_rank, load_checkpoint, save_checkpoint, save_final
-from common import (ArgumentParser, InputError, Metrics, add_common_args, all_reduce_sum, autocast,
-                    cleanup_distributed, collate_unpaired, count_tokens, eval_micro_batches, example_logps,
-                    exit_on_bad_input, global_batch, make_optimizer, make_reference, rank_micro_batches,
-                    setup_distributed, should_update_reference, to_device, tokenize_rows, total_steps, truncate,
-                    update_reference, validate_args)
+from cli import ArgumentParser, InputError, exit_on_bad_input
+from common import (Metrics, add_common_args, all_reduce_sum, cleanup_distributed, collate_unpaired, eval_micro_batches,
+                    global_batch, make_optimizer, make_reference, rank_micro_batches, setup_distributed,
+                    should_update_reference, to_device, tokenize_rows, total_steps, truncate, update_reference,
+                    validate_args)
 from curves import plot_curves
 from data import load_unpaired
-from logger import Logger
-from models import load_model
-from parallel import no_sync, wrap_models
+from logger import Logger, count_tokens
+from models import autocast, load_model
+from parallel import example_logps, no_sync, wrap_models
 from speed import example_lengths
 
 # -----------------------------------------------------------------------------
