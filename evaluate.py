@@ -54,12 +54,12 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import torch
 from tqdm import tqdm
 
-from chat import is_chat, render_chat
 from common import (barrier, build_sequence, cleanup_distributed, pad_sequences, sequence_logps, setup_distributed,
                     to_device)
-from data import load_preferences
-from models import autocast, load_model
-from toy import toy_gold_score, toy_malformed
+from engineering.chat import is_chat, render_chat
+from engineering.data import load_preferences
+from engineering.models import autocast, load_model
+from engineering.toy import toy_gold_score, toy_malformed
 
 # -----------------------------------------------------------------------------
 # judge prompts, modelled on the GPT-4 prompts of the DPO paper (arXiv 2305.18290, Appendix C.2). For dialogue the

@@ -33,17 +33,18 @@ import os
 
 import torch
 
-from checkpoint import Preemption, check_finite, exit_on_lost_rank, load_checkpoint, save_checkpoint, save_final
-from cli import ArgumentParser, exit_on_bad_input
 from common import (Metrics, add_common_args, cleanup_distributed, collate_unpaired, eval_micro_batches, global_batch,
                     make_optimizer, rank_micro_batches, setup_distributed, to_device, tokenize_rows, total_steps,
                     validate_args)
-from curves import plot_curves
-from data import load_sft
-from logger import Logger, count_tokens
-from models import autocast, load_model
-from parallel import no_sync, wrap_models
-from speed import example_lengths
+from engineering.checkpoint import (Preemption, check_finite, exit_on_lost_rank, load_checkpoint, save_checkpoint,
+                                    save_final)
+from engineering.cli import ArgumentParser, exit_on_bad_input
+from engineering.curves import plot_curves
+from engineering.data import load_sft
+from engineering.logger import Logger, count_tokens
+from engineering.models import autocast, load_model
+from engineering.parallel import no_sync, wrap_models
+from engineering.speed import example_lengths
 
 
 def get_args(argv=None):

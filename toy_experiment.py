@@ -117,8 +117,8 @@ import tr_dpo
 import tr_ipo
 import tr_kto
 from evaluate import response_logps, sample
-from models import load_model
-from toy import toy_gold_score, toy_malformed, toy_preferences, toy_problem, toy_sft_rows
+from engineering.models import load_model
+from engineering.toy import toy_gold_score, toy_malformed, toy_preferences, toy_problem, toy_sft_rows
 
 # -----------------------------------------------------------------------------
 # the design

@@ -42,17 +42,18 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from checkpoint import Preemption, check_finite, exit_on_lost_rank, load_checkpoint, save_checkpoint, save_final
-from cli import ArgumentParser, exit_on_bad_input
 from common import (Metrics, add_common_args, cleanup_distributed, collate_pairs, eval_micro_batches, global_batch,
                     make_optimizer, make_reference, rank_micro_batches, sequence_logps, setup_distributed,
                     should_update_reference, to_device, tokenize_rows, total_steps, update_reference, validate_args)
-from curves import plot_curves
-from data import load_preferences
-from logger import Logger, count_tokens
-from models import autocast, load_model
-from parallel import example_logps, no_sync, wrap_models
-from speed import collate_shared_prompt, example_lengths, shared_prompt_logps
+from engineering.checkpoint import (Preemption, check_finite, exit_on_lost_rank, load_checkpoint, save_checkpoint,
+                                    save_final)
+from engineering.cli import ArgumentParser, exit_on_bad_input
+from engineering.curves import plot_curves
+from engineering.data import load_preferences
+from engineering.logger import Logger, count_tokens
+from engineering.models import autocast, load_model
+from engineering.parallel import example_logps, no_sync, wrap_models
+from engineering.speed import collate_shared_prompt, example_lengths, shared_prompt_logps
 
 # -----------------------------------------------------------------------------
 # the loss

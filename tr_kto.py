@@ -66,18 +66,19 @@ from contextlib import nullcontext
 
 import torch
 
-from checkpoint import Preemption, check_finite, exit_on_lost_rank, load_checkpoint, save_checkpoint, save_final
-from cli import ArgumentParser, InputError, exit_on_bad_input
 from common import (Metrics, add_common_args, all_reduce_sum, cleanup_distributed, collate_unpaired, eval_micro_batches,
                     global_batch, make_optimizer, make_reference, rank_micro_batches, setup_distributed,
                     should_update_reference, to_device, tokenize_rows, total_steps, truncate, update_reference,
                     validate_args)
-from curves import plot_curves
-from data import load_unpaired
-from logger import Logger, count_tokens
-from models import autocast, load_model
-from parallel import example_logps, no_sync, wrap_models
-from speed import example_lengths
+from engineering.checkpoint import (Preemption, check_finite, exit_on_lost_rank, load_checkpoint, save_checkpoint,
+                                    save_final)
+from engineering.cli import ArgumentParser, InputError, exit_on_bad_input
+from engineering.curves import plot_curves
+from engineering.data import load_unpaired
+from engineering.logger import Logger, count_tokens
+from engineering.models import autocast, load_model
+from engineering.parallel import example_logps, no_sync, wrap_models
+from engineering.speed import example_lengths
 
 # -----------------------------------------------------------------------------
 # the loss and its reference point

@@ -17,7 +17,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root: the scripts
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 # a short run of any training script on the toy task: 8 examples per step, 2 micro-batches, metrics every step
 FAST = ["--batch_size", "8", "--micro_batch_size", "4", "--eval_size", "16", "--log_every", "1", "--eval_every", "0"]
 # one thread per child process: two of them share the 2 CPU cores of CI
@@ -44,7 +45,7 @@ def checkpoint(out):
 def torchrun(script, *flags, nproc=2, timeout=300):
     """`torchrun --standalone --nproc_per_node=nproc script flags` on CPU (Gloo), one thread per process."""
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                        os.path.join(HERE, script), *flags], env=ENV, cwd=HERE, capture_output=True, text=True,
+                        os.path.join(ROOT, script), *flags], env=ENV, cwd=ROOT, capture_output=True, text=True,
                        timeout=timeout)
     assert r.returncode == 0, r.stderr[-3000:]
     return r

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-import curves
 from conftest import FAST
-from curves import plot_curves, read_metrics, reference_updates, series
+from engineering import curves
+from engineering.curves import plot_curves, read_metrics, reference_updates, series
 
 # the records Logger writes for a DPO run with --log_every 50 --eval_every 100 --tau 100 (values made up), the
 # eval records also against the initial reference (eval_init_*)

@@ -7,15 +7,15 @@ import os
 import pytest
 import torch
 
-from cli import InputError
-from common import (DataError, Dist, add_common_args, collate_pairs, global_batch, rank_micro_batches, sequence_logps,
-                    split_hh, tokenize_rows, truncate, validate_args)
-from conftest import HERE, naive_logp
-from data import load_preferences
-from logger import count_tokens
-from models import byte_tokenizer, load_model
+from common import (Dist, add_common_args, collate_pairs, global_batch, rank_micro_batches, sequence_logps, split_hh,
+                    tokenize_rows, truncate, validate_args)
+from conftest import FIXTURES, naive_logp
+from engineering.cli import DataError, InputError
+from engineering.data import load_preferences
+from engineering.logger import count_tokens
+from engineering.models import byte_tokenizer, load_model
 
-HH, TLDR = (os.path.join(HERE, "fixtures", f) for f in ("hh.jsonl", "tldr.jsonl"))
+HH, TLDR = (os.path.join(FIXTURES, f) for f in ("hh.jsonl", "tldr.jsonl"))
 
 
 # -----------------------------------------------------------------------------

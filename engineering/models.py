@@ -13,8 +13,8 @@ from contextlib import nullcontext
 
 import torch
 
-from cli import InputError
-from hub import fetching
+from engineering.cli import InputError
+from engineering.hub import fetching
 
 # Pythia-architecture shapes (GPT-NeoX); "tiny" trains on a laptop CPU in seconds, "small" in minutes.
 MODEL_SHAPES = {
@@ -31,6 +31,7 @@ def byte_tokenizer():
     """A byte-level tokenizer built in code: 256 byte tokens + <|endoftext|> (EOS) + <|padding|>. No files."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
     # GPT-2's byte -> printable-character map, so that token id == byte value ("a" is 97)
     bs = [*range(33, 127), *range(161, 173), *range(174, 256)]
     cs = bs + [256 + i for i in range(256 - len(bs))]

@@ -11,12 +11,12 @@ import torch
 
 import bench
 import tr_dpo
-from cli import InputError
-from common import (Dist, add_common_args, collate_pairs, global_batch, rank_micro_batches, sequence_logps, tokenize_rows,
-                    validate_args)
-from conftest import HERE, metrics
-from models import byte_tokenizer, load_model
-from speed import collate_shared_prompt, example_lengths, shared_prompt_logps
+from common import (Dist, add_common_args, collate_pairs, global_batch, rank_micro_batches, sequence_logps,
+                    tokenize_rows, validate_args)
+from conftest import ROOT, metrics
+from engineering.cli import InputError
+from engineering.models import byte_tokenizer, load_model
+from engineering.speed import collate_shared_prompt, example_lengths, shared_prompt_logps
 
 slow = pytest.mark.slow
 
@@ -180,7 +180,7 @@ def test_example_lengths():
 @slow
 def test_bench_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--model", "tiny", "--methods", "dpo",
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--model", "tiny", "--methods", "dpo",
                         "--configs", "plain,share_prompt", "--steps", "2", "--warmup", "1", "--batch_size", "4",
                         "--micro_batch_size", "2", "--lengths", "24:8", "--repeats", "1", "--no_trl", "--threads", "1",
                         "--components", "none", "--out", str(out)],

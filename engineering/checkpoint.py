@@ -26,8 +26,7 @@ from common import Dist, barrier
 def full_state(model, opt=None):
     """Full (unsharded) state dicts of a model and its optimizer, gathered to the CPU. A collective under FSDP:
     every rank calls it; with FSDP only rank 0 receives the tensors. Parameter names are the model's own."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     o = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized())
     return get_model_state_dict(model, options=o), (get_optimizer_state_dict(model, opt, options=o) if opt else None)
 
@@ -60,8 +59,7 @@ def save_checkpoint(output_dir, d: Dist, policy, ref, opt, sched, step, extra=No
 
 def load_checkpoint(output_dir, d: Dist, policy, ref, opt, sched):
     """Restore everything save_checkpoint wrote (every rank reads the files); returns (step, extra)."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     path = os.path.join(output_dir, "checkpoint")
     state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
     o = StateDictOptions(full_state_dict=True)

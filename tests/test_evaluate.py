@@ -14,8 +14,8 @@ import torch
 import evaluate as ev
 from common import Dist
 from conftest import naive_logp, torchrun
-from data import load_preferences
-from models import load_model
+from engineering.data import load_preferences
+from engineering.models import load_model
 
 SECRET = "sk-test-0123456789abcdef-SECRET"
 CPU = Dist(0, 0, 1, torch.device("cpu"))

@@ -41,7 +41,7 @@ Conventions (pinned by test_chat.py):
 """
 import os
 
-from common import DataError
+from engineering.cli import DataError
 
 # -----------------------------------------------------------------------------
 # checking a row and splitting off the prompt (no tokenizer)

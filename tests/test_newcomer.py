@@ -19,10 +19,10 @@ import sft
 import tr_dpo
 import tr_ipo
 import tr_kto
-from cli import InputError, exit_on_bad_input
-from conftest import ENV, FAST, HERE, metrics, torchrun
-from hub import fetching
-from models import load_model
+from conftest import ENV, FAST, ROOT, metrics, torchrun
+from engineering.cli import InputError, exit_on_bad_input
+from engineering.hub import fetching
+from engineering.models import load_model
 
 SCRIPTS = [sft, tr_dpo, tr_ipo, tr_kto]
 slow = pytest.mark.slow
@@ -160,7 +160,7 @@ def test_fetching_offline_names_what_is_missing_and_the_fixes():
 def run(argv, env):
     """A script in a fresh process: (exit code, stdout, stderr, seconds)."""
     t0 = time.time()
-    r = subprocess.run([sys.executable, *argv], env=env, cwd=HERE, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, *argv], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     return r.returncode, r.stdout, r.stderr, time.time() - t0
 
 

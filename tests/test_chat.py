@@ -10,12 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chat import chat_row, is_chat, render_chat, split_chat
-from common import DataError, build_sequence, split_hh, tokenize_rows
-from data import load_preferences, load_sft, load_unpaired
-from models import byte_tokenizer
+from common import build_sequence, split_hh, tokenize_rows
+from conftest import FIXTURES
+from engineering.chat import chat_row, is_chat, render_chat, split_chat
+from engineering.cli import DataError
+from engineering.data import load_preferences, load_sft, load_unpaired
+from engineering.models import byte_tokenizer
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 PAIR, UNPAIRED = ("prompt", "chosen", "rejected"), ("prompt", "completion", "label")
 
 # SmolLM2-135M-Instruct's chat template, verbatim (test_smollm2_tokenizer checks it against the GGUF's)
@@ -36,7 +37,7 @@ def bot(c):
 
 
 def fixture(name):
-    return [json.loads(line) for line in open(os.path.join(HERE, "fixtures", name), encoding="utf-8")]
+    return [json.loads(line) for line in open(os.path.join(FIXTURES, name), encoding="utf-8")]
 
 
 @pytest.fixture
@@ -249,19 +250,19 @@ def test_tokenize_rows_refuses_chat_rows_without_a_template():
 def test_loaders_read_every_chat_layout():
     want = [chat_row(r, PAIR) for r in fixture("chat.jsonl")]
     for name in ("chat.jsonl", "chat_implicit.jsonl"):  # the last row held out
-        assert load_preferences(os.path.join(HERE, "fixtures", name), eval_size=1) == (want[:5], want[5:])
-    assert load_preferences(os.path.join(HERE, "fixtures", "chat_h4.jsonl"), eval_size=1) == ([want[0], want[3]],
+        assert load_preferences(os.path.join(FIXTURES, name), eval_size=1) == (want[:5], want[5:])
+    assert load_preferences(os.path.join(FIXTURES, "chat_h4.jsonl"), eval_size=1) == ([want[0], want[3]],
                                                                                              [want[5]])
     unpaired = [chat_row(r, UNPAIRED) for r in fixture("chat_unpaired.jsonl")]
-    assert load_unpaired(os.path.join(HERE, "fixtures", "chat_unpaired.jsonl"), eval_size=2) == (unpaired[:10],
+    assert load_unpaired(os.path.join(FIXTURES, "chat_unpaired.jsonl"), eval_size=2) == (unpaired[:10],
                                                                                                 unpaired[10:])
     # a paired file gives KTO one desirable and one undesirable example per pair, SFT the chosen response
-    train, _ = load_unpaired(os.path.join(HERE, "fixtures", "chat.jsonl"), eval_size=1)
+    train, _ = load_unpaired(os.path.join(FIXTURES, "chat.jsonl"), eval_size=1)
     assert train[0] == unpaired[0] and train[5] == unpaired[1]
-    train, evals = load_sft(os.path.join(HERE, "fixtures", "chat.jsonl"), eval_size=1)
+    train, evals = load_sft(os.path.join(FIXTURES, "chat.jsonl"), eval_size=1)
     assert evals == [{"prompt": want[5]["prompt"], "completion": want[5]["chosen"]}]
     # SFT on KTO rows: the desirable ones
-    assert load_sft(os.path.join(HERE, "fixtures", "chat_unpaired.jsonl"), eval_size=1)[0] == [
+    assert load_sft(os.path.join(FIXTURES, "chat_unpaired.jsonl"), eval_size=1)[0] == [
         {"prompt": u["prompt"], "completion": u["completion"]} for u in unpaired[:10] if u["label"]]
 
 
@@ -334,7 +335,7 @@ def test_bad_chat_input_ends_the_run_in_one_line(tmp_path, capfd):
     out = str(tmp_path / "out")
     for dataset, message in (
             (str(path), f"{path}: row 2: field 'chosen': message 1 has no 'role' (fix the row, or pass --skip_bad_rows)"),
-            (os.path.join(HERE, "fixtures", "chat.jsonl"),  # the built-in tiny model has no chat template
+            (os.path.join(FIXTURES, "chat.jsonl"),  # the built-in tiny model has no chat template
              "chat-format rows need a tokenizer with a chat template and this one has none (the built-in --model tiny "
              "and small have none): use a model that has one, e.g. --model smollm2, or text rows")):
         with pytest.raises(SystemExit) as e:
@@ -416,7 +417,7 @@ def test_every_script_trains_on_chat_data(tmp_path, smol_tok, script, dataset, f
         h4 = fixture("chat_h4.jsonl")
         dataset = hub_folder(tmp_path / "h4", {"train_prefs": h4, "test_prefs": h4[:1]})
     else:
-        dataset = os.path.join(HERE, "fixtures", dataset)
+        dataset = os.path.join(FIXTURES, dataset)
     out = str(tmp_path / "out")
     importlib.import_module(script).main([
         "--model", "smollm2", "--dataset", dataset, "--eval_size", "2", "--batch_size", "2", "--micro_batch_size", "2",

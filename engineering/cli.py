@@ -16,6 +16,10 @@ class InputError(ValueError):
     fetched. exit_on_bad_input turns it into one line on stderr and exit code 2."""
 
 
+class DataError(InputError):
+    """A bad file or row; the message names the file, the row and the field (engineering/data.py)."""
+
+
 def need(ok, msg):
     """An InputError with `msg` unless `ok`; the message says what to change."""
     if not ok:

@@ -8,7 +8,7 @@ here. A reader learning the methods can skip this file.
 """
 from contextlib import contextmanager
 
-from cli import InputError
+from engineering.cli import InputError
 
 
 @contextmanager

@@ -5,13 +5,14 @@ import os
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import sft
-from common import DataError
-from conftest import FAST, HERE, metrics, weights
-from data import load_sft
-from toy import toy_gold_score, toy_preferences, toy_sft_rows
+from conftest import FAST, FIXTURES, metrics, weights
+from engineering.cli import DataError
+from engineering.data import load_sft
+from engineering.toy import toy_gold_score, toy_preferences, toy_sft_rows
 
 # -----------------------------------------------------------------------------
 # the gold score and the toy data
@@ -54,7 +55,7 @@ def test_toy_sft_rows_wrong_on_purpose():
 
 def test_load_sft_formats(tmp_path):
     # preference pairs (HH dialogues): the chosen response
-    train, evals = load_sft(os.path.join(HERE, "fixtures", "hh.jsonl"), eval_size=1)
+    train, evals = load_sft(os.path.join(FIXTURES, "hh.jsonl"), eval_size=1)
     assert train[0] == {"prompt": "\n\nHuman: What is 2+2?\n\nAssistant:", "completion": " 4."}
     # TL;DR style {"prompt", "label": text}, and KTO-style rows of which only the desirable ones are kept
     f = tmp_path / "sft.jsonl"

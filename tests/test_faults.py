@@ -13,12 +13,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import checkpoint
 import tr_dpo
-from common import DataError, global_batch, tokenize_rows
-from conftest import ENV, FAST, HERE, torchrun, weights
-from data import load_preferences
-from models import byte_tokenizer
+from common import global_batch, tokenize_rows
+from conftest import ENV, FAST, ROOT, torchrun, weights
+from engineering import checkpoint
+from engineering.cli import DataError
+from engineering.data import load_preferences
+from engineering.models import byte_tokenizer
 
 # two micro-batches of 2 per rank under two processes, a reference update every 2 steps
 FLAGS = FAST + ["--micro_batch_size", "2", "--tau", "2", "--alpha", "0.5"]
@@ -56,12 +57,12 @@ def test_fsdp_matches_ddp_and_resumes(tmp_path):
 @slow
 def test_sigterm_saves_and_resume_matches(tmp_path):
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
-    script, flags = os.path.join(HERE, "tr_dpo.py"), FLAGS + ["--max_steps", "40"]
-    run = lambda *extra: subprocess.run([sys.executable, script, *flags, *extra], env=ENV, cwd=HERE,  # noqa: E731
+    script, flags = os.path.join(ROOT, "tr_dpo.py"), FLAGS + ["--max_steps", "40"]
+    run = lambda *extra: subprocess.run([sys.executable, script, *flags, *extra], env=ENV, cwd=ROOT,  # noqa: E731
                                         check=True, capture_output=True, timeout=300)
     run("--output_dir", straight)  # all three runs in subprocesses with one thread each: identical arithmetic
     proc = subprocess.Popen([sys.executable, script, *flags, "--output_dir", stopped],
-                            env=ENV, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while len(steps_logged(stopped)) < 3 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
@@ -161,8 +162,8 @@ def test_lost_rank_exits_cleanly(tmp_path):
     for rank in range(2):
         env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, os.path.join(HERE, "tr_dpo.py"), *FLAGS, "--max_steps", "500",
-                                       "--dist_timeout", "20", "--output_dir", out], env=env, cwd=HERE,
+        procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "tr_dpo.py"), *FLAGS, "--max_steps", "500",
+                                       "--dist_timeout", "20", "--output_dir", out], env=env, cwd=ROOT,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     deadline = time.time() + 120
     while len(steps_logged(out)) < 2 and time.time() < deadline:

@@ -15,10 +15,11 @@ import json
 import os
 from contextlib import nullcontext
 
-from chat import chat_row, is_chat
-from common import DataError, split_hh
-from hub import fetching
-from toy import toy_preferences, toy_sft_rows
+from common import split_hh
+from engineering.chat import chat_row, is_chat
+from engineering.cli import DataError
+from engineering.hub import fetching
+from engineering.toy import toy_preferences, toy_sft_rows
 
 PAIRED, UNPAIRED, HH = ("prompt", "chosen", "rejected"), ("prompt", "completion", "label"), ("chosen", "rejected")
 

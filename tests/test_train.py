@@ -12,9 +12,9 @@ import tr_dpo
 import tr_ipo
 import tr_kto
 from common import collate_pairs, sequence_logps, tokenize_rows
-from conftest import FAST, HERE, checkpoint, metrics, torchrun, weights
-from data import load_preferences
-from models import load_model
+from conftest import FAST, FIXTURES, checkpoint, metrics, torchrun, weights
+from engineering.data import load_preferences
+from engineering.models import load_model
 
 SCRIPTS = [sft, tr_dpo, tr_ipo, tr_kto]
 slow = pytest.mark.slow
@@ -217,7 +217,7 @@ def test_smollm2_prefers_right_answers_and_trains(tmp_path):
     assert (right > wrong).all(), (right, wrong)
     del model
     out = str(tmp_path)
-    tr_dpo.main(["--model", "smollm2", "--dataset", os.path.join(HERE, "fixtures", "hh.jsonl"), "--eval_size", "1",
+    tr_dpo.main(["--model", "smollm2", "--dataset", os.path.join(FIXTURES, "hh.jsonl"), "--eval_size", "1",
                  "--batch_size", "2", "--micro_batch_size", "2", "--max_steps", "2", "--tau", "1", "--lr", "1e-5",
                  "--max_length", "64", "--max_prompt_length", "32", "--log_every", "1", "--output_dir", out])
     train = metrics(out, "loss")

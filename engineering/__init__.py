@@ -1,0 +1,15 @@
+"""
+Engineering a reader learning the methods can skip: each module opens with a paragraph saying when it is needed.
+
+    cli.py         the command line: shared flags and their checks, one-line errors (exit code 2), launching a run
+    data.py        loading and validating rows: hub sets, local files and folders, the toy task
+    chat.py        chat-format rows, split into prompt and responses and rendered with the chat template
+    hub.py         a hub model or dataset that cannot be fetched: one line within seconds
+    models.py      the built-in models, SmolLM2 from its GGUF file, hub models; --dtype autocast
+    toy.py         the toy task (digit puzzles) and its exact gold score
+    parallel.py    DDP and FSDP2 around the policy; log-probs of a data set across ranks
+    speed.py       --share_prompt (each prompt once, its KV cache reused) and --group_by_length's sort keys
+    logger.py      metrics.jsonl, the progress bar and the summary at the end of a run
+    checkpoint.py  checkpoints, the final save, preemption, non-finite steps, a lost rank
+    curves.py      a PNG of a run's metrics.jsonl
+"""
