@@ -1,14 +1,15 @@
 """
 bench.py: the training step of tr_dpo.py, tr_ipo.py and tr_kto.py, timed side by side with TRL.
 
-What runs. Each (method, config) is a fresh Python process that calls the script's own main(argv, hooks), the
-training loop users run, not a copy, on a data file written here. The timers come in through the scripts' one seam,
-`hooks` (class Hooks below), and change nothing in the step: hooks.counted wraps the collate function to count
-tokens and padding, hooks.timing_update times the reference update, and hooks.step_end marks each step's end (with
---log_every 1 right after the metrics sync, before evaluation). The first --warmup steps are dropped; the final
-evaluation and save run after the last mark. TRL's DPOTrainer (sync_ref_model=True) and KTOTrainer run on the
-same model and update schedule when `trl` is installed, on the very batches our 'plain' run trains on (same split,
-order and micro-batches, through a sequential sampler); their steps are timed between on_step_end callbacks.
+What runs. Each (method, config) is a fresh Python process that calls the script's own main(argv), the training
+loop users run, not a copy, on a data file written here, with --log_every 1: each step's wall time (s_per_step)
+and tokens come from its metrics.jsonl, written right after the step, before any evaluation; the first --warmup
+steps are dropped. Padding is counted by replaying the script's batches through its own functions (global_batch,
+the collate functions; KTO's mismatched pairs included). TRL's DPOTrainer (sync_ref_model=True) and KTOTrainer
+run on the same model and update schedule when `trl` is installed, on the very batches our 'plain' run trains on
+(same split, order and micro-batches, through a sequential sampler); their steps are timed between on_step_end
+callbacks and their tokens counted as they are trained on. The reference update's share of a step is the
+'update' component's time (update_reference called directly, as the scripts call it) over the step time, per tau.
 Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU the process's peak RSS (ru_maxrss), which includes
 Python, torch and the data, so compare runs, not absolute values. Runs are interleaved over --repeats and each
 ratio is taken within a repeat, then the median is reported: other jobs on a shared machine shift absolute times.
@@ -44,7 +45,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from contextlib import contextmanager
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -143,30 +143,53 @@ def write_data(args, lengths, path):
             f.write(json.dumps({"prompt": "Q" + text(p - 1), "chosen": text(c - 1), "rejected": text(r - 1)}) + "\n")
 
 
+def step_batches(rows, tok, spec, config, n_steps):
+    """What a script collates at each of its first n_steps optimizer steps, one process, replayed through the
+    scripts' own functions from the tokenised training rows: per step (KTO's mismatched-pair batches for z0, or [];
+    the micro-batches of examples)."""
+    from common import collate_unpaired, global_batch
+    from engineering.speed import example_lengths, pair_layout
+    from tr_kto import mismatched_pairs
+    kto, mb = spec["method"] == "kto", spec["micro_batch_size"]
+    collate = collate_unpaired if kto else pair_layout("share_prompt" in config)[0]
+    lengths = example_lengths(rows, "share_prompt" in config) if "group_by_length" in config else None
+    cut = lambda xs: [collate(xs[i:i + mb], tok.pad_token_id) for i in range(0, len(xs), mb)]  # noqa: E731
+    out = []
+    for step in range(n_steps):
+        batch = [rows[j] for j in global_batch(step, len(rows), spec["batch_size"], spec["seed"], lengths)]
+        pairs = mismatched_pairs(batch, spec["max_length"], spec["max_prompt_length"]) if kto else []
+        out.append((cut(pairs), cut(batch)))
+    return out
+
+
+def training_rows(spec, tok):
+    """The tokenised training rows of the data file, as the script reads them (--eval_size 1)."""
+    from common import tokenize_rows
+    from engineering.data import load_preferences, load_unpaired
+    if spec["method"] == "kto":
+        rows = load_unpaired(spec["data"], 1, spec["seed"])[0]
+        return [{**t, "label": r["label"]} for t, r in zip(
+            tokenize_rows(tok, rows, ("completion",), spec["max_length"], spec["max_prompt_length"]), rows)]
+    rows = load_preferences(spec["data"], 1, spec["seed"])[0]
+    return tokenize_rows(tok, rows, ("chosen", "rejected"), spec["max_length"], spec["max_prompt_length"])
+
+
 def epoch_padding(args, data):
     """Padding share of one whole epoch of the data file's training pairs, for each batch layout, from lengths
-    alone (no model): the batches the scripts draw (global_batch, with or without --group_by_length), cut into
-    micro-batches and collated by the scripts' own collate functions. TRL pads like 'plain' (the same slots,
-    checked in the runs). Steadier than the padding of a few timed steps."""
-    from common import collate_pairs, global_batch, tokenize_rows
-    from engineering.data import load_preferences
+    alone (no model): the batches the scripts draw (step_batches), TRL pads like 'plain' (the same slots, checked
+    in the runs). Steadier than the padding of a few timed steps."""
     from engineering.models import byte_tokenizer
-    from engineering.speed import collate_shared_prompt, example_lengths
     tok = byte_tokenizer()
-    rows = tokenize_rows(tok, load_preferences(data, 1, args.seed)[0], ("chosen", "rejected"), args.max_length,
-                         args.max_prompt_length)
+    spec = {"method": "dpo", "data": data, **{k: getattr(args, k) for k in ("batch_size", "micro_batch_size", "seed",
+                                                                            "max_length", "max_prompt_length")}}
+    rows = training_rows(spec, tok)
     out = {}
-    for share in (False, True):
-        for grouped in (False, True):
-            lengths = example_lengths(rows, share) if grouped else None
-            count = types.SimpleNamespace(tokens=0, real=0, slots=0)  # what count_batch adds to a Clock
-            for step in range(len(rows) // args.batch_size):
-                ids = global_batch(step, len(rows), args.batch_size, args.seed, lengths)
-                for i in range(0, len(ids), args.micro_batch_size):
-                    collate = collate_shared_prompt if share else collate_pairs
-                    count_batch(count, collate([rows[j] for j in ids[i:i + args.micro_batch_size]], tok.pad_token_id))
-            name = "+".join(["share_prompt"] * share + ["group_by_length"] * grouped) or "plain"
-            out[name] = 1 - count.real / count.slots
+    for config in ("plain", "share_prompt", "group_by_length", "share_prompt+group_by_length"):
+        count = Count()
+        for _, batches in step_batches(rows, tok, spec, config, len(rows) // args.batch_size):
+            for b in batches:
+                count.add(b)
+        out[config] = count.padding()
     return out
 
 # -----------------------------------------------------------------------------
@@ -180,13 +203,34 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+class Count:
+    """Tokens, real tokens and padded slots of the batches added, whatever their layout: ours (plain or shared
+    prompt) or TRL's (KTO's mismatched KL sequences included, as they are in ours). Tokens are prompt + response of
+    every sequence run, a shared prompt once per response: logger.count_tokens's rule, read from the masks."""
+
+    def __init__(self):
+        self.tokens, self.real, self.slots = 0, 0, 0
+
+    def add(self, batch):
+        masks = [k for k in ("prompt_mask", "response_mask", "attention_mask", "KL_attention_mask") if k in batch]
+        self.real += sum(int(batch[k].sum()) for k in masks)
+        self.slots += sum(batch[k].numel() for k in masks)
+        if "prompt_ids" in batch:  # speed.collate_shared_prompt: K responses per stored prompt
+            k = len(batch["response_ids"]) // len(batch["prompt_ids"])
+            self.tokens += k * int(batch["prompt_mask"].sum()) + int(batch["response_mask"].sum())
+        else:
+            self.tokens += sum(int(batch[k].sum()) for k in ("attention_mask", "KL_attention_mask") if k in batch)
+        return batch
+
+    def padding(self):
+        return 1 - self.real / self.slots if self.slots else 0.0
+
+
 class Clock:
-    """Marks step ends (wall and CPU time) with what was counted so far: reference-update time, tokens (prompt +
-    response of every sequence run, a shared prompt once per response: the same count for every layout), and the
-    non-padding and total token slots of the batches actually built."""
+    """TRL's steps: each step's end is marked with the time and what its Count and reference sync had reached."""
 
     def __init__(self, cuda):
-        self.cuda, self.marks, self.update_s, self.tokens, self.real, self.slots = cuda, [], 0.0, 0, 0, 0
+        self.cuda, self.marks, self.update_s, self.count = cuda, [], 0.0, Count()
         self.mark()
 
     def sync(self):
@@ -196,66 +240,34 @@ class Clock:
 
     def mark(self):
         self.sync()
-        self.marks.append((time.perf_counter(), time.process_time(), self.update_s, self.tokens, self.real,
-                           self.slots))
-
-    def summary(self, warmup):
-        m = self.marks[1 + warmup:]
-        prev = self.marks[warmup]
-        wall = [b[0] - a[0] for a, b in zip([prev] + m[:-1], m)]
-        cpu = [b[1] - a[1] for a, b in zip([prev] + m[:-1], m)]
-        upd, tokens, real, slots = (m[-1][k] - prev[k] for k in (2, 3, 4, 5))
-        return {"steps_timed": len(m), "ms_per_step": 1e3 * statistics.median(wall),
-                "cpu_ms_per_step": 1e3 * statistics.median(cpu), "tokens_per_s": tokens / sum(wall),
-                "ref_update_share": upd / sum(wall), "padding_share": 1 - real / slots if slots else 0.0,
-                "step_ms_all": [round(1e3 * w, 1) for w in wall]}
-
-
-def count_batch(clock, batch):
-    """Tokens, real tokens and padded slots of a batch, whatever its layout: ours (plain or shared prompt) or
-    TRL's (KTO's mismatched KL sequences included, as they are in ours). Tokens are prompt + response of every
-    sequence run, a shared prompt once per response: logger.count_tokens's rule, read from the masks."""
-    masks = [k for k in ("prompt_mask", "response_mask", "attention_mask", "KL_attention_mask") if k in batch]
-    clock.real += sum(int(batch[k].sum()) for k in masks)
-    clock.slots += sum(batch[k].numel() for k in masks)
-    if "prompt_ids" in batch:  # speed.collate_shared_prompt: K responses per stored prompt
-        k = len(batch["response_ids"]) // len(batch["prompt_ids"])
-        clock.tokens += k * int(batch["prompt_mask"].sum()) + int(batch["response_mask"].sum())
-    else:
-        clock.tokens += sum(int(batch[k].sum()) for k in ("attention_mask", "KL_attention_mask") if k in batch)
-    return batch
-
-
-class Hooks:
-    """What bench.py passes to a script's train_loop (main(argv, hooks)): the script calls these at three places
-    of its loop and nothing else changes."""
-
-    def __init__(self, clock):
-        self.clock = clock
-
-    def counted(self, collate):
-        """The script's collate function, counting every batch it builds (count_batch)."""
-        return lambda *a, **k: count_batch(self.clock, collate(*a, **k))
+        self.marks.append((time.perf_counter(), self.update_s, self.count.tokens, self.count.real, self.count.slots))
 
     @contextmanager
     def timing_update(self):
-        """Around the reference update: its time, device work included."""
-        self.clock.sync()
+        """Around TRL's reference sync: its time, device work included."""
+        self.sync()
         t = time.perf_counter()
         yield
-        self.clock.sync()
-        self.clock.update_s += time.perf_counter() - t
+        self.sync()
+        self.update_s += time.perf_counter() - t
 
-    def step_end(self):
-        self.clock.mark()
+    def summary(self, warmup):
+        """The steps after the first `warmup`, in the fields run_ours returns."""
+        steps = list(zip(self.marks[warmup:], self.marks[warmup + 1:]))
+        wall, upd, tokens, real, slots = ([b[k] - a[k] for a, b in steps] for k in range(5))
+        return {"steps_timed": len(steps), "ms_per_step": 1e3 * statistics.median(wall),
+                "tokens_per_s": sum(tokens) / sum(wall), "ref_update_share": sum(upd) / sum(wall),
+                "padding_share": 1 - sum(real) / sum(slots), "step_ms_all": [round(1e3 * w, 1) for w in wall],
+                "tokens_per_step": tokens, "slots_per_step": slots}
 
 
-def run_ours(spec, clock=None):
-    """One run of our script; `clock` (a test passes its own to read the marks) records the steps."""
+def run_ours(spec):
+    """One run of our script, in this process: its main(argv) with --log_every 1. Step times and tokens from its
+    metrics.jsonl; padding from replaying its batches (step_batches)."""
     import torch
-    mod = importlib.import_module(SCRIPTS[spec["method"]])
+
+    from engineering.curves import read_metrics
     cuda = torch.cuda.is_available()
-    clock = clock or Clock(cuda)
     steps = spec["warmup"] + spec["steps"]
     with tempfile.TemporaryDirectory() as out:
         argv = ["--model", spec["model"], "--dataset", spec["data"], "--eval_size", "1",
@@ -264,14 +276,39 @@ def run_ours(spec, clock=None):
                 "--dtype", spec["dtype"], "--ref_update", "soft", "--alpha", str(spec["alpha"]),
                 "--tau", str(spec["tau"]), "--lr", "1e-6", "--warmup_steps", "0", "--max_steps", str(steps),
                 "--log_every", "1", "--eval_every", "0", "--seed", str(spec["seed"]), "--output_dir", out]
-        clock.marks.clear()
-        clock.mark()
-        mod.main(argv + CONFIGS[spec["config"]], hooks=Hooks(clock))
-    return {**clock.summary(spec["warmup"]), "peak_mem_mb": peak_memory_mb("cuda" if cuda else "cpu")}
+        importlib.import_module(SCRIPTS[spec["method"]]).main(argv + CONFIGS[spec["config"]])
+        peak = peak_memory_mb("cuda" if cuda else "cpu")  # before the replay below allocates anything
+        records = [r for r in read_metrics(os.path.join(out, "metrics.jsonl")) if "s_per_step" in r]
+    timed = records[spec["warmup"]:]
+    wall, tokens = [r["s_per_step"] for r in timed], [r["tokens"] for r in timed]
+    tok = tokenizer(spec["model"])
+    examples, everything = [], []  # per timed step: the script's example batches; those and KTO's pair batches
+    for pairs, batches in step_batches(training_rows(spec, tok), tok, spec, spec["config"], steps)[spec["warmup"]:]:
+        examples.append(Count())
+        everything.append(Count())
+        for b in batches:
+            examples[-1].add(b)
+        for b in pairs + batches:
+            everything[-1].add(b)
+    real, slots = sum(c.real for c in everything), sum(c.slots for c in everything)
+    # tokens/s counts every sequence run, as TRL's count does: KTO's mismatched pairs too, which its log leaves out
+    return {"steps_timed": len(timed), "ms_per_step": 1e3 * statistics.median(wall),
+            "tokens_per_s": sum(c.tokens for c in everything) / sum(wall), "padding_share": 1 - real / slots,
+            "step_ms_all": [round(1e3 * w, 1) for w in wall], "logged_tokens_per_step": tokens,
+            "example_tokens_per_step": [c.tokens for c in examples], "tokens_per_step": [c.tokens for c in everything],
+            "slots_per_step": [c.slots for c in everything], "peak_mem_mb": peak}
+
+
+def tokenizer(model):
+    """The tokenizer models.load_model gives `model`, without building the model (a built-in shape: the byte
+    tokenizer)."""
+    from engineering.models import MODEL_SHAPES, byte_tokenizer, load_model
+    return byte_tokenizer() if model in MODEL_SHAPES else load_model(model)[1]
 
 
 def run_trl(spec, clock=None):
-    """One run of TRL's trainer on our plain run's batches; `clock` as in run_ours."""
+    """One run of TRL's trainer on our plain run's batches; `clock` (a test passes its own to read the marks)
+    records its steps."""
     import datasets
     import torch
     from transformers import TrainerCallback
@@ -312,7 +349,7 @@ def run_trl(spec, clock=None):
     # count each micro-batch as it is trained on: the data loader fetches one batch ahead, so counting in the
     # collator would credit a step with the next step's first micro-batch
     training_step = trainer.training_step
-    trainer.training_step = lambda model, inputs, *a, **k: training_step(model, count_batch(clock, inputs), *a, **k)
+    trainer.training_step = lambda model, inputs, *a, **k: training_step(model, clock.count.add(inputs), *a, **k)
 
     class StepEnd(TrainerCallback):  # added last: runs after TRL's SyncRefModelCallback
         def on_train_begin(self, *a, **k):
@@ -325,10 +362,8 @@ def run_trl(spec, clock=None):
     # time TRL's reference sync the same way as ours: on this trainer's own callback object, not TRL's class
     from trl.trainer.callbacks import SyncRefModelCallback
     (sync_cb,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, SyncRefModelCallback)]
-    timing = Hooks(clock).timing_update
-
     def timed_sync(*a, **k):
-        with timing():
+        with clock.timing_update():
             SyncRefModelCallback.sync_target_model(*a, **k)
     sync_cb.sync_target_model = timed_sync
     trainer.train()
@@ -559,7 +594,7 @@ def main(argv=None):
                       + (f"{res['ms_per_step']:.0f} ms/step" if "error" not in res else "ERROR " + res["error"][-300:])
                       + f" ({time.time() - t:.0f} s)", flush=True)
                 runs.setdefault((method, config), []).append(res)
-    keys = ["tokens_per_s", "ms_per_step", "cpu_ms_per_step", "peak_mem_mb", "ref_update_share", "padding_share"]
+    keys = ["tokens_per_s", "ms_per_step", "peak_mem_mb", "ref_update_share", "padding_share"]
     summary = summarise(runs, keys)
     padding = epoch_padding(args, data) if args.data else None
     components = {}
@@ -571,6 +606,11 @@ def main(argv=None):
         else:
             variants = ("response_only", "full_logits") if comp == "head" else ("eager", "compiled")
             components[comp] = {v: spawn({**spec, "kind": comp, "variant": v}) for v in variants}
+    update = components.get("update", {})
+    for row in summary:  # our update's share of a step: the component's time, once every tau steps
+        dtype = "bfloat16" if row["config"] == "ref_bf16" else "float32"
+        if not row["config"].startswith("trl") and f"ours_{dtype}" in update and row.get("ms_per_step"):
+            row["ref_update_share"] = update[f"ours_{dtype}"]["ms"] / (row["ms_per_step"] * args.tau)
     result = {"settings": settings, "summary": summary, "epoch_padding_share": padding, "components": components,
               "runs": [{"method": m, "config": c, **{k: v for k, v in r.items()}}
                        for (m, c), reps in runs.items() for r in reps[-1:]]}
@@ -580,7 +620,7 @@ def main(argv=None):
     print(f"\n{settings['device']}, model {args.model}, batch {args.batch_size} (micro {args.micro_batch_size}), "
           f"dtype {args.dtype}, tau {args.tau}; lengths: prompt {mean(0):.0f}, chosen {mean(1):.0f}, "
           f"rejected {mean(2):.0f} tokens (mean of {len(lengths)}); {args.repeats} repeats, medians")
-    cols = ["method", "config", "tokens_per_s", "ms_per_step", "cpu_ms_per_step", "peak_mem_mb", "ref_update_share",
+    cols = ["method", "config", "tokens_per_s", "ms_per_step", "peak_mem_mb", "ref_update_share",
             "padding_share", "speed_vs_plain", "mem_vs_plain", "speed_vs_trl", "mem_vs_trl", "speed_vs_trl_ckpt",
             "mem_vs_trl_ckpt"]
     print(table(summary, [c for c in cols if any(c in r for r in summary)]))

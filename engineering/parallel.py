@@ -2,7 +2,8 @@
 Data parallelism: the policy under DDP (a full copy per rank) or FSDP2 (--fsdp, sharded per transformer block).
 
 The scripts call wrap_models once and then no_sync around each micro-batch; with one process both do nothing.
-example_logps runs a wrapped model over every rank's share of a data set (the initial reference's eval log-probs).
+eval_micro_batches splits the eval set across ranks, and example_logps runs a wrapped model over every rank's share
+(the initial reference's eval log-probs).
 A reader needs this file to know why `policy(**batch)` returns log-probs (SequenceLogps: DDP must wrap a module
 whose forward is the whole computation, so that its hooks see the pass) or to change how a model is sharded; the
 arithmetic of a step is the same with one process or many (tested).
@@ -67,6 +68,13 @@ def no_sync(policy, fsdp, last):
         policy.set_requires_gradient_sync(last)
         return nullcontext()
     return policy.no_sync() if isinstance(policy, DDP) and not last else nullcontext()
+
+
+def eval_micro_batches(n_examples, d: Dist, micro_batch_size):
+    """This rank's eval micro-batches (lists of indices): every world_size-th of the first n_examples - n_examples %
+    world_size, an equal share, so that under FSDP every rank runs the same number of forwards."""
+    mine = list(range(n_examples - n_examples % d.world_size))[d.rank::d.world_size]
+    return [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
 
 
 @torch.no_grad()

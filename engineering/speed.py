@@ -12,10 +12,16 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from common import response_logps_sum
+from common import collate_pairs, response_logps_sum, sequence_logps
 
 # -----------------------------------------------------------------------------
 # --share_prompt: each prompt once, its KV cache reused for every response
+
+
+def pair_layout(share_prompt):
+    """(collate, logps) of the preference-pair scripts: common.collate_pairs and common.sequence_logps, or with
+    --share_prompt collate_shared_prompt and shared_prompt_logps below."""
+    return (collate_shared_prompt, shared_prompt_logps) if share_prompt else (collate_pairs, sequence_logps)
 
 
 def collate_shared_prompt(examples, pad_id, keys=("chosen", "rejected")):

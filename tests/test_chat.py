@@ -346,9 +346,9 @@ def test_bad_chat_input_ends_the_run_in_one_line(tmp_path, capfd):
 
 def test_dataset_flag_takes_hub_ids_not_missing_files(tmp_path, capfd):
     import tr_dpo
-    from common import validate_args
+    from engineering.cli import check_args
     hub_id = ["--dataset", "HuggingFaceH4/ultrafeedback_binarized", "--output_dir", str(tmp_path / "out")]
-    validate_args(tr_dpo.get_args(hub_id), world_size=1)  # passes
+    check_args(tr_dpo.get_args(hub_id), world_size=1)  # passes
     with pytest.raises(SystemExit) as e:  # org/name in form, but a file name: a missing file, never fetched
         tr_dpo.main(["--dataset", "data/prefs.jsonl", "--output_dir", str(tmp_path / "out")])
     assert (e.value.code, *capfd.readouterr()) == (2, "", "error: unknown --dataset 'data/prefs.jsonl': use toy, hh, "

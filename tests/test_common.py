@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 
-from common import (Dist, add_common_args, collate_pairs, global_batch, rank_micro_batches, sequence_logps, split_hh,
-                    tokenize_rows, truncate, validate_args)
+from common import (Dist, Metrics, collate_pairs, global_batch, rank_micro_batches, sequence_logps, split_hh,
+                    tokenize_rows, truncate)
 from conftest import FIXTURES, naive_logp
-from engineering.cli import DataError, InputError
+from engineering.cli import DataError, InputError, add_common_args, check_args
 from engineering.data import load_preferences
 from engineering.logger import count_tokens
 from engineering.models import byte_tokenizer, load_model
@@ -193,8 +193,25 @@ def test_global_batch_is_the_seeded_permutation_split_across_ranks():
     (["--dataset", "nope.jsonl"], "unknown --dataset 'nope.jsonl'"),
     (["--resume", "--output_dir", "/nonexistent"], "--resume: no checkpoint"),
 ])
-def test_validate_args_messages(flags, message):
-    args = add_common_args(argparse.ArgumentParser()).parse_args(flags)
+def test_check_args_messages(flags, message):
+    args = add_common_args(argparse.ArgumentParser(), "run").parse_args(flags)
     with pytest.raises(InputError) as e:
-        validate_args(args, world_size=1)
+        check_args(args, world_size=1)
     assert message in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# metrics: each mean names its count at the call
+
+
+def test_metrics_means_counts_and_totals():
+    m = Metrics()
+    m.mean(loss=torch.tensor([1.0, 2.0, 3.0]))  # three examples, counted once each
+    m.mean(loss=torch.tensor([6.0]))  # a fourth: (1 + 2 + 3 + 6) / 4 = 3
+    mask = torch.tensor([1.0, 0.0, 1.0])  # a class mask: the mean over the examples where it is 1
+    m.mean(count=mask, reward=torch.tensor([2.0, 5.0, 4.0]) * mask)  # (2 + 4) / 2 = 3; the 5 is not in the class
+    m.mean(count=torch.zeros(2), absent=torch.zeros(2))  # a class with no examples in the interval: 0, not nan
+    m.total(tokens=torch.tensor(7.0))
+    m.total(tokens=torch.tensor(5.0))  # a total: 7 + 5 = 12, not divided
+    assert m.reduce("eval_") == {"eval_absent": 0.0, "eval_loss": 3.0, "eval_reward": 3.0, "eval_tokens": 12.0}
+    assert m.reduce() == {}  # reduce() starts the next interval

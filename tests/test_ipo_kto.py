@@ -156,7 +156,10 @@ def test_ipo_demo_learns(tmp_path):
     assert train[0]["loss"] == pytest.approx(1.0, abs=1e-6)
     assert sum(m["loss"] for m in train[-10:]) / 10 < 0.9
     assert sum(m["reward_accuracy"] for m in train[-10:]) / 10 > 0.65
-    assert metrics(out, "eval_loss")[-1]["eval_n"] == 16
+    # the eval record covers the 16 held-out pairs: prompt + response bytes of both sequences, each response + EOS
+    _, held_out = load_preferences("toy", eval_size=16)
+    assert metrics(out, "eval_loss")[-1]["eval_tokens"] == sum(
+        2 * len(r["prompt"].encode()) + len(r["chosen"].encode()) + len(r["rejected"].encode()) + 2 for r in held_out)
 
 
 @slow

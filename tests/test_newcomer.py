@@ -14,6 +14,7 @@ import time
 import warnings
 
 import pytest
+import torch
 
 import sft
 import tr_dpo
@@ -69,10 +70,36 @@ def test_help_shows_every_default_and_keeps_the_commands(script, capsys):
 def test_help_lists_the_method_flags_under_the_method(script, heading, flags, capsys):
     with pytest.raises(SystemExit):
         script.get_args(["--help"])
-    section = capsys.readouterr().out.split(f"\n{heading}:\n")[1]
-    blocks = help_blocks(section)
-    assert list(blocks) == list(flags)
-    assert all(b.endswith(f"(default: {flags[f]})") for f, b in blocks.items())
+    section = help_blocks(capsys.readouterr().out.split(f"\n{heading}:\n")[1])
+    assert all(section[f].endswith(f"(default: {default})") for f, default in flags.items())
+
+
+@pytest.mark.parametrize("script, absent", [
+    (sft, ("--ref_update", "--alpha", "--tau", "--ref_dtype", "--share_prompt", "--beta")),  # no reference in SFT
+    (tr_kto, ("--share_prompt",)),  # one completion per prompt: nothing to share
+])
+def test_help_lists_only_the_flags_a_script_uses(script, absent, capsys):
+    with pytest.raises(SystemExit):
+        script.get_args(["--help"])
+    blocks = help_blocks(capsys.readouterr().out)
+    assert not [f for f in absent if f in blocks]
+    with pytest.raises(InputError, match="unrecognized arguments: --tau 0"):
+        sft.get_args(["--tau", "0"])  # refused, not silently ignored
+
+
+def test_seed_and_threads_are_what_the_help_says(tmp_path):
+    # --seed: rank r's torch RNG starts at seed + r (one process: rank 0) and the built-in model's initialisation
+    # does not reseed it; --threads 0: one thread for the built-in tiny model on a CPU, restored afterwards
+    from engineering.run import launch
+    seen, before = [], torch.get_num_threads()
+
+    def train_loop(args, d):
+        want = torch.Generator().manual_seed(7 + d.rank)
+        load_model(args.model, args.seed)  # initialised from --seed, in a forked RNG
+        seen.append((torch.rand(3).tolist() == torch.rand(3, generator=want).tolist(), torch.get_num_threads()))
+    launch(train_loop, tr_dpo.get_args, ["--seed", "7", "--output_dir", str(tmp_path / "out")])
+    launch(train_loop, tr_dpo.get_args, ["--seed", "7", "--threads", "2", "--output_dir", str(tmp_path / "out")])
+    assert seen == [(True, 1), (True, 2)] and torch.get_num_threads() == before
 
 # -----------------------------------------------------------------------------
 # bad input: one line on stderr, exit code 2, nothing written
@@ -170,7 +197,7 @@ def test_command_line_errors_are_one_line_without_a_traceback(tmp_path):
     out = str(tmp_path / "out")
     assert run(["tr_kto.py", "--dataset", bad, "--output_dir", out], ENV)[:3] == (
         2, "", f"error: {bad}: line 57: not valid JSON (Extra data); fix it or pass --skip_bad_rows\n")
-    assert run(["sft.py", "--tau", "0", "--output_dir", out], ENV)[:3] == (2, "", "error: --tau must be >= 1, got 0\n")
+    assert run(["tr_ipo.py", "--tau", "0", "--output_dir", out], ENV)[:3] == (2, "", "error: --tau must be >= 1, got 0\n")
     assert not os.path.exists(out)
 
 

@@ -11,10 +11,9 @@ import torch
 
 import bench
 import tr_dpo
-from common import (Dist, add_common_args, collate_pairs, global_batch, rank_micro_batches, sequence_logps,
-                    tokenize_rows, validate_args)
+from common import Dist, collate_pairs, global_batch, rank_micro_batches, sequence_logps, tokenize_rows
 from conftest import ROOT, metrics
-from engineering.cli import InputError
+from engineering.cli import InputError, add_common_args, check_args
 from engineering.models import byte_tokenizer, load_model
 from engineering.speed import collate_shared_prompt, example_lengths, shared_prompt_logps
 
@@ -43,9 +42,9 @@ def test_collate_shared_prompt_literal():
     # flat indices n * R + t of the response positions t whose next token is a response token
     assert b["positions"].tolist() == [0, 6, 7, 9]
     # bench.py counts the same tokens as in the plain layout, a prompt once per response: 2+2, 3+1, 2+3, 3+2 = 18
-    plain, shared = bench.Clock(False), bench.Clock(False)
-    bench.count_batch(plain, collate_pairs(ex, tok.pad_token_id))
-    bench.count_batch(shared, b)
+    plain, shared = bench.Count(), bench.Count()
+    plain.add(collate_pairs(ex, tok.pad_token_id))
+    shared.add(b)
     assert plain.tokens == shared.tokens == 18
 
 
@@ -94,9 +93,9 @@ def test_share_prompt_refuses_gradient_checkpointing():
     b = collate_shared_prompt(tokenize_rows(tok, ROWS, ("chosen", "rejected"), 64, 32), tok.pad_token_id)
     with pytest.raises(ValueError, match="gradient checkpointing"):
         shared_prompt_logps(model, **b)
-    args = add_common_args(argparse.ArgumentParser()).parse_args(["--share_prompt", "--gradient_checkpointing"])
+    args = add_common_args(argparse.ArgumentParser(), "run").parse_args(["--share_prompt", "--gradient_checkpointing"])
     with pytest.raises(InputError, match="exclude each other"):
-        validate_args(args, world_size=1)
+        check_args(args, world_size=1)
 
 
 @slow
@@ -183,7 +182,7 @@ def test_bench_smoke(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--model", "tiny", "--methods", "dpo",
                         "--configs", "plain,share_prompt", "--steps", "2", "--warmup", "1", "--batch_size", "4",
                         "--micro_batch_size", "2", "--lengths", "24:8", "--repeats", "1", "--no_trl", "--threads", "1",
-                        "--components", "none", "--out", str(out)],
+                        "--components", "update", "--out", str(out)],
                        capture_output=True, text=True, cwd=str(tmp_path), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -191,10 +190,13 @@ def test_bench_smoke(tmp_path):
     runs = res["runs"]
     assert [(x["method"], x["config"]) for x in runs] == [("dpo", "plain"), ("dpo", "share_prompt")]
     for x in runs:
-        assert {"tokens_per_s", "ms_per_step", "cpu_ms_per_step", "peak_mem_mb", "ref_update_share",
-                "padding_share", "steps_timed"} <= x.keys()
+        assert {"tokens_per_s", "ms_per_step", "peak_mem_mb", "padding_share", "steps_timed"} <= x.keys()
         assert x["steps_timed"] == 2 and x["tokens_per_s"] > 0 and 0 <= x["padding_share"] < 1
-        assert 0 < x["ref_update_share"] < 1  # tau 1: an update every step
+        # fixed lengths 24:8, 4 pairs per step, 8 sequences of 24 + 8 tokens: 256 tokens per step, as logged
+        assert x["tokens_per_step"] == x["logged_tokens_per_step"] == [256, 256]
+        assert x["tokens_per_s"] == pytest.approx(512 / sum(x["step_ms_all"]) * 1e3, rel=2e-2)
+    for x in res["summary"]:  # tau 1: an update every step, timed by the update component
+        assert x["ref_update_share"] == pytest.approx(res["components"]["update"]["ours_float32"]["ms"] / x["ms_per_step"])
     assert "dpo | share_prompt" in r.stdout and "speed_vs_plain" in r.stdout
 
 
@@ -239,12 +241,14 @@ def test_bench_trl_trains_our_batches(tmp_path, method):
     bench.write_data(args, [(10, 5, 8), (30, 3, 12), (4, 20, 2), (17, 9, 9)], path)
     spec = dict(model="tiny", batch_size=4, micro_batch_size=2, max_length=64, max_prompt_length=48, dtype="float32",
                 tau=1, alpha=0.6, steps=3, warmup=1, seed=0, threads=1, kind="run", method=method, data=path)
-    ours, trl = bench.Clock(False), bench.Clock(False)
-    bench.run_ours({**spec, "config": "plain"}, clock=ours)
+    ours = bench.run_ours({**spec, "config": "plain"})
+    trl = bench.Clock(False)
     bench.run_trl({**spec, "config": "trl"}, clock=trl)
-    ours, trl = ([m[3:] for m in c.marks] for c in (ours, trl))  # (tokens, real, slots) counted at each step end
-    assert len(ours) == len(trl) == 5 and ours[-1][0] > 0
-    if method == "dpo":
-        assert ours == trl  # the same concatenated layout: equal tokens, real tokens and slots at every step
+    trl = trl.summary(spec["warmup"])
+    assert ours["steps_timed"] == trl["steps_timed"] == 3 and min(ours["tokens_per_step"]) > 0
+    # the replay is what the script ran: its own log counts the same tokens per step (KTO: without the z0 pairs)
+    assert ours["logged_tokens_per_step"] == ours["example_tokens_per_step"]
+    if method == "dpo":  # the same concatenated layout: equal tokens and padded slots at every step
+        assert (ours["tokens_per_step"], ours["slots_per_step"]) == (trl["tokens_per_step"], trl["slots_per_step"])
     else:  # TRL's KTO pairs the KL completions within its micro-batch, ours over the global batch
-        assert [t for t, _, _ in ours] == pytest.approx([t for t, _, _ in trl], rel=0.1)
+        assert ours["tokens_per_step"] == pytest.approx(trl["tokens_per_step"], rel=0.1)

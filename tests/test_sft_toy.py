@@ -85,7 +85,7 @@ def test_sft_loss_falls_and_masks_the_prompt(tmp_path):
     # the loss is over response tokens only: with byte tokens, len(completion) + 1 (EOS) per held-out example
     ev = metrics(out, "eval_loss")[-1]
     _, held_out = load_sft("toy", eval_size=16)
-    assert ev["eval_n_loss"] == sum(len(r["completion"].encode()) + 1 for r in held_out)
+    assert ev["eval_response_tokens"] == sum(len(r["completion"].encode()) + 1 for r in held_out)
     assert not os.path.exists(os.path.join(out, "reference"))  # SFT has no reference model
 
 

@@ -1,0 +1,115 @@
+"""
+What a training script's main() and loop call around the step, so that the step itself is all the script shows:
+launch() (flags, torch.distributed, the CPU thread count, the one-line exits) and Run, one run's bookkeeping:
+its output folder (metrics.jsonl and the progress bar, checkpoint/ and --resume, the final policy/ and
+reference/, curves.png), the gradient clip with its non-finite guard, and preemption.
+
+Nothing here changes what a step computes. A reader learning the methods can skip this file; read it to change
+what is logged or saved, or how a run stops and resumes.
+"""
+import os
+
+import torch
+
+from common import cleanup_distributed, setup_distributed, update_alpha
+from engineering.checkpoint import (Preemption, check_finite, exit_on_lost_rank, load_checkpoint, save_checkpoint,
+                                    save_final)
+from engineering.cli import InputError, check_args, exit_on_bad_input
+from engineering.curves import plot_curves
+from engineering.logger import Logger
+
+SMALL_MODELS = ("tiny", "small")  # built in code; on a CPU, one thread each (--threads 0)
+
+
+def launch(train_loop, get_args, argv=None):
+    """Every training script's main(): parse and check the flags, start torch.distributed under torchrun (one
+    process otherwise), seed rank r's torch RNG with --seed + r, set the CPU threads, run train_loop(args, d),
+    tear down. A bad flag, file or row ends the run with one `error:` line and exit code 2; a lost rank with one
+    line and exit code 1. The process's thread count is restored afterwards (tests and toy_experiment.py call
+    main() in-process)."""
+    threads = torch.get_num_threads()
+    with exit_on_bad_input():
+        args = get_args(argv)
+        d = setup_distributed(args.dist_timeout)
+        check_args(args, d.world_size)
+        if args.threads or (args.model in SMALL_MODELS and d.device.type == "cpu"):
+            torch.set_num_threads(args.threads or 1)
+        torch.manual_seed(args.seed + d.rank)
+        try:
+            with exit_on_lost_rank(d):
+                train_loop(args, d)
+        finally:
+            torch.set_num_threads(threads)
+    cleanup_distributed()
+
+
+class Run:
+    """One run's folder and bookkeeping (rank 0 writes, every rank takes part in saves). With --resume it starts
+    from checkpoint/: `start` is the number of optimizer steps already done. ref=None: SFT, no reference."""
+
+    def __init__(self, args, d, model, ref, opt, sched, num_steps):
+        self.args, self.d, self.model, self.ref, self.opt, self.sched = args, d, model, ref, opt, sched
+        self.num_steps, self.out = num_steps, args.output_dir
+        os.makedirs(self.out, exist_ok=True)
+        self.start, self.state = 0, {"skipped_steps": 0}  # state: what checkpoints keep besides the weights
+        if args.resume:
+            self.start, self.state = load_checkpoint(self.out, d, model, ref, opt, sched)
+        self.logger, self.preemption = Logger(self.out, d.master, self.start, num_steps), Preemption(d)
+
+    def initial(self, name, compute):
+        """A value fixed at step 0 and kept in checkpoints (the initial reference's eval log-probs): compute() on a
+        fresh start, read back on --resume."""
+        if name not in self.state:
+            if self.args.resume:
+                raise InputError(f"{self.out}/checkpoint holds no {name} (it was written by an older version of "
+                                 f"this code); start a fresh run without --resume, or use that version to finish it")
+            self.state[name] = compute()
+        return self.state[name].to(self.d.device)
+
+    def clip_gradients(self, max_norm, step, example_ids):
+        """Clip the global gradient norm to max_norm (under FSDP too) and return it, or None when it is not finite:
+        such a step is never applied. It is skipped while fewer than --skip_nonfinite were, else the run stops."""
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
+        if check_finite(norm, step, example_ids, self.state["skipped_steps"], self.args.skip_nonfinite, self.out):
+            return norm
+        self.state["skipped_steps"] += 1
+        return None
+
+    def log_train(self, step, record, lr):
+        """A train record from the interval's metrics, with tokens_per_s and s_per_step (from their `tokens` total
+        and the wall time), the learning rate and, in a TR run, the reference updates so far and the steps since the
+        last."""
+        tokens_per_s, s_per_step = self.logger.rates(record["tokens"], step)
+        record.update(tokens_per_s=tokens_per_s, s_per_step=s_per_step, lr=lr)
+        if self.ref is not None:
+            a = self.args
+            updates = [s for s in range(1, step + 1) if update_alpha(s, a.ref_update, a.alpha, a.tau)]
+            record.update(ref_updates=len(updates), steps_since_ref_update=step - (updates[-1] if updates else 0))
+        self.logger.log(step, record)
+
+    def log_eval(self, step, record):
+        self.logger.log(step, record)
+
+    def save(self, step):
+        """checkpoint/, atomically: weights, optimizer, schedule, RNG states, self.state."""
+        save_checkpoint(self.out, self.d, self.model, self.ref, self.opt, self.sched, step, self.state)
+
+    def stopped_after(self, step):
+        """The end of every step: the progress bar; True after SIGTERM/SIGINT, once checkpoint/ is written."""
+        self.logger.bar.update(1)
+        if step == self.num_steps or not self.preemption.stop_requested():
+            return False
+        self.save(step)
+        self.logger.close()
+        print(f"stopped by a signal after step {step}; continue with --resume")
+        return True
+
+    def finish(self, tokenizer, keys):
+        """policy/ and reference/ (save_pretrained, with the tokenizer), curves.png, and the summary on stdout
+        with the last train and eval values of `keys`."""
+        self.logger.close()
+        save_final(self.out, self.d, self.model, self.ref, tokenizer)
+        png = plot_curves(os.path.join(self.out, "metrics.jsonl")) if self.d.master else None  # None: no matplotlib
+        written = ("policy/", "reference/") if self.ref is not None else ("policy/",)
+        self.logger.summary(keys, written + ("metrics.jsonl",) + (("curves.png",) if png else ()))
