@@ -277,9 +277,11 @@ def total_steps(n_train, batch_size, max_steps, epochs):
 # optimiser
 
 
-def make_optimizer(model, lr, weight_decay, warmup_steps, schedule, num_steps, device):
-    """AdamW (fused on CUDA) and an LR schedule: linear warmup, then "constant" or "cosine" to 0 at num_steps."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
+def make_optimizer(model, lr, weight_decay, warmup_steps, schedule, num_steps):
+    """AdamW (fused for a model on CUDA) and an LR schedule: linear warmup, then "constant" or "cosine" to 0 at
+    num_steps."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
+                            fused=next(model.parameters()).is_cuda)
 
     def lr_lambda(step):
         if step < warmup_steps:

@@ -720,6 +720,13 @@ def main(argv=None):
               f"max {args.max_new_tokens} new tokens, seed {args.seed}")
     table = write_report(report, args.output_dir, args.baseline, header, vars(args))
     print(header + "\n\n" + table)
+    for r in report:  # the toy task: a model with no well-formed answer (random-init or untrained) tells nothing
+        if r["criteria"].get("invalid output", {}).get("mean") == 1.0:
+            print(f"warning: every answer of {r['model']} is malformed, so its scores say nothing about the method; "
+                  f"evaluate trained models (docs/evaluation.md starts from an SFT model)")
+    written = ["results.md", "summary.json", "generations/", "judgements/", "winrate_vs_kl.png"]
+    print("wrote " + ", ".join(os.path.join(args.output_dir, w) for w in written
+                               if os.path.exists(os.path.join(args.output_dir, w))))
     cleanup_distributed()
     return {"header": header, "table": table, "models": report}
 

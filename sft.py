@@ -12,12 +12,10 @@ masked by common.build_sequence(), as in the TR scripts; the per-sequence sums c
 Dividing by the global batch's token count (not a per-micro-batch mean) makes the gradient independent of how the
 batch is split into micro-batches and ranks.
 
-Data (--dataset): 'toy' = digit puzzles whose SFT answers are wrong 30% of the time on purpose (engineering/toy.py),
-'hh[:subset]' = the chosen dialogues, 'tldr' = the reference summaries of CarperAI/openai_summarize_tldr, or a local
-file, dataset folder or hub id of {"prompt", "completion"} rows, {"prompt", "label"} rows (TL;DR style) or
-preference pairs (chosen used), in text or chat format (engineering/data.py, chat.py).
-Flags, DDP, logging, checkpoints and resume are those of the TR scripts, and the step is theirs without a
-reference model (and without the trust-region flags). The output is policy/, the --model of every TR run:
+Data (--dataset): 'toy' = digit puzzles whose SFT answers are wrong 30% of the time on purpose, 'hh[:subset]' = the
+chosen dialogues, 'tldr' = the reference summaries of CarperAI/openai_summarize_tldr, or demonstrations, KTO rows or
+preference pairs (the chosen response) from a file, folder or hub id, text or chat (docs/data.md). The flags and the
+step are the TR scripts' without a reference model. The output is policy/, the --model of every TR run:
 
     python sft.py --model small --max_steps 1200 --lr 3e-3 --lr_schedule cosine --warmup_steps 20 \
         --batch_size 32 --micro_batch_size 32 --output_dir out/sft      # toy_experiment.py's SFT: ~2 min, 2 cores
@@ -64,8 +62,7 @@ def train_loop(args, d):
     # model and optimiser; SFT has no reference model
     model.to(d.device).train()
     policy, policy_lm, _ = parallel.wrap_models(model, None, d, args.fsdp)
-    opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.warmup_steps, args.lr_schedule, num_steps,
-                                d.device)
+    opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.warmup_steps, args.lr_schedule, num_steps)
     run = Run(args, d, model, None, opt, sched, num_steps)  # metrics.jsonl, checkpoint/ (and --resume), policy/
 
     def sft_batch(examples, metrics, lm):
@@ -105,10 +102,8 @@ def train_loop(args, d):
         done = step + 1  # optimizer steps finished, counted from 1
 
         # the optimizer step: clip the gradient norm; a non-finite one is never applied (skipped, or the run stops)
-        grad_norm = run.clip_gradients(args.max_grad_norm, done, batch_ids)
-        if grad_norm is not None:
+        if run.clip_gradients(args.max_grad_norm, done, batch_ids, metrics):  # the norm is logged as grad_norm
             opt.step()
-            metrics.mean(grad_norm=grad_norm)
         sched.step()
         opt.zero_grad(set_to_none=True)
 

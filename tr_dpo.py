@@ -86,8 +86,7 @@ def train_loop(args, d):
     # common.collate_pairs and common.sequence_logps, or with --share_prompt each prompt run once for both responses
     collate, logps_fn = speed.pair_layout(args.share_prompt)
     policy, policy_lm, ref_lm = parallel.wrap_models(model, ref, d, args.fsdp, logps_fn)
-    opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.warmup_steps, args.lr_schedule, num_steps,
-                                d.device)
+    opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.warmup_steps, args.lr_schedule, num_steps)
     amp = lambda: models.autocast(args.dtype, d.device)  # noqa: E731  (--dtype)
     run = Run(args, d, model, ref, opt, sched, num_steps)  # metrics.jsonl, checkpoint/ (and --resume), outputs
     # the initial reference's eval log-probs, once: eval_init_* score against them, comparable over time
@@ -139,10 +138,8 @@ def train_loop(args, d):
         done = step + 1  # optimizer steps finished, counted from 1
 
         # the optimizer step: clip the gradient norm; a non-finite one is never applied (skipped, or the run stops)
-        grad_norm = run.clip_gradients(args.max_grad_norm, done, batch_ids)
-        if grad_norm is not None:
+        if run.clip_gradients(args.max_grad_norm, done, batch_ids, metrics):  # the norm is logged as grad_norm
             opt.step()
-            metrics.mean(grad_norm=grad_norm)
         sched.step()
         opt.zero_grad(set_to_none=True)
 

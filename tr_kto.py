@@ -69,11 +69,15 @@ def mismatched_pairs(examples, max_length, max_prompt_length):
 
 
 @torch.no_grad()
-def estimate_kl(policy_lm, ref_lm, pairs, micro_batch_size, pad_id, device, amp=nullcontext, init_ref_logps=None):
-    """Mean of log pi_theta(y'|x) - log pi_ref(y'|x) over the mismatched pairs of ALL ranks (each rank passes its
-    own): sums and counts are all-reduced, so every rank returns the same value. Not clamped. Every rank must call
-    it, with or without pairs. init_ref_logps (eval only): the pairs' log-probs under the initial reference, shape
-    (len(pairs),); the same policy log-probs give the estimate against it too, and both are returned, shape (2,)."""
+def estimate_kl(policy_lm, ref_lm, pairs, positions, micro_batch_size, pad_id, device, amp=nullcontext,
+                init_ref_logps=None):
+    """Mean of log pi_theta(y'|x) - log pi_ref(y'|x) over the mismatched pairs of ALL ranks, each rank scoring the
+    pairs at its positions (its micro-batches of indices into pairs): sums and counts are all-reduced, so every rank
+    returns the same value. Not clamped. Every rank must call it, with or without positions. init_ref_logps (eval
+    only): every pair's log-prob under the initial reference, shape (len(pairs),); the same policy log-probs give the
+    estimate against it too, and both are returned, shape (2,)."""
+    mine = [k for pos in positions for k in pos]
+    pairs, init_ref_logps = [pairs[k] for k in mine], None if init_ref_logps is None else init_ref_logps[mine]
     # [sum of log-ratios, (sum of log-ratios to the initial reference,) number of pairs]
     total = torch.zeros(2 if init_ref_logps is None else 3, device=device)
     for i in range(0, len(pairs), micro_batch_size):
@@ -87,8 +91,11 @@ def estimate_kl(policy_lm, ref_lm, pairs, micro_batch_size, pad_id, device, amp=
     return total[0] / total[1] if init_ref_logps is None else total[:2] / total[2]
 
 
-def class_balance_warning(n_desirable, n_undesirable, desirable_weight, undesirable_weight):
-    """A warning (str) when lambda_D * n_D / (lambda_U * n_U) is outside [1, 4/3] (KTO paper, Eq. 8), else None."""
+def class_balance_warning(rows, desirable_weight, undesirable_weight):
+    """A warning (str) when lambda_D * n_D / (lambda_U * n_U) is outside [1, 4/3] (KTO paper, Eq. 8), else None;
+    rows: the training examples, each with its "label" (True: desirable)."""
+    n_desirable = sum(r["label"] for r in rows)
+    n_undesirable = len(rows) - n_desirable
     d, u = desirable_weight * n_desirable, undesirable_weight * n_undesirable
     if u > 0 and 1 <= d / u <= 4 / 3:
         return None
@@ -97,6 +104,37 @@ def class_balance_warning(n_desirable, n_undesirable, desirable_weight, undesira
             if n_desirable and n_undesirable else "; KTO needs both classes to place z0 between them")
     return (f"warning: lambda_D*n_D / (lambda_U*n_U) = {desirable_weight:g}*{n_desirable} / ({undesirable_weight:g}*"
             f"{n_undesirable}) = {ratio}, outside [1, 4/3] recommended by the KTO paper (Eq. 8){hint}")
+
+def eval_set(evals, d, micro_batch_size, max_length, max_prompt_length):
+    """(eval examples, their mismatched pairs, this rank's micro-batches of both): the examples cut to equal shares
+    for every rank (under FSDP every rank runs as many forwards), the pairs over the whole eval set."""
+    n = len(evals) - len(evals) % d.world_size
+    cli.need(n, f"{len(evals)} eval examples cannot be shared by {d.world_size} ranks; raise --eval_size")
+    pairs = mismatched_pairs(evals[:n], max_length, max_prompt_length)
+    return evals[:n], pairs, parallel.eval_micro_batches(n, d, micro_batch_size)
+
+
+def tokenize_examples(tokenizer, rows, max_length, max_prompt_length):
+    """common.tokenize_rows for unpaired rows: {"prompt": ids, "completion": ids + [EOS], "label": bool}."""
+    ids = tokenize_rows(tokenizer, rows, ("completion",), max_length, max_prompt_length)
+    return [{**t, "label": r["label"]} for t, r in zip(ids, rows)]
+
+
+def class_means(metrics, desirable, prefix="", **values):
+    """Log each value's mean over the desirable and over the undesirable examples, as <prefix><class>_<name>: a
+    class mask counts the class's examples, so a class absent from an interval gives 0, not nan."""
+    for name, m in (("desirable", desirable.float()), ("undesirable", (~desirable).float())):
+        metrics.mean(count=m, **{f"{prefix}{name}_{k}": v * m for k, v in values.items()})
+
+
+def with_margins(rec, p=""):
+    """A reduced record with the margins, desirable minus undesirable, of the rewards and of the policy's own
+    log-probs (p: the keys' prefix, "eval_" for eval records)."""
+    rec[p + "reward_margin"] = rec[p + "desirable_reward"] - rec[p + "undesirable_reward"]
+    rec[p + "logps_margin"] = rec[p + "desirable_logps"] - rec[p + "undesirable_logps"]
+    if p + "init_loss" in rec:
+        rec[p + "init_reward_margin"] = rec[p + "init_desirable_reward"] - rec[p + "init_undesirable_reward"]
+    return rec
 
 # -----------------------------------------------------------------------------
 # flags
@@ -126,21 +164,13 @@ def train_loop(args, d):
     # -------------------------------------------------------------------------
     # data: unpaired examples {"prompt", "completion", "label"}, validated before anything is written; tokenised once
     train_rows, eval_rows = data.load_unpaired(args.dataset, args.eval_size, args.seed, args.skip_bad_rows)
-    n_des = sum(r["label"] for r in train_rows)
-    warning = class_balance_warning(n_des, len(train_rows) - n_des, args.desirable_weight, args.undesirable_weight)
-    if warning and d.master:
+    if d.master and (warning := class_balance_warning(train_rows, args.desirable_weight, args.undesirable_weight)):
         print(warning)
     model, tokenizer = models.load_model(args.model, args.seed, args.trust_remote_code, args.gradient_checkpointing)
     pad = tokenizer.pad_token_id
-
-    def tok(rows):
-        ids = tokenize_rows(tokenizer, rows, ("completion",), args.max_length, args.max_prompt_length)
-        return [{**t, "label": r["label"]} for t, r in zip(ids, rows)]
-    train, evals = tok(train_rows), tok(eval_rows)
-    evals = evals[:len(evals) - len(evals) % d.world_size]  # equal shares: under FSDP every rank runs as many forwards
-    cli.need(evals, f"{len(eval_rows)} eval examples cannot be shared by {d.world_size} ranks; raise --eval_size")
-    eval_pairs = mismatched_pairs(evals, args.max_length, args.max_prompt_length)  # over the whole eval set
-    eval_batches = parallel.eval_micro_batches(len(evals), d, args.micro_batch_size)  # examples and their pairs
+    train, evals = (tokenize_examples(tokenizer, rows, args.max_length, args.max_prompt_length)
+                    for rows in (train_rows, eval_rows))
+    evals, eval_pairs, eval_batches = eval_set(evals, d, args.micro_batch_size, args.max_length, args.max_prompt_length)
     num_steps = total_steps(len(train), args.batch_size, args.max_steps, args.epochs)
     lengths = speed.example_lengths(train) if args.group_by_length else None  # batches of similar length: less padding
 
@@ -149,62 +179,45 @@ def train_loop(args, d):
     model.to(d.device).train()
     ref = make_reference(model, getattr(torch, args.ref_dtype))
     policy, policy_lm, ref_lm = parallel.wrap_models(model, ref, d, args.fsdp)
-    opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.warmup_steps, args.lr_schedule, num_steps,
-                                d.device)
+    opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.warmup_steps, args.lr_schedule, num_steps)
     amp = lambda: models.autocast(args.dtype, d.device)  # noqa: E731  (--dtype)
     run = Run(args, d, model, ref, opt, sched, num_steps)  # metrics.jsonl, checkpoint/ (and --resume), outputs
     # the initial reference's log-probs of the eval examples and of their pairs (2, len(evals)), once
     init_ref_logps = run.initial("init_ref_logps", lambda: torch.cat([parallel.example_logps(
         ref_lm, examples, eval_batches, collate_unpaired, pad, 1, d.device, amp) for examples in (evals, eval_pairs)]))
-    kl_of = lambda pairs, init=None: estimate_kl(  # noqa: E731
-        policy_lm, ref_lm, pairs, args.micro_batch_size, pad, d.device, amp, init).clamp(min=0)
+    kl_of = lambda pairs, positions, init=None: estimate_kl(  # noqa: E731  (z0: this, clamped at 0)
+        policy_lm, ref_lm, pairs, positions, args.micro_batch_size, pad, d.device, amp, init).clamp(min=0)
+    weights = dict(beta=args.beta, desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight)
 
     def kto_batch(examples, kl, metrics, lm, init=None):
-        """Loss per example for a micro-batch, given the step's z0. init (eval only): (z0, these examples'
-        log-probs) against the initial reference, scored with the same policy log-probs as init_*."""
+        """Loss per example for a micro-batch, given z0. init (eval): z0 and log-probs of the initial reference."""
         batch = to_device(collate_unpaired(examples, pad), d.device)
         desirable = torch.tensor([e["label"] for e in examples], device=d.device)
         with amp():
             logps, _ = lm(**batch)
             with torch.inference_mode():  # no autograd bookkeeping at all for the reference
                 ref_logps, _ = ref_lm(**batch)
-        ref_logps = ref_logps.clone()  # a normal tensor: autograd may not save inference tensors for backward
-        losses, rewards = kto_loss(logps, ref_logps, desirable, kl, args.beta, args.desirable_weight, args.undesirable_weight)
-        metrics.mean(loss=losses)
-        metrics.total(tokens=logger.count_tokens(examples, ("completion",), d.device))  # for tokens/s
-        classes = (("desirable", desirable.float()), ("undesirable", (~desirable).float()))
-        for name, m in classes:  # per-class means: the mask counts the class's examples (an absent class gives 0)
-            metrics.mean(count=m, **{f"{name}_reward": rewards * m, f"{name}_logps": logps * m})
-            metrics.total(**{f"n_{name}": m})
+        losses, rewards = kto_loss(logps, ref_logps.clone(), desirable, kl, **weights)  # clone: see tr_dpo.py
+        metrics.mean(loss=losses, kl=kl)
+        class_means(metrics, desirable, reward=rewards, logps=logps)
+        metrics.total(n_desirable=desirable.float(), n_undesirable=(~desirable).float(),
+                      tokens=logger.count_tokens(examples, ("completion",), d.device))  # tokens: for tokens/s
         if init is not None:  # the same policy log-probs against the initial reference
-            init_kl, init_logps = init
-            init_losses, init_rewards = kto_loss(logps, init_logps, desirable, init_kl, args.beta,
-                                                 args.desirable_weight, args.undesirable_weight)
-            metrics.mean(init_loss=init_losses)
-            for name, m in classes:
-                metrics.mean(count=m, **{f"init_{name}_reward": init_rewards * m})
+            init_losses, init_rewards = kto_loss(logps, init[1], desirable, init[0], **weights)
+            metrics.mean(init_loss=init_losses, init_kl=init[0])
+            class_means(metrics, desirable, "init_", reward=init_rewards)
         return losses
-
-    def margins(rec, p=""):
-        """Desirable minus undesirable, of the rewards and of the policy's log-probs (p: a record's key prefix)."""
-        rec[p + "reward_margin"] = rec[p + "desirable_reward"] - rec[p + "undesirable_reward"]
-        rec[p + "logps_margin"] = rec[p + "desirable_logps"] - rec[p + "undesirable_logps"]  # the policy's preference
-        if p + "init_loss" in rec:
-            rec[p + "init_reward_margin"] = rec[p + "init_desirable_reward"] - rec[p + "init_undesirable_reward"]
-        return rec
 
     @torch.no_grad()
     def evaluate():
         """Held-out metrics, each rank on its eval_batches of examples and of their mismatched pairs."""
         metrics = Metrics()
         model.eval()
-        mine = [j for ids in eval_batches for j in ids]
-        kl, init_kl = kl_of([eval_pairs[j] for j in mine], init_ref_logps[1, mine])
+        kl, init_kl = kl_of(eval_pairs, eval_batches, init_ref_logps[1])
         for ids in eval_batches:  # policy_lm, not DDP's forward: no collectives
             kto_batch([evals[j] for j in ids], kl, metrics, policy_lm, (init_kl, init_ref_logps[0, ids]))
-        metrics.mean(kl=kl, init_kl=init_kl)
         model.train()
-        return margins(metrics.reduce("eval_"), "eval_")
+        return with_margins(metrics.reduce("eval_"), "eval_")
 
     # -------------------------------------------------------------------------
     # training loop: one iteration = one optimizer step over a global batch of --batch_size examples
@@ -214,8 +227,7 @@ def train_loop(args, d):
         batch = [train[j] for j in batch_ids]
         micro = rank_micro_batches(list(range(len(batch))), d, args.micro_batch_size)  # positions in the global batch
         # z0 first, over the whole global batch (see the docstring): one value for every rank and micro-batch
-        pairs = mismatched_pairs(batch, args.max_length, args.max_prompt_length)
-        kl = kl_of([pairs[k] for pos in micro for k in pos])
+        kl = kl_of(mismatched_pairs(batch, args.max_length, args.max_prompt_length), micro)
         for i, pos in enumerate(micro):
             # gradients are all-reduced (DDP) or reduce-scattered (FSDP) once per step, on the last micro-batch
             with parallel.no_sync(policy, args.fsdp, last=i == len(micro) - 1):
@@ -224,13 +236,10 @@ def train_loop(args, d):
         done = step + 1  # optimizer steps finished, counted from 1
 
         # the optimizer step: clip the gradient norm; a non-finite one is never applied (skipped, or the run stops)
-        grad_norm = run.clip_gradients(args.max_grad_norm, done, batch_ids)
-        if grad_norm is not None:
+        if run.clip_gradients(args.max_grad_norm, done, batch_ids, metrics):  # the norm is logged as grad_norm
             opt.step()
-            metrics.mean(grad_norm=grad_norm)
         sched.step()
         opt.zero_grad(set_to_none=True)
-        metrics.mean(kl=kl)
 
         # trust region: after optimizer step s, when s % tau == 0 (never at step 0); alpha is 1 for a hard update
         alpha = update_alpha(done, args.ref_update, args.alpha, args.tau)
@@ -239,7 +248,7 @@ def train_loop(args, d):
 
         # log, evaluate and checkpoint on their intervals
         if done % args.log_every == 0 or done == num_steps:
-            run.log_train(done, margins(metrics.reduce()), sched.get_last_lr()[0])  # means over the interval
+            run.log_train(done, with_margins(metrics.reduce()), sched.get_last_lr()[0])  # means over the interval
         if (args.eval_every and done % args.eval_every == 0) or done == num_steps:
             run.log_eval(done, evaluate())
         if args.save_every and done % args.save_every == 0:

@@ -66,15 +66,17 @@ class Run:
             self.state[name] = compute()
         return self.state[name].to(self.d.device)
 
-    def clip_gradients(self, max_norm, step, example_ids):
-        """Clip the global gradient norm to max_norm (under FSDP too) and return it, or None when it is not finite:
-        such a step is never applied. It is skipped while fewer than --skip_nonfinite were, else the run stops."""
+    def clip_gradients(self, max_norm, step, example_ids, metrics):
+        """Clip the global gradient norm to max_norm (under FSDP too) and log it (grad_norm); False when it is not
+        finite: such a step is never applied. It is skipped while fewer than --skip_nonfinite were, else the run
+        stops."""
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
         if check_finite(norm, step, example_ids, self.state["skipped_steps"], self.args.skip_nonfinite, self.out):
-            return norm
+            metrics.mean(grad_norm=norm)
+            return True
         self.state["skipped_steps"] += 1
-        return None
+        return False
 
     def log_train(self, step, record, lr):
         """A train record from the interval's metrics, with tokens_per_s and s_per_step (from their `tokens` total

@@ -49,14 +49,15 @@ def test_unpair_and_local_unpaired_rows(tmp_path):
 
 
 def test_class_balance_warning():
-    assert class_balance_warning(50, 50, 1.0, 1.0) is None            # 50/50 = 1
-    assert class_balance_warning(40, 50, 1.33, 1.0) is None           # 53.2/50 = 1.064
-    assert class_balance_warning(50, 40, 1.0, 1.0) is None            # 50/40 = 1.25
-    w = class_balance_warning(100, 50, 1.0, 1.0)                      # 100/50 = 2: suggest lambda_D = 50/100
+    rows = lambda n_desirable, n_undesirable: [{"label": True}] * n_desirable + [{"label": False}] * n_undesirable  # noqa: E731
+    assert class_balance_warning(rows(50, 50), 1.0, 1.0) is None            # 50/50 = 1
+    assert class_balance_warning(rows(40, 50), 1.33, 1.0) is None           # 53.2/50 = 1.064
+    assert class_balance_warning(rows(50, 40), 1.0, 1.0) is None            # 50/40 = 1.25
+    w = class_balance_warning(rows(100, 50), 1.0, 1.0)                      # 100/50 = 2: suggest lambda_D = 50/100
     assert "= 2," in w and "--desirable_weight 0.5 gives 1" in w
-    assert "= 0.8," in class_balance_warning(40, 50, 1.0, 1.0)        # 40/50 = 0.8 < 1
-    assert "= inf," in class_balance_warning(10, 0, 1.0, 1.0)
-    assert "both classes" in class_balance_warning(0, 10, 1.0, 1.0)
+    assert "= 0.8," in class_balance_warning(rows(40, 50), 1.0, 1.0)        # 40/50 = 0.8 < 1
+    assert "= inf," in class_balance_warning(rows(10, 0), 1.0, 1.0)
+    assert "both classes" in class_balance_warning(rows(0, 10), 1.0, 1.0)
 
 # -----------------------------------------------------------------------------
 # KTO's KL reference point
@@ -100,7 +101,9 @@ def test_kl_estimate_matches_naive():
     with torch.no_grad():
         want = sum(naive_logp(policy, p["prompt"], p["completion"]) - naive_logp(ref, p["prompt"], p["completion"])
                    for p in pairs) / len(pairs)
-        got = estimate_kl(SequenceLogps(policy), SequenceLogps(ref), pairs, 3, tok.pad_token_id, torch.device("cpu"))
+        # this rank's positions in two micro-batches of the pairs, in another order: the mean is over all four
+        got = estimate_kl(SequenceLogps(policy), SequenceLogps(ref), pairs, [[2, 0], [3, 1]], 3, tok.pad_token_id,
+                          torch.device("cpu"))
     assert abs(want) > 0.1  # two different models: the estimate is far from 0, so the comparison means something
     assert got.item() == pytest.approx(want, abs=1e-4)
 
@@ -124,8 +127,8 @@ TABLE_EXAMPLES = [{"prompt": [1 + i], "completion": [10 + i] * (1 + i % 3)} for 
 def _kl_rank(rank, tmp):
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2)
     pairs = mismatched_pairs(TABLE_EXAMPLES, 16, 8)
-    mine = pairs[:3] if rank == 0 else pairs[3:]  # unequal shares: 2 micro-batches of 2 on rank 0, 1 on rank 1
-    kl = estimate_kl(TableLM(0), TableLM(1), mine, 2, 0, torch.device("cpu"))
+    mine = [[0, 1, 2]] if rank == 0 else [[3, 4]]  # unequal shares: 2 micro-batches of 2 on rank 0, 1 on rank 1
+    kl = estimate_kl(TableLM(0), TableLM(1), pairs, mine, 2, 0, torch.device("cpu"))
     torch.save(kl, os.path.join(tmp, f"kl_{rank}.pt"))
     dist.destroy_process_group()
 
