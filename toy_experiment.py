@@ -121,37 +121,36 @@ from models import load_model
 from toy import toy_gold_score, toy_malformed, toy_preferences, toy_problem, toy_sft_rows
 
 # -----------------------------------------------------------------------------
-# the design
+# the design (experiment 2; experiment 1's is in results/toy/results.json)
 
-LR = 3e-5  # chosen on a plain-DPO pilot (docstring)
-TAU = 16   # hard and soft updates after steps 16, 32, ..., 112 of 120: three before the baseline's peak (step 48)
-EMA = 0.1  # slow per-step EMA: the reference lags (1 - a)/a = 9 steps on average; hard every 16 lags 8
+LR = 3e-5        # PLACEHOLDER until the frozen-reference pilot (docstring)
+TAU = 16         # hard and soft updates after steps 16, 32, ..., 112 of 120
+CHECKPOINTS = (12, 24, 36, 48, 60, 72, 84, 96, 108, 120)  # PLACEHOLDER until the pilot
+GOLD_SCALE = 120  # a prompt's gold (mean over 2 samples of k/n, n = 3..6 digits) times 120 is an integer: stored as one
 
-FULL = dict(model="small", sft_steps=1200, sft_lr=3e-3, lr=LR, steps=120, every=12, tau=TAU, ema=EMA,
+FULL = dict(model="small", sft_steps=1200, sft_lr=3e-3, lr=LR, checkpoints=CHECKPOINTS, pairs=1920, tau=TAU,
             n_eval=512, samples=2, probe=128, sft_rows=8192)
-QUICK = dict(model="tiny", sft_steps=30, sft_lr=3e-3, lr=1e-4, steps=8, every=4, tau=4, ema=EMA,
+QUICK = dict(model="tiny", sft_steps=30, sft_lr=3e-3, lr=1e-4, checkpoints=(2, 4, 6, 8), pairs=128, tau=4,
              n_eval=32, samples=2, probe=16, sft_rows=512)
 
-SCHEDULES = ("none", "hard", "soft", "ema", "soft_every_step")
-PAPER_SCHEDULES = ("hard", "soft")  # the verdict rests on these (the authors' code)
-ALL, FEW = SCHEDULES, ("none", "hard", "soft")
-# per method: beta -> (schedules, seeds); VERDICT[method] is the beta the verdict rests on (5 seeds, all schedules)
-GRID = {"dpo": {0.05: (FEW, 3), 0.3: (ALL, 5), 1.0: (ALL, 3)},
-        "ipo": {0.1: (FEW, 3), 0.5: (ALL, 5), 2.0: (ALL, 3)},
-        "kto": {0.1: (FEW, 3), 1.0: (ALL, 3), 3.0: (ALL, 5)}}
-VERDICT = {"dpo": 0.3, "ipo": 0.5, "kto": 3.0}
-QUICK_GRID = {m: {b: (ALL, 1)} for m, b in VERDICT.items()}
+SCHEDULES = ("none", "hard", "soft", "soft_every_step")
+CONTROL = "soft_every_step"  # the positive control: alpha 0.6 after EVERY step, no anchor left
+PAPER_SCHEDULES = ("hard", "soft")  # the verdicts rest on these (the authors' code)
+# per method: beta -> (schedules, seeds)
+GRID = {"dpo": {0.3: (SCHEDULES, 5)}, "ipo": {0.5: (SCHEDULES, 5)}, "kto": {3.0: (SCHEDULES, 5)}}  # PLACEHOLDER
+QUICK_GRID = {"dpo": {0.3: (SCHEDULES, 2), 0.1: (("none",), 2)}, "ipo": {0.5: (SCHEDULES, 1)},
+              "kto": {3.0: (SCHEDULES, 1)}}
 SCRIPTS = {"dpo": tr_dpo, "ipo": tr_ipo, "kto": tr_kto}
 SCRIPT_EVAL = 16      # rows at the end of each .jsonl that the scripts hold out for their own (unused) eval
 MAX_NEW_TOKENS = 10   # the longest answer is 7 tokens (" " + 6 digits) + EOS: room to show rambling
-KL_TARGETS = (0.25, 0.5, 1.0, 2.0, 4.0)
 N_BOOT = 2000
 
 
 def schedule_flags(schedule, cfg):
-    """(ref_update, alpha, tau) of a schedule; alpha and tau are None for the frozen baseline."""
+    """(ref_update, alpha, tau) of a schedule; alpha and tau are None for the frozen baseline. soft_every_step, the
+    positive control: after k steps 0.4^k of the old reference is left, it trails the policy by < 1 step."""
     return {"none": ("none", None, None), "hard": ("hard", 1.0, cfg["tau"]), "soft": ("soft", 0.6, cfg["tau"]),
-            "ema": ("soft", cfg["ema"], 1), "soft_every_step": ("soft", 0.6, 1)}[schedule]
+            "soft_every_step": ("soft", 0.6, 1)}[schedule]
 
 
 def get_args(argv=None):
@@ -164,14 +163,17 @@ def get_args(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads per process. These models are too small for more to pay off, and when other "
                         "processes share the cores, extra threads spin and wait: on 2 busy cores 2 threads ran 10x slower")
-    p.add_argument("--output_dir", default="out/toy")
-    p.add_argument("--report_only", action="store_true", help="no training: the report from the finished runs")
-    g = p.add_argument_group("pilots (override the design; leave unset for the experiment itself)")
+    p.add_argument("--output_dir", default="out/toy2", help="the runs, the SFT model and the data (not committed)")
+    p.add_argument("--results_dir", help="results.md/json, per_prompt.json.gz and the plots: the committed record "
+                                         "(default results/toy2; with --quick, OUTPUT_DIR/results)")
+    p.add_argument("--report_only", action="store_true",
+                   help="no training, no out/: rewrite both experiments' reports from the committed results folders")
+    g = p.add_argument_group("pilots (frozen reference only, before the full run; output_dir only, nothing committed)")
     g.add_argument("--lr", type=float, help=f"learning rate of every run (default {LR})")
-    g.add_argument("--steps", type=int, help="optimizer steps per run (default 120)")
-    g.add_argument("--betas", nargs="+", type=float, help="only these betas of the grid")
-    g.add_argument("--schedules", nargs="+", choices=SCHEDULES, help="only these schedules")
-    g.add_argument("--seeds", type=int, help="at most this many seeds per cell")
+    g.add_argument("--checkpoints", nargs="+", type=int, help="checkpoint steps; the last ends the run")
+    g.add_argument("--betas", nargs="+", type=float, help="these betas for every method given, instead of the grid")
+    g.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=["none"], help="with --betas")
+    g.add_argument("--seeds", type=int, default=1, help="seeds per cell, with --betas")
     return p.parse_args(argv)
 
 # -----------------------------------------------------------------------------
@@ -285,6 +287,15 @@ def method_verdict(calls):
     return ("mixed" if better and worse else "TR helps" if better else "TR hurts" if worse
             else "no detectable difference")
 
+def gold_to_int(gold, samples):
+    """Per-prompt gold as integers: the mean over `samples` samples of k/n (k of n = 3..6 digits right) times
+    GOLD_SCALE = 2 * lcm(3, 4, 5, 6) is a whole number, so one byte per prompt stores it exactly."""
+    assert samples == 2, "GOLD_SCALE assumes 2 samples per prompt"
+    ints = [round(g * GOLD_SCALE) for g in gold]
+    assert all(abs(i - g * GOLD_SCALE) < 1e-6 for i, g in zip(ints, gold))
+    return ints
+
+
 # -----------------------------------------------------------------------------
 # data: the eval prompts first, then SFT and preference data without them
 
@@ -303,7 +314,7 @@ def make_data(out, cfg):
         if p not in prompts:
             prompts.append(p)
     held = set(prompts)
-    n_sft, n_pairs = cfg["sft_rows"] + SCRIPT_EVAL, cfg["steps"] * 16 + SCRIPT_EVAL  # one epoch of pairs
+    n_sft, n_pairs = cfg["sft_rows"] + SCRIPT_EVAL, cfg["pairs"] + SCRIPT_EVAL  # pairs: 120 steps of 16 = 1 epoch
     sft_stream, pair_stream = toy_sft_rows(2 * n_sft, 0), toy_preferences(2 * n_pairs, 0)
     sft_rows = [r for r in sft_stream if r["prompt"] not in held][:n_sft]
     pairs = [r for r in pair_stream if r["prompt"] not in held][:n_pairs]
@@ -362,7 +373,8 @@ class Judge:
     @torch.no_grad()
     def gold_and_kl(self, model):
         """`samples` responses per prompt at temperature 1, the same sampling seed for every model; per-prompt gold
-        (mean over its samples), accuracy and invalid rates, and KL(model || SFT) on the model's own samples."""
+        (mean over its samples; validation prompts first, as integers: gold_to_int), accuracy and invalid rates, and
+        KL(model || SFT) on the model's own samples."""
         prompt_ids = self.prompt_ids * self.samples  # sample s of prompt i sits at s * n + i
         torch.manual_seed(0)
         ids = [r for b in range(0, len(prompt_ids), 256)  # chunks of 256: on one CPU thread faster than all at once
@@ -377,7 +389,7 @@ class Judge:
         v, mean = self.n_val, lambda xs: sum(xs) / len(xs)  # noqa: E731
         return {"kl": kl, "gold_score_val": mean(gold[:v]), "gold_score_test": mean(gold[v:]),
                 "accuracy_test": mean(exact[v:]), "invalid_test": mean(invalid[v:]), "example": texts[v:v + 4],
-                "gold_test_per_prompt": [round(g, 4) for g in gold[v:]]}
+                "gold_per_prompt": gold_to_int(gold, self.samples)}
 
     def __call__(self, method, beta, policy, reference):
         """Everything recorded at a checkpoint; reference None means the SFT model (a frozen baseline's)."""
@@ -401,14 +413,15 @@ def run_name(job):
 
 def run_key(job, cfg):
     """What a finished run's numbers depend on: a rerun skips a run whose key matches."""
-    keep = {k: cfg[k] for k in ("model", "sft_steps", "sft_lr", "lr", "steps", "every", "tau", "ema", "n_eval",
+    keep = {k: cfg[k] for k in ("model", "sft_steps", "sft_lr", "lr", "checkpoints", "pairs", "tau", "n_eval",
                                 "samples", "probe", "sft_rows")}
     return hashlib.sha1(json.dumps([job, keep], sort_keys=True).encode()).hexdigest()[:12]
 
 
 def train_and_judge(args):
-    """Train one method x beta x schedule x seed from the SFT model in segments of `every` steps (--resume is
-    bit-exact), judging each segment's end. The scripts' output goes to the run's train.log. Writes result.json."""
+    """Train one method x beta x schedule x seed from the SFT model in segments that end at the checkpoint steps
+    (--resume is bit-exact), judging each segment's end. The scripts' output goes to the run's train.log. Writes
+    result.json."""
     job, cfg, data, sft_path, run, threads = args
     torch.set_num_threads(threads)
     judge = _judges.get(sft_path) or _judges.setdefault(sft_path, Judge(sft_path, data, cfg))
@@ -417,10 +430,11 @@ def train_and_judge(args):
     method, beta = job["method"], job["beta"]
     ref_update, alpha, tau = schedule_flags(job["schedule"], cfg)
     batch = "32" if method == "kto" else "16"  # KTO counts examples: 32 = the 16 pairs of DPO and IPO
+    every = str(math.gcd(*cfg["checkpoints"]))  # each segment's last step saves the checkpoint the next resumes
     flags = ["--model", sft_path, "--dataset", data["paths"]["pairs"], "--eval_size", str(SCRIPT_EVAL),
-             "--eval_every", "0", "--log_every", str(cfg["every"]), "--save_every", str(cfg["every"]),
-             "--seed", str(job["seed"]), "--lr", str(cfg["lr"]), "--beta", str(beta), "--batch_size", batch,
-             "--micro_batch_size", batch, "--ref_update", ref_update, "--output_dir", run]
+             "--eval_every", "0", "--log_every", every, "--save_every", every, "--seed", str(job["seed"]),
+             "--lr", str(cfg["lr"]), "--beta", str(beta), "--batch_size", batch, "--micro_batch_size", batch,
+             "--ref_update", ref_update, "--output_dir", run]
     flags += (["--alpha", str(alpha), "--tau", str(tau)] if ref_update != "none" else [])
     flags += ["--logps", "mean"] if method == "ipo" else []
     checkpoints, wall, cpu = [], {"train": 0.0, "eval": 0.0}, {"train": 0.0, "eval": 0.0}
@@ -431,9 +445,9 @@ def train_and_judge(args):
         wall[phase], cpu[phase] = wall[phase] + now[0] - since[0], cpu[phase] + now[1] - since[1]
         return now
     with open(os.path.join(run, "train.log"), "w") as log, redirect_stdout(log), redirect_stderr(log):
-        for step in range(cfg["every"], cfg["steps"] + 1, cfg["every"]):
+        for k, step in enumerate(cfg["checkpoints"]):
             t = clock()
-            SCRIPTS[method].main(flags + ["--max_steps", str(step)] + (["--resume"] if step > cfg["every"] else []))
+            SCRIPTS[method].main(flags + ["--max_steps", str(step)] + (["--resume"] if k else []))
             t = timed("train", t)
             policy = AutoModelForCausalLM.from_pretrained(os.path.join(run, "policy"))
             reference = (None if ref_update == "none"
@@ -453,11 +467,30 @@ def train_and_judge(args):
 # the report: tables, verdict, plots
 
 
-def load_runs(out, cfg, grid):
+def progress(r):
+    """One line per finished run: its validation gold, KL and anchor at every checkpoint, and its cost."""
+    row = lambda key, f: " ".join(f.format(c[key]) for c in r["checkpoints"])  # noqa: E731
+    return (f"val gold {row('gold_score_val', '{:.3f}')}; KL {row('kl', '{:.2f}')}; anchor "
+            f"{row('anchor_weight', '{:.3f}')}; e.g. {r['checkpoints'][-1]['example']} (train {r['train_s']:.0f} s, "
+            f"eval {r['eval_s']:.0f} s; CPU {r['train_cpu_s']:.0f} + {r['eval_cpu_s']:.0f} s)")
+
+
+def print_pilot(runs, sft_eval):
+    """The pilots' table: validation gold, KL to the SFT model and the anchor per checkpoint (no test numbers)."""
+    L = [f"pilot, SFT val gold {sft_eval['gold_score_val']:.3f}; per checkpoint: val gold / KL / anchor"]
+    for r in runs:
+        L.append(f"{r['method']} beta {r['beta']:g} {r['schedule']} seed {r['seed']} lr {r['lr']:g}: " + "  ".join(
+            f"{c['step']}: {c['gold_score_val']:.3f}/{c['kl']:.2f}/{c['anchor_weight']:.3f}" for c in r["checkpoints"])
+            + f"  (CPU {r['train_cpu_s']:.0f} + {r['eval_cpu_s']:.0f} s, wall {r['train_s'] + r['eval_s']:.0f} s)")
+    print("\n".join(L))
+    return "\n".join(L)
+
+
+def load_runs(runs_dir, cfg, grid):
     """Every finished run of the grid whose key matches this configuration."""
     runs = []
     for job in jobs_of(grid, None):
-        path = os.path.join(out, "runs", run_name(job), "result.json")
+        path = os.path.join(runs_dir, run_name(job), "result.json")
         if os.path.exists(path):
             r = json.load(open(path))
             if r.get("key") == run_key(job, cfg):
@@ -465,12 +498,13 @@ def load_runs(out, cfg, grid):
     return runs
 
 
-def jobs_of(grid, methods, betas=None, schedules=None, max_seeds=None):
+def jobs_of(grid, methods):
+    """Seed-major order: every cell's seed 0 first, so a sitting stopped early leaves whole seeds."""
     return [{"method": m, "beta": b, "schedule": s, "seed": seed}
             for m in grid if methods is None or m in methods
-            for b, (scheds, n) in grid[m].items() if betas is None or b in betas
-            for seed in range(min(n, max_seeds or n))
-            for s in scheds if schedules is None or s in schedules]
+            for seed in range(max(n for _, n in grid[m].values()))
+            for b, (scheds, n) in grid[m].items() if seed < n
+            for s in scheds]
 
 
 class Stats:
@@ -835,9 +869,17 @@ def main(argv=None):
 
 
 def run(args):
+    pilot = args.betas is not None
+    if (args.lr is not None or args.checkpoints is not None) and not pilot:
+        raise SystemExit("error: --lr and --checkpoints are pilot flags: give --betas too")
+    if args.report_only:
+        return report_all(args)
     cfg = dict(QUICK if args.quick else FULL, quick=args.quick)
-    cfg.update({k: getattr(args, k) for k in ("lr", "steps") if getattr(args, k) is not None})
-    grid = {m: g for m, g in (QUICK_GRID if args.quick else GRID).items() if m in args.methods}
+    cfg.update({k: v for k, v in (("lr", args.lr), ("checkpoints", args.checkpoints)) if v is not None})
+    cfg["checkpoints"] = sorted(cfg["checkpoints"])
+    grid = QUICK_GRID if args.quick else GRID
+    if pilot:
+        grid = {m: {b: (args.schedules, args.seeds) for b in args.betas} for m in args.methods}
     t0, out = time.time(), args.output_dir
     os.makedirs(out, exist_ok=True)
 
@@ -864,38 +906,32 @@ def run(args):
     judge = Judge(sft_path, data, cfg)
     sft_eval = {**judge.sft_eval, "logp_chosen": judge.sft_probe["chosen"].mean().item(),
                 "logp_rejected": judge.sft_probe["rejected"].mean().item()}
-    print(f"SFT: test gold {sft_eval['gold_score_test']:.3f}, val gold {sft_eval['gold_score_val']:.3f} "
-          f"({time.time() - t0:.0f} s)", flush=True)
+    print(f"SFT: val gold {sft_eval['gold_score_val']:.3f} ({time.time() - t0:.0f} s)", flush=True)
 
     # -------------------------------------------------------------------------
     # 3. the runs not finished yet, --workers at a time, each in its own (spawned) process
-    jobs = []
-    if not args.report_only:
-        finished = {run_name(r) for r in load_runs(out, cfg, grid)}
-        jobs = [j for j in jobs_of(grid, args.methods, args.betas, args.schedules, args.seeds)
-                if run_name(j) not in finished]
-        print(f"{len(jobs)} runs to do, {len(finished)} finished ones skipped", flush=True)
-        work = [(j, cfg, data, sft_path, os.path.join(out, "runs", run_name(j)), args.threads) for j in jobs]
-        with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for k, r in enumerate(pool.map(train_and_judge, work)):
-                last = r["checkpoints"][-1]
-                print(f"[{k + 1}/{len(jobs)}] {run_name(r)}: val gold "
-                      + " ".join(f"{c['gold_score_val']:.3f}" for c in r["checkpoints"])
-                      + f"; end: KL {last['kl']:.2f}, anchor {last['anchor_weight']:.3f}, e.g. {last['example']} "
-                      f"(train {r['train_s']:.0f} s, eval {r['eval_s']:.0f} s; CPU {r['train_cpu_s']:.0f} + {r['eval_cpu_s']:.0f} s; "
-                      f"{time.time() - t0:.0f} s)", flush=True)
+    runs_dir = os.path.join(out, "pilots" if pilot else "runs", f"lr{cfg['lr']:g}" if pilot else "")
+    finished = {run_name(r) for r in load_runs(runs_dir, cfg, grid)}
+    jobs = [j for j in jobs_of(grid, args.methods) if run_name(j) not in finished]
+    print(f"{len(jobs)} runs to do, {len(finished)} finished ones skipped", flush=True)
+    work = [(j, cfg, data, sft_path, os.path.join(runs_dir, run_name(j)), args.threads) for j in jobs]
+    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for k, r in enumerate(pool.map(train_and_judge, work)):
+            print(f"[{k + 1}/{len(jobs)}] {run_name(r)}: " + progress(r) + f" ({time.time() - t0:.0f} s)", flush=True)
+    if pilot:  # pilots show validation gold, KL and the anchor only (the docstring says what was looked at)
+        return print_pilot(load_runs(runs_dir, cfg, grid), sft_eval)
 
     # -------------------------------------------------------------------------
-    # 4. report over every finished run of the grid (all methods, whatever --methods chose to train now)
+    # 4. the committed record (every finished run of the grid, whatever --methods trained now), and the report
     log_path = os.path.join(out, "sittings.jsonl")  # every invocation that trained something: its wall time
-    if not args.report_only and jobs:
+    if jobs:
         with open(log_path, "a") as f:
             f.write(json.dumps({"wall_s": round(time.time() - t0, 1), "trained": len(jobs), "workers": args.workers,
                                 "methods": args.methods}) + "\n")
     sittings = [json.loads(line) for line in open(log_path)] if os.path.exists(log_path) else []
-    full_grid = QUICK_GRID if args.quick else GRID
-    runs = load_runs(out, cfg, full_grid)
-    report = write_report(out, runs, sft_eval, cfg, full_grid, data["overlap"], sittings)
+    results = args.results_dir or (os.path.join(out, "results") if args.quick else "results/toy2")
+    save_record(results, load_runs(runs_dir, cfg, grid), sft_eval, cfg, grid, data["overlap"], sittings)
+    report = report_experiment2(results)
     print(report)
     return report
 
