@@ -97,6 +97,7 @@ seconds under load). Per method, about a third each: DPO ~19 min with SFT, IPO ~
     python toy_experiment.py --quick              # a smoke test (CI): 'tiny' model, a few steps; numbers mean nothing
 """
 import argparse
+import gzip
 import hashlib
 import json
 import math
@@ -128,7 +129,7 @@ TAU = 16         # hard and soft updates after steps 16, 32, ..., 112 of 120
 CHECKPOINTS = (12, 24, 36, 48, 60, 72, 84, 96, 108, 120)  # PLACEHOLDER until the pilot
 GOLD_SCALE = 120  # a prompt's gold (mean over 2 samples of k/n, n = 3..6 digits) times 120 is an integer: stored as one
 
-FULL = dict(model="small", sft_steps=1200, sft_lr=3e-3, lr=LR, checkpoints=CHECKPOINTS, pairs=1920, tau=TAU,
+FULL = dict(model="small", sft_steps=1200, sft_lr=3e-3, lr=LR, checkpoints=CHECKPOINTS, pairs=3840, tau=TAU,
             n_eval=512, samples=2, probe=128, sft_rows=8192)
 QUICK = dict(model="tiny", sft_steps=30, sft_lr=3e-3, lr=1e-4, checkpoints=(2, 4, 6, 8), pairs=128, tau=4,
              n_eval=32, samples=2, probe=16, sft_rows=512)
@@ -138,6 +139,8 @@ CONTROL = "soft_every_step"  # the positive control: alpha 0.6 after EVERY step,
 PAPER_SCHEDULES = ("hard", "soft")  # the verdicts rest on these (the authors' code)
 # per method: beta -> (schedules, seeds)
 GRID = {"dpo": {0.3: (SCHEDULES, 5)}, "ipo": {0.5: (SCHEDULES, 5)}, "kto": {3.0: (SCHEDULES, 5)}}  # PLACEHOLDER
+MAIN_BETA = {"dpo": 0.3, "ipo": 0.5, "kto": 3.0}  # PLACEHOLDER
+KL_TARGETS = (1.0, 2.0, 4.0, 8.0)
 QUICK_GRID = {"dpo": {0.3: (SCHEDULES, 2), 0.1: (("none",), 2)}, "ipo": {0.5: (SCHEDULES, 1)},
               "kto": {3.0: (SCHEDULES, 1)}}
 SCRIPTS = {"dpo": tr_dpo, "ipo": tr_ipo, "kto": tr_kto}
@@ -265,9 +268,10 @@ def percentile_ci(draws, level=0.95):
     return float(np.quantile(a, (1 - level) / 2)), float(np.quantile(a, (1 + level) / 2))
 
 
-def paired_seed_draws(n_seeds, n_boot, rng):
-    """(n_boot, n_seeds) seed indices drawn with replacement; one table is used for every arm of a comparison."""
-    return rng.integers(0, n_seeds, size=(n_boot, n_seeds))
+def seed_table(n_seeds):
+    """(N_BOOT, n_seeds) seed indices drawn with replacement, one fixed table per number of seeds (so a CI does not
+    depend on the order the report computes them in); one table serves both arms of a comparison (paired by seed)."""
+    return np.random.default_rng(1000 + n_seeds).integers(0, n_seeds, size=(N_BOOT, n_seeds))
 
 
 def boot_mean(x, seeds):
@@ -276,24 +280,110 @@ def boot_mean(x, seeds):
     return x[seeds, np.arange(x.shape[1])[:, None]].mean(1)
 
 
+def t_abs_cdf(t, df):
+    """P(|T| <= t) for Student's t with integer df >= 1, in closed form (Abramowitz and Stegun 26.7.3-4):
+    theta = atan(t / sqrt(df)), c = cos(theta), s = sin(theta),
+        odd df:  (2/pi) (theta + s (c + 2/3 c^3 + 2*4/(3*5) c^5 + ... up to c^(df-2)))     (df 1: 2 theta/pi)
+        even df: s (1 + 1/2 c^2 + 1*3/(2*4) c^4 + ... up to c^(df-2))
+    each coefficient the previous one times (j + 1)/(j + 2), j the previous power."""
+    theta = math.atan(abs(t) / math.sqrt(df))
+    c, s = math.cos(theta), math.sin(theta)
+    j, coef, total = df % 2, 1.0, 0.0
+    while j <= df - 2:
+        total += coef * c ** j
+        coef *= (j + 1) / (j + 2)
+        j += 2
+    return 2 / math.pi * (theta + s * total) if df % 2 else s * total
+
+
+def t_quantile(df, level=0.95):
+    """The t with P(|T| <= t) = level (two-sided; 2.776 for df 4 at 95%), by bisection on t_abs_cdf."""
+    lo, hi = 0.0, 1e4
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_abs_cdf(mid, df) < level else (lo, mid)
+    return (lo + hi) / 2
+
+
+def seed_t_ci(values, level=0.95):
+    """(mean, low, high): mean +- t(n - 1) * sd / sqrt(n) over the seeds' values (sd with n - 1); None for one seed.
+    The test prompts are held fixed: this interval is about the batch order (the seed) only."""
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        return None
+    half = t_quantile(len(x) - 1, level) * x.std(ddof=1) / math.sqrt(len(x))
+    return float(x.mean()), float(x.mean() - half), float(x.mean() + half)
+
+
+NO_DIFF = "no detectable difference"
+
+
 def classify(ci):
-    """The rule's reading of a 95% CI of Delta = TR - none."""
-    return "better" if ci[0] > 0 else "worse" if ci[1] < 0 else "no detectable difference"
+    """Experiment 1's reading of one 95% CI of Delta = TR - none."""
+    return "better" if ci[0] > 0 else "worse" if ci[1] < 0 else NO_DIFF
+
+
+def classify_both(boot_ci, t_ci):
+    """Experiment 2's reading of Delta: "better" ("worse") only when the bootstrap CI over seeds and test prompts
+    AND the seed-level t interval both lie above (below) 0. With few seeds the percentile bootstrap is too narrow in
+    the seed direction, and the t interval ignores the prompts: a call needs both. One seed: no call."""
+    if t_ci is None:
+        return NO_DIFF
+    calls = {classify(boot_ci), classify(t_ci)}
+    return calls.pop() if len(calls) == 1 else NO_DIFF
 
 
 def method_verdict(calls):
-    """The method's verdict from the paper schedules' readings (classify)."""
+    """A verdict from the paper schedules' readings (classify, classify_both)."""
     better, worse = "better" in calls, "worse" in calls
-    return ("mixed" if better and worse else "TR helps" if better else "TR hurts" if worse
-            else "no detectable difference")
+    return "mixed" if better and worse else "TR helps" if better else "TR hurts" if worse else NO_DIFF
+
+
+def endpoint_verdict(control_call, calls):
+    """The positive control: an endpoint gives a verdict on TR only if it tells the no-anchor control
+    (soft_every_step) from the frozen reference, in either direction; otherwise it is "blind" on this task."""
+    return "blind" if control_call == NO_DIFF else method_verdict(calls)
+
+
+def match_beta(kl, ladder, steps, after):
+    """The frozen beta whose KL trajectory is nearest to `kl`: the smallest mean over the checkpoints after step
+    `after` (the first reference update: before it a TR run and a frozen run at its beta are the same run) of
+    |ln kl - ln kl_b|, kl and each ladder[b] being seed-mean KL per checkpoint (floored at 0.01 nats, since the
+    Monte-Carlo estimate can dip below 0 near the start). Returns (beta, distance); a tie goes to the larger beta."""
+    at = [i for i, s in enumerate(steps) if s > after]
+    ln = lambda v: math.log(max(v, 0.01))  # noqa: E731
+    dist = {b: float(np.mean([abs(ln(kl[i]) - ln(k[i])) for i in at])) for b, k in ladder.items()}
+    b = min(dist, key=lambda b: (dist[b], -b))
+    return b, dist[b]
+
+
+def mechanism_reading(tr_call, mech_call):
+    """Is TR at beta b a frozen reference at the KL-matched beta b'? tr_call: TR(b) - frozen(b); mech_call:
+    TR(b) - frozen(b'), both read by classify_both."""
+    if tr_call == NO_DIFF:
+        return "nothing to explain (TR not told apart from frozen at its own beta)"
+    if mech_call == NO_DIFF:
+        return f"a smaller beta (TR {tr_call} than frozen at its beta, not told apart from frozen at the matched one)"
+    return f"not only a smaller beta (TR {mech_call} than frozen at the matched beta too)"
+
 
 def gold_to_int(gold, samples):
-    """Per-prompt gold as integers: the mean over `samples` samples of k/n (k of n = 3..6 digits right) times
-    GOLD_SCALE = 2 * lcm(3, 4, 5, 6) is a whole number, so one byte per prompt stores it exactly."""
+    """Per-prompt gold as integers: the mean over 2 samples of k/n (k of n = 3..6 digits right) times
+    GOLD_SCALE = 2 * lcm(3, 4, 5, 6) = 120 is a whole number, so one byte per prompt stores it exactly."""
     assert samples == 2, "GOLD_SCALE assumes 2 samples per prompt"
     ints = [round(g * GOLD_SCALE) for g in gold]
     assert all(abs(i - g * GOLD_SCALE) < 1e-6 for i, g in zip(ints, gold))
     return ints
+
+
+def encode_per_prompt(table):
+    """The per-prompt record as gzip'd JSON, byte-identical for the same table (mtime 0, no spaces). table:
+    {"scale", "n_val", "prompts", "sft": [ints], "runs": {run name: [[ints] per checkpoint]}}."""
+    return gzip.compress(json.dumps(table, separators=(",", ":"), sort_keys=True).encode(), mtime=0)
+
+
+def decode_per_prompt(blob):
+    return json.loads(gzip.decompress(blob))
 
 
 # -----------------------------------------------------------------------------
@@ -314,7 +404,7 @@ def make_data(out, cfg):
         if p not in prompts:
             prompts.append(p)
     held = set(prompts)
-    n_sft, n_pairs = cfg["sft_rows"] + SCRIPT_EVAL, cfg["pairs"] + SCRIPT_EVAL  # pairs: 120 steps of 16 = 1 epoch
+    n_sft, n_pairs = cfg["sft_rows"] + SCRIPT_EVAL, cfg["pairs"] + SCRIPT_EVAL  # one epoch: pairs / 16 steps
     sft_stream, pair_stream = toy_sft_rows(2 * n_sft, 0), toy_preferences(2 * n_pairs, 0)
     sft_rows = [r for r in sft_stream if r["prompt"] not in held][:n_sft]
     pairs = [r for r in pair_stream if r["prompt"] not in held][:n_pairs]
@@ -508,263 +598,437 @@ def jobs_of(grid, methods):
 
 
 class Stats:
-    """Bootstrap machinery over the finished runs: each run's per-prompt test gold at each checkpoint is resampled
-    with ONE table of prompt weights for all runs (N_BOOT draws), so comparisons are paired by prompt; seeds are
-    resampled per comparison with one table for both arms (paired by seed)."""
+    """The bootstrap over the committed per-prompt gold. Each run's test gold at each checkpoint is resampled with ONE
+    table of test-prompt weights for every run (N_BOOT multinomial draws, seed 0), so comparisons are paired by
+    prompt; seeds are resampled with seed_table, one table for both arms (paired by seed). Validation gold, which
+    picks checkpoints and betas, and KL, which places a run on the KL axis, are taken as measured (not resampled).
 
-    def __init__(self, runs, sft_eval, seed=0):
-        self.rng = np.random.default_rng(seed)
-        n_prompts = len(sft_eval["gold_test_per_prompt"])
-        w = self.rng.multinomial(n_prompts, np.full(n_prompts, 1 / n_prompts), size=N_BOOT).T / n_prompts
-        as_boot = lambda per_prompt: np.asarray(per_prompt) @ w  # noqa: E731  (checkpoints, N_BOOT)
-        self.sft_boot = as_boot([sft_eval["gold_test_per_prompt"]])[0]
-        self.boot = {id(r): as_boot([c["gold_test_per_prompt"] for c in r["checkpoints"]]) for r in runs}
-        self.sft = sft_eval
+    gold: {run name: (checkpoints, prompts) integer gold, validation prompts first}, "sft": the SFT model's (prompts,)."""
 
-    def trajectory(self, run, key):
-        """The run's values from the SFT start (step 0) on."""
-        return [self.sft[key]] + [c[key] for c in run["checkpoints"]]
+    def __init__(self, runs, gold, n_val):
+        n_test = len(gold["sft"]) - n_val
+        w = np.random.default_rng(0).multinomial(n_test, np.full(n_test, 1 / n_test), size=N_BOOT).T / n_test
+        self.val, self.test, self.boot = {}, {}, {}
+        for name, g in [("sft", [gold["sft"]])] + [(run_name(r), gold[run_name(r)]) for r in runs]:
+            g = np.asarray(g, dtype=float) / GOLD_SCALE
+            self.val[name], self.test[name], self.boot[name] = g[:, :n_val].mean(1), g[:, n_val:].mean(1), g[:, n_val:] @ w
 
+    # each statistic of a run: (point estimate, its N_BOOT draws); None where the run has no value
     def best(self, run):
-        """(point estimate, N_BOOT draws) of the test gold at the best-on-validation checkpoint."""
-        i = best_checkpoint([c["gold_score_val"] for c in run["checkpoints"]])
-        return run["checkpoints"][i]["gold_score_test"], self.boot[id(run)][i]
+        """Test gold at the best-on-validation checkpoint."""
+        i, name = best_checkpoint(list(self.val[run_name(run)])), run_name(run)
+        return self.test[name][i], self.boot[name][i]
 
-    def last(self, run):
-        return run["checkpoints"][-1]["gold_score_test"], self.boot[id(run)][-1]
+    def end(self, run):
+        return self.test[run_name(run)][-1], self.boot[run_name(run)][-1]
 
-    def at_kl(self, run, target, key="gold_score_test"):
-        """(point, draws) of the gold interpolated at KL target along the run's trajectory; None if not reached."""
-        where = at_kl(self.trajectory(run, "kl"), target)
+    def mean_over_checkpoints(self, run):
+        return self.test[run_name(run)].mean(), self.boot[run_name(run)].mean(0)
+
+    def at_kl(self, run, target):
+        """Test gold where the run's trajectory (the SFT model at KL 0, then its checkpoints) reaches KL target,
+        interpolated linearly (at_kl), the draws with the same weights."""
+        where = at_kl([0.0] + [c["kl"] for c in run["checkpoints"]], target)
         if where is None:
             return None
-        i, w = where
-        vals = self.trajectory(run, key)
-        draws = np.vstack([self.sft_boot, self.boot[id(run)]])
+        (i, w), name = where, run_name(run)
+        vals = np.concatenate([self.test["sft"], self.test[name]])
+        draws = np.vstack([self.boot["sft"], self.boot[name]])
         return (1 - w) * vals[i - 1] + w * vals[i], (1 - w) * draws[i - 1] + w * draws[i]
 
     def cell(self, runs, stat):
-        """Mean over seeds of stat(run) with its 95% CI: (mean, low, high); None if any run has no value."""
+        """{"mean", "boot", "t", "seeds"} of stat over the runs (seeds) of one cell; None if any run has no value."""
         vals = [stat(r) for r in runs]
         if not vals or any(v is None for v in vals):
             return None
-        seeds = paired_seed_draws(len(vals), N_BOOT, self.rng)
-        return (float(np.mean([v[0] for v in vals])),
-                *percentile_ci(boot_mean(np.array([v[1] for v in vals]), seeds)))
+        boot = boot_mean(np.array([v[1] for v in vals]), seed_table(len(vals)))
+        t = seed_t_ci([v[0] for v in vals])
+        return {"mean": float(np.mean([v[0] for v in vals])), "boot": percentile_ci(boot),
+                "t": t and t[1:], "seeds": len(vals)}
 
-    def delta(self, runs_a, runs_b, stat):
-        """mean(stat over a) - mean(stat over b), paired by seed (the seeds both have), with its 95% CI."""
-        by_seed = lambda runs: {r["seed"]: stat(r) for r in runs}  # noqa: E731
-        a, b = by_seed(runs_a), by_seed(runs_b)
-        common = sorted(set(a) & set(b))
+    def delta(self, runs_a, runs_b, stat_a, stat_b=None):
+        """stat_a over a minus stat_b over b, paired by seed (the seeds both have, each needing a value), with both
+        intervals and classify_both's call: {"delta", "boot", "t", "seeds", "call"}; None without a common seed."""
+        a = {r["seed"]: stat_a(r) for r in runs_a}
+        b = {r["seed"]: (stat_b or stat_a)(r) for r in runs_b}
+        common = sorted(s for s in set(a) & set(b) if a[s] is not None and b[s] is not None)
         if not common:
             return None
-        diff = np.array([a[s][1] - b[s][1] for s in common])
-        seeds = paired_seed_draws(len(common), N_BOOT, self.rng)
-        return (float(np.mean([a[s][0] - b[s][0] for s in common])), *percentile_ci(boot_mean(diff, seeds)), len(common))
+        boot = boot_mean(np.array([a[s][1] - b[s][1] for s in common]), seed_table(len(common)))
+        t = seed_t_ci([a[s][0] - b[s][0] for s in common])
+        d = {"delta": float(np.mean([a[s][0] - b[s][0] for s in common])), "boot": percentile_ci(boot),
+             "t": t and t[1:], "seeds": len(common)}
+        return {**d, "call": classify_both(d["boot"], d["t"])}
 
 
-def select(runs, **kw):
-    return [r for r in runs if all(r[k] == v for k, v in kw.items())]
+def fmt(d, digits=3):
+    """A cell or a Delta: mean or Delta, the bootstrap CI and the seed-level t interval."""
+    if d is None:
+        return "—"
+    sign = "+" if "delta" in d else ""
+    v = d.get("delta", d.get("mean"))
+    t = f"; t [{d['t'][0]:{sign}.{digits}f}, {d['t'][1]:{sign}.{digits}f}]" if d.get("t") else ""
+    boot = f" [{d['boot'][0]:{sign}.{digits}f}, {d['boot'][1]:{sign}.{digits}f}]" if d.get("boot") else ""
+    return f"{v:{sign}.{digits}f}{boot}{t}"
 
 
-def mean_of(runs, f):
-    return float(np.mean([f(r) for r in runs]))
-
-
-def fmt_ci(c, digits=3):
-    return "—" if c is None else f"{c[0]:.{digits}f} [{c[1]:.{digits}f}, {c[2]:.{digits}f}]"
-
-
-def verdicts(runs, stats, grid):
-    """The decision rule of the docstring, per method: (sentence, details)."""
-    out = {}
-    for m in grid:
-        beta = VERDICT[m]
-        base = select(runs, method=m, beta=beta, schedule="none")
-        if not base:
-            out[m] = (f"Not run yet: no finished {m.upper()} baseline at the verdict beta {beta:g}.", {})
-            continue
-        anchor = mean_of(base, lambda r: r["checkpoints"][-1]["anchor_weight"])
-        details = {"beta": beta, "baseline_anchor_last": anchor, "active": anchor_active(m, anchor, beta),
-                   "seeds": len(base), "baseline": stats.cell(base, stats.best), "deltas": {}}
-        for s in SCHEDULES[1:]:
-            d = stats.delta(select(runs, method=m, beta=beta, schedule=s), base, stats.best)
-            if d is not None:
-                details["deltas"][s] = {"delta": d[0], "ci": [d[1], d[2]], "seeds": d[3], "call": classify(d[1:3])}
-        calls = [details["deltas"][s]["call"] for s in PAPER_SCHEDULES if s in details["deltas"]]
-        name = m.upper()
-        if not details["active"]:
-            sentence = (f"No power: at beta {beta:g} the {name} baseline's anchor is inert (mean {anchor:.3f} at its "
-                        f"last checkpoint), so no TR verdict is drawn.")
-        elif len(calls) < len(PAPER_SCHEDULES):
-            sentence = f"Incomplete: the paper schedules at beta {beta:g} have not all finished."
-        else:
-            v = method_verdict(calls)
-            parts = ", ".join(f"{s} {details['deltas'][s]['delta']:+.3f} [{details['deltas'][s]['ci'][0]:+.3f}, "
-                              f"{details['deltas'][s]['ci'][1]:+.3f}]" for s in PAPER_SCHEDULES)
-            sentence = (f"{v}: at beta {beta:g} (baseline anchor {anchor:.3f}, active) the best-on-validation test "
-                        f"gold of TR-{name} minus {name}, {details['seeds']} seed(s), 95% CI: {parts}.")
-        details["verdict"] = sentence
-        out[m] = (sentence, details)
-    return out
-
-
-def header(runs, sft_eval, cfg, overlap, sittings):
-    wall = ", ".join(f"{x['trained']} runs in {x['wall_s'] / 60:.1f} min" for x in sittings)
-    return [
-        "# Toy experiment: is the trust-region update better than a frozen reference?\n",
-        f"Model '{cfg['model']}', SFT {cfg['sft_steps']} steps; every run {cfg['steps']} steps of 16 pairs (one "
-        f"epoch), lr {cfg['lr']:g} (chosen on a plain-DPO pilot, see toy_experiment.py), checkpoints every "
-        f"{cfg['every']} steps. Schedules: none (frozen reference), hard and soft (alpha 0.6) every {cfg['tau']} steps "
-        f"(the paper authors' code), ema (alpha {cfg['ema']:g} every step), soft_every_step (alpha 0.6 every step: "
-        f"the no-anchor control). {cfg['n_eval']} held-out prompts ({cfg['n_eval'] // 2} validation, "
-        f"{cfg['n_eval'] // 2} test), {cfg['samples']} samples each at temperature 1; anchor strength on "
-        f"{cfg['probe']} training pairs. {len(runs)} runs; wall time {sum(x['wall_s'] for x in sittings) / 60:.1f} "
-        f"min over {len(sittings)} invocation(s) ({wall}).\n",
-        f"Eval prompts in the training data: {overlap['in_sft_or_pairs']} of {overlap['eval_prompts']} (excluded by "
-        f"construction; drawn without the exclusion, {overlap['would_be_in_sft_without_exclusion']} would be SFT "
-        f"prompts and {overlap['would_be_in_pairs_without_exclusion']} preference prompts). SFT model: test gold "
-        f"{sft_eval['gold_score_test']:.3f}, validation gold {sft_eval['gold_score_val']:.3f}.\n",
-        "Intervals: 95% bootstrap CIs (seeds and test prompts resampled). The decision rule is in toy_experiment.py's "
-        "docstring, fixed before the full run.\n"]
-
-
-def power_table(runs, grid):
-    L = ["## Power check: the baseline's anchor (schedule none), mean over seeds\n",
-         "Active: DPO weight <= 0.4, IPO mean (h - t) >= -0.8 t, KTO weight <= 0.2 (each 20% below its value at "
-         "h = 0).\n",
-         "| method | beta | seeds | anchor at first / middle / last checkpoint | active at the end |",
-         "|---|---|---|---|---|"]
-    for m in grid:
-        for b in grid[m]:
-            base = select(runs, method=m, beta=b, schedule="none")
-            if base:
-                n = len(base[0]["checkpoints"])
-                a = [mean_of(base, lambda r, i=i: r["checkpoints"][i]["anchor_weight"]) for i in (0, n // 2, n - 1)]
-                L.append(f"| {m.upper()} | {b:g} | {len(base)} | {a[0]:.3f} / {a[1]:.3f} / {a[2]:.3f} | "
-                         f"{'yes' if anchor_active(m, a[2], b) else 'no'} |")
-    return L + [""]
-
-
-def primary_table(runs, stats, grid):
-    L = ["## Primary: test gold at each run's best-on-validation checkpoint (mean over seeds)\n",
-         "Delta = schedule minus none, paired by seed. The verdict rests on the verdict beta's hard and soft rows.\n",
-         "| method | beta | schedule | seeds | best-on-val test gold | best step (mean) | Delta vs none |",
-         "|---|---|---|---|---|---|---|"]
-    best_step = lambda r: r["checkpoints"][best_checkpoint([c["gold_score_val"] for c in r["checkpoints"]])]["step"]  # noqa: E731
-    for m in grid:
-        for b, (scheds, _) in grid[m].items():
-            for s in scheds:
-                rs = select(runs, method=m, beta=b, schedule=s)
-                if not rs:
-                    continue
-                d = stats.delta(rs, select(runs, method=m, beta=b, schedule="none"), stats.best) if s != "none" else None
-                L.append(f"| {m.upper()} | {b:g}{' (verdict)' if b == VERDICT[m] else ''} | {s} | {len(rs)} | "
-                         f"{fmt_ci(stats.cell(rs, stats.best))} | {mean_of(rs, best_step):.0f} | "
-                         f"{'—' if d is None else fmt_ci(d[:3])} |")
-    return L + [""]
-
-
-def picked_beta_table(runs, stats, grid):
-    L = ["## Beta picked on validation, reported on test\n",
-         "Per schedule, the beta with the highest mean validation gold (at each run's best checkpoint; at the end).\n",
-         "| method | schedule | beta | best-on-val test gold | beta (end) | end-of-budget test gold |",
-         "|---|---|---|---|---|---|"]
-    for m in grid:
-        for s in SCHEDULES:
-            cells = {b: select(runs, method=m, beta=b, schedule=s) for b in grid[m]}
-            cells = {b: rs for b, rs in cells.items() if rs}
-            if not cells:
-                continue
-            pick = lambda f: max(cells, key=lambda b: mean_of(cells[b], f))  # noqa: E731
-            b_best = pick(lambda r: max(c["gold_score_val"] for c in r["checkpoints"]))
-            b_end = pick(lambda r: r["checkpoints"][-1]["gold_score_val"])
-            L.append(f"| {m.upper()} | {s} | {b_best:g} | {fmt_ci(stats.cell(cells[b_best], stats.best))} | "
-                     f"{b_end:g} | {fmt_ci(stats.cell(cells[b_end], stats.last))} |")
-    return L + [""]
-
-
-def matched_kl_table(runs, stats, grid):
-    L = ["## Gold at matched KL to the SFT model (test; beta picked on validation at that KL)\n",
-         "Each run's trajectory (the SFT model at KL 0, then its checkpoints) interpolated linearly at the KL; — = no "
-         "beta whose every seed reaches it.\n",
-         "| method | schedule | " + " | ".join(f"KL {k:g}" for k in KL_TARGETS) + " |",
-         "|---|---|" + "---|" * len(KL_TARGETS)]
-    for m in grid:
-        for s in SCHEDULES:
-            cells = {b: select(runs, method=m, beta=b, schedule=s) for b in grid[m]}
-            row = []
-            for k in KL_TARGETS:
-                ok = [b for b, rs in cells.items() if rs and all(stats.at_kl(r, k) is not None for r in rs)]
-                if not ok:
-                    row.append("—")
-                    continue
-                b = max(ok, key=lambda b: mean_of(cells[b], lambda r: stats.at_kl(r, k, "gold_score_val")[0]))
-                row.append(f"{fmt_ci(stats.cell(cells[b], lambda r: stats.at_kl(r, k)))} (beta {b:g})")
-            if any(c != "—" for c in row):
-                L.append(f"| {m.upper()} | {s} | " + " | ".join(row) + " |")
-    return L + [""]
-
-
-def logps_table(runs, sft_eval, grid, cfg):
-    steps = (cfg["every"], cfg["steps"] // 2 // cfg["every"] * cfg["every"], cfg["steps"])
-    L = ["## Log-probs of the probe pairs over training (verdict beta, mean over seeds)\n",
-         "log pi(chosen) / log pi(rejected), summed over response tokens; the SFT model: "
-         f"{sft_eval['logp_chosen']:.2f} / {sft_eval['logp_rejected']:.2f}.\n",
-         "| method | schedule | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|---|" + "---|" * len(steps)]
-    for m in grid:
-        for s in SCHEDULES:
-            rs = select(runs, method=m, beta=VERDICT[m], schedule=s)
-            if rs:
-                at = lambda step, key: mean_of(rs, lambda r: next(c[key] for c in r["checkpoints"] if c["step"] == step))  # noqa: E731
-                L.append(f"| {m.upper()} | {s} | " +
-                         " | ".join(f"{at(t, 'logp_chosen'):.2f} / {at(t, 'logp_rejected'):.2f}" for t in steps) + " |")
-    return L + [""]
+def fmt_t(d, digits=3):
+    """A seed-level result: {"delta" or "mean", "t"}."""
+    return fmt({k: v for k, v in d.items() if k != "boot"}, digits) if d else "—"
 
 
 def dump_results(path, summary, runs):
     """results.json: the summary indented, then `runs`, one compact line per run (floats to 5 decimals)."""
     def compact(x):
-        return (round(x, 5) if isinstance(x, float) else [compact(v) for v in x] if isinstance(x, list)
+        return (round(x, 5) if isinstance(x, float) else [compact(v) for v in x] if isinstance(x, (list, tuple))
                 else {k: compact(v) for k, v in x.items()} if isinstance(x, dict) else x)
     lines = [json.dumps(compact(r)) for r in runs]
     with open(path, "w") as f:
         f.write(json.dumps(summary, indent=1)[:-2] + ',\n "runs": [\n  ' + ",\n  ".join(lines) + "\n ]\n}\n")
 
 
-def write_report(out, runs, sft_eval, cfg, grid, overlap, sittings):
-    """results.md, results.json and the plots from the finished runs; `sittings`: every invocation's wall seconds
-    and runs trained (a full run may be split into sittings, e.g. one per method)."""
-    stats = Stats(runs, sft_eval)
-    verdict = verdicts(runs, stats, grid)
-    L = header(runs, sft_eval, cfg, overlap, sittings)
-    L += ["## Verdict\n"] + [f"- **{m.upper()}**: {verdict[m][0]}" for m in grid] + [""]
-    L += power_table(runs, grid) + primary_table(runs, stats, grid) + picked_beta_table(runs, stats, grid)
-    L += matched_kl_table(runs, stats, grid) + logps_table(runs, sft_eval, grid, cfg)
-    pngs = plot(out, runs, stats, grid)
-    L += [f"Plots: {', '.join(os.path.basename(p) for p in pngs)}." if pngs else "Plots: matplotlib not installed."]
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write("\n".join(L) + "\n")
-    summary = {"config": cfg, "grid": {m: {str(b): {"schedules": list(s), "seeds": n} for b, (s, n) in g.items()}
-                                       for m, g in grid.items()},
-               "verdict_beta": VERDICT, "overlap": overlap, "sittings": sittings,
-               "wall_s": sum(x["wall_s"] for x in sittings),
-               "sft": {k: v for k, v in sft_eval.items() if k != "gold_test_per_prompt"},
-               "verdict": {m: v[0] for m, v in verdict.items()}, "verdict_details": {m: v[1] for m, v in verdict.items()}}
-    dump_results(os.path.join(out, "results.json"), summary,
+def grid_json(grid):
+    return {m: {str(b): {"schedules": list(s), "seeds": n} for b, (s, n) in g.items()} for m, g in grid.items()}
+
+
+def grid_from_json(g):
+    return {m: {float(b): (tuple(c["schedules"]), c["seeds"]) for b, c in cells.items()} for m, cells in g.items()}
+
+
+def save_record(results, runs, sft_eval, cfg, grid, overlap, sittings, prompts):
+    """The committed record of experiment 2: results.json (every run and checkpoint without the per-prompt gold) and
+    per_prompt.json.gz (the per-prompt validation and test gold of the SFT model and of every checkpoint)."""
+    os.makedirs(results, exist_ok=True)
+    n_val = len(prompts) // 2
+    table = {"scale": GOLD_SCALE, "n_val": n_val, "prompts": prompts, "sft": sft_eval["gold_per_prompt"],
+             "runs": {run_name(r): [c["gold_per_prompt"] for c in r["checkpoints"]] for r in runs}}
+    with open(os.path.join(results, "per_prompt.json.gz"), "wb") as f:
+        f.write(encode_per_prompt(table))
+    summary = {"experiment": 2, "config": cfg, "grid": grid_json(grid), "main_beta": MAIN_BETA, "overlap": overlap,
+               "sittings": sittings, "wall_s": sum(x["wall_s"] for x in sittings),
+               "sft": {k: v for k, v in sft_eval.items() if k != "gold_per_prompt"}}
+    dump_results(os.path.join(results, "results.json"), summary,
                  [{**{k: v for k, v in r.items() if k not in ("checkpoints", "key")},
-                   "checkpoints": [{k: v for k, v in c.items() if k != "gold_test_per_prompt"} for c in r["checkpoints"]]}
+                   "checkpoints": [{k: v for k, v in c.items() if k != "gold_per_prompt"} for c in r["checkpoints"]]}
                   for r in runs])
-    return "\n".join(L)
 
 
-COLORS = {"none": "black", "hard": "tab:red", "soft": "tab:blue", "ema": "tab:green", "soft_every_step": "tab:gray"}
+def select(runs, **kw):
+    return [r for r in runs if all(r[k] == v for k, v in kw.items())]
 
 
-def plot(out, runs, stats, grid):
-    """gold_vs_kl.png (per method: every cell's seed-mean checkpoints and each schedule's Pareto front, with a 95%
-    band from the bootstrap), gold_vs_step.png, anchor.png and logps.png (verdict beta)."""
+def seed_mean(rs, key):
+    """The seed-mean trajectory of a checkpoint field."""
+    return [float(np.mean([r["checkpoints"][i][key] for r in rs])) for i in range(len(rs[0]["checkpoints"]))]
+
+# -----------------------------------------------------------------------------
+# experiment 1's report: from the committed results/toy/results.json alone (no per-prompt gold), seed-level intervals
+
+
+def seed_cell(runs, f):
+    vals = [f(r) for r in runs]
+    if not vals or any(v is None for v in vals):
+        return None
+    t = seed_t_ci(vals)
+    return {"mean": float(np.mean(vals)), "t": t and t[1:], "seeds": len(vals)}
+
+
+def seed_delta(runs_a, runs_b, f_a, f_b=None):
+    """Paired by seed: {"delta", "t", "seeds", "call"} from the seeds' differences, classify on the t interval."""
+    a, b = {r["seed"]: f_a(r) for r in runs_a}, {r["seed"]: (f_b or f_a)(r) for r in runs_b}
+    common = sorted(s for s in set(a) & set(b) if a[s] is not None and b[s] is not None)
+    if not common:
+        return None
+    t = seed_t_ci([a[s] - b[s] for s in common])
+    return {"delta": float(np.mean([a[s] - b[s] for s in common])), "t": t and t[1:], "seeds": len(common),
+            "call": classify(t[1:]) if t else NO_DIFF}
+
+
+def e1_best(r):
+    c = r["checkpoints"]
+    return c[best_checkpoint([x["gold_score_val"] for x in c])]["gold_score_test"]
+
+
+def e1_end(r):
+    return r["checkpoints"][-1]["gold_score_test"]
+
+
+def e1_at_kl(target, key="gold_score_test"):
+    def f(r, sft):
+        where = at_kl([0.0] + [c["kl"] for c in r["checkpoints"]], target)
+        if where is None:
+            return None
+        (i, w), v = where, [sft[key]] + [c[key] for c in r["checkpoints"]]
+        return (1 - w) * v[i - 1] + w * v[i]
+    return f
+
+
+def report_experiment1(results):
+    """results/toy/results.md from results/toy/results.json: every cell of experiment 1 with seed-level t intervals,
+    the pre-registered verdict quoted as committed, and the positive control applied after the fact."""
+    res = json.load(open(os.path.join(results, "results.json")))
+    runs, cfg, sft, grid = res["runs"], res["config"], res["sft"], grid_from_json(res["grid"])
+    vbeta = res["verdict_beta"]
+    schedules = ("none", "hard", "soft", "ema", "soft_every_step")
+    steps = [c["step"] for c in runs[0]["checkpoints"]]
+    L = ["# Experiment 1: is the trust-region update better than a frozen reference? (committed runs, corrected)\n",
+         f"Model '{cfg['model']}', SFT {cfg['sft_steps']} steps (test gold {sft['gold_score_test']:.3f}, validation "
+         f"{sft['gold_score_val']:.3f}); every run {cfg['steps']} steps of 16 pairs (one epoch), lr {cfg['lr']:g}, "
+         f"checkpoints every {cfg['every']} steps. Schedules: none (frozen), hard and soft (alpha 0.6) every "
+         f"{cfg['tau']} steps, ema (alpha {cfg['ema']:g} every step), soft_every_step (alpha 0.6 every step: no "
+         f"anchor). {len(runs)} runs, {res['wall_s'] / 60:.1f} min in {len(res['sittings'])} sittings. Design, "
+         "pilots and the rule: docs/experiment.md; the runs were made by commit 4299a3f's toy_experiment.py.\n",
+         f"Reference updates: after steps {', '.join(str(s) for s in range(cfg['tau'], cfg['steps'] + 1, cfg['tau']))}"
+         f". The frozen baseline peaks on validation at step 48, and the policy of step 48 was trained under the "
+         "references of the updates after steps 16 and 32 only: TWO updates act before the peak (the step-48 update "
+         "acts from step 49 on), not three as the design said.\n",
+         "**Intervals.** The per-prompt gold was not committed for this experiment (out/ was not kept), so the "
+         "pre-registered bootstrap over seeds and test prompts cannot be recomputed. Every interval below is a "
+         "seed-level 95% t interval, recomputed by `python toy_experiment.py --report_only` from results.json: "
+         "mean +- t(n-1) sd/sqrt(n) over the seeds (n = 3 or 5, 2 or 4 df), Deltas paired by seed; the 256 test "
+         "prompts are held fixed, so these intervals are about the batch order only. A call (better / worse) is "
+         "the t interval excluding 0.\n",
+         "## The pre-registered verdict, as committed (bootstrap CIs from the uncommitted per-prompt data)\n"]
+    L += [f"- **{m.upper()}**: {v}" for m, v in res["verdict"].items()] + [""]
+
+    L += ["## The verdict cells with seed-level intervals, and the positive control (applied after the fact)\n",
+          "Best-on-validation test gold, schedule minus none at the verdict beta. The positive control (issue 20, "
+          "after this experiment): an endpoint can give a verdict on TR only if it tells the no-anchor control "
+          "(soft_every_step) from the frozen reference.\n",
+          "| method (verdict beta) | seeds | control − none | hard − none | soft − none | ema − none | "
+          "calls by t: control; hard, soft | the rule with the positive control, by t |", "|---|---|---|---|---|---|---|---|"]
+    for m, b in vbeta.items():
+        base = select(runs, method=m, beta=b, schedule="none")
+        d = {s: seed_delta(select(runs, method=m, beta=b, schedule=s), base, e1_best) for s in schedules[1:]}
+        v = endpoint_verdict(d["soft_every_step"]["call"], [d["hard"]["call"], d["soft"]["call"]])
+        L.append(f"| {m.upper()} ({b:g}) | {len(base)} | " +
+                 " | ".join(fmt_t(d[s], 4) for s in ("soft_every_step", "hard", "soft", "ema")) +
+                 f" | {d['soft_every_step']['call']}; {d['hard']['call']}, {d['soft']['call']} | {v} |")
+    L += ["", "The t intervals leave out the test prompts' sampling noise, so they are narrower than the pre-registered "
+          "bootstrap's; read a call that rests on a bound within 0.001 of 0 as marginal.", ""]
+
+    for title, f in (("best-on-validation checkpoint (the primary endpoint)", e1_best),
+                     ("end of budget (step 120)", e1_end)):
+        L += [f"## Every cell: test gold at the {title}\n",
+              "Seed means with t intervals; Delta = schedule minus none at the same beta, paired by seed; call by t.\n",
+              "| method | beta | schedule | seeds | test gold | Delta vs none | call |", "|---|---|---|---|---|---|---|"]
+        for m in grid:
+            for b, (scheds, _) in grid[m].items():
+                base = select(runs, method=m, beta=b, schedule="none")
+                for s in scheds:
+                    rs = select(runs, method=m, beta=b, schedule=s)
+                    d = seed_delta(rs, base, f) if s != "none" else None
+                    L.append(f"| {m.upper()} | {b:g}{' (verdict)' if b == vbeta[m] else ''} | {s} | {len(rs)} | "
+                             f"{fmt_t(seed_cell(rs, f))} | {fmt_t(d, 4)} | {d['call'] if d else ''} |")
+        L.append("")
+
+    L += ["## Beta picked on validation per schedule\n",
+          "The beta with the highest seed-mean validation gold at the best checkpoint, and at the end; its test gold.\n",
+          "| method | schedule | beta (best) | best-on-val test gold | beta (end) | end-of-budget test gold |",
+          "|---|---|---|---|---|---|"]
+    for m in grid:
+        for s in schedules:
+            cells = {b: select(runs, method=m, beta=b, schedule=s) for b in grid[m]}
+            cells = {b: rs for b, rs in cells.items() if rs}
+            pick = lambda f: max(cells, key=lambda b: np.mean([f(r) for r in cells[b]]))  # noqa: E731
+            bb = pick(lambda r: max(c["gold_score_val"] for c in r["checkpoints"]))
+            be = pick(lambda r: r["checkpoints"][-1]["gold_score_val"])
+            L.append(f"| {m.upper()} | {s} | {bb:g} | {fmt_t(seed_cell(cells[bb], e1_best))} | {be:g} | "
+                     f"{fmt_t(seed_cell(cells[be], e1_end))} |")
+    L.append("")
+
+    targets = (0.25, 0.5, 1.0)
+    L += ["## Gold at matched KL to the SFT model, every cell\n",
+          "Each run's trajectory (the SFT model at KL 0, then its checkpoints) interpolated linearly at the KL; — "
+          f"where a seed does not reach it. The highest KL of any checkpoint: "
+          f"{max(c['kl'] for r in runs for c in r['checkpoints']):.2f}.\n",
+          "| method | beta | schedule | " + " | ".join(f"KL {k:g}" for k in targets) + " |",
+          "|---|---|---|" + "---|" * len(targets)]
+    for m in grid:
+        for b, (scheds, _) in grid[m].items():
+            for s in scheds:
+                rs = select(runs, method=m, beta=b, schedule=s)
+                L.append(f"| {m.upper()} | {b:g} | {s} | " + " | ".join(
+                    fmt_t(seed_cell(rs, lambda r, k=k: e1_at_kl(k)(r, sft))) for k in targets) + " |")
+    L.append("")
+
+    L += ["## The anchor before the peak (verdict beta, seed means)\n",
+          "The anchor's strength against the current reference at each checkpoint up to step 48 (DPO, KTO: mean loss "
+          "weight; IPO: mean h - t). Hard's reference is replaced after steps 16, 32 and 48, each time resetting its anchor "
+          "to its value at h = 0; the step-48 checkpoint is judged after that step's update.\n",
+          "| method | schedule | " + " | ".join(f"step {s}" for s in steps if s <= 48) + " |",
+          "|---|---|" + "---|" * len([s for s in steps if s <= 48])]
+    for m, b in vbeta.items():
+        for s in ("none", "hard", "soft"):
+            rs = select(runs, method=m, beta=b, schedule=s)
+            a = seed_mean(rs, "anchor_weight")
+            L.append(f"| {m.upper()} | {s} | " + " | ".join(f"{a[i]:.3f}" for i, st in enumerate(steps) if st <= 48) + " |")
+    L += ["", "Plots (committed with the runs; their bands came from the uncommitted per-prompt data): gold_vs_kl.png, "
+          "gold_vs_step.png, anchor.png, logps.png."]
+    text = "\n".join(L) + "\n"
+    with open(os.path.join(results, "results.md"), "w") as f:
+        f.write(text)
+    return text
+
+# -----------------------------------------------------------------------------
+# experiment 2's report: from the committed results/toy2/ alone (results.json and per_prompt.json.gz)
+
+
+def tr_betas(grid, m):
+    """The betas at which every schedule runs; the others are the frozen-only ladder."""
+    return [b for b, (scheds, _) in grid[m].items() if set(SCHEDULES) <= set(scheds)]
+
+
+def tuned_beta(runs, stats, m, schedule, betas):
+    """The paper's protocol: the beta with the highest seed-mean validation gold at the END of the budget."""
+    return max(betas, key=lambda b: np.mean([stats.val[run_name(r)][-1]
+                                             for r in select(runs, method=m, beta=b, schedule=schedule)]))
+
+
+def endpoints(runs, stats, grid, m, beta):
+    """The rule's endpoints at one TR beta: [(name, betas used, {schedule: Delta vs none})]. Gold at a matched KL
+    is compared only where every seed of all four schedules reaches that KL."""
+    arms = lambda beta_of: {s: select(runs, method=m, beta=beta_of[s], schedule=s) for s in SCHEDULES}  # noqa: E731
+    vs_none = lambda a, stat: {s: stats.delta(a[s], a["none"], stat) for s in SCHEDULES[1:]}  # noqa: E731
+    fixed = arms(dict.fromkeys(SCHEDULES, beta))
+    tuned = {s: tuned_beta(runs, stats, m, s, tr_betas(grid, m)) for s in SCHEDULES}
+    out = [("best-on-validation checkpoint", f"{beta:g}", vs_none(fixed, stats.best)),
+           ("end of budget, beta tuned on validation", " / ".join(f"{tuned[s]:g}" for s in SCHEDULES),
+            vs_none(arms(tuned), stats.end))]
+    for k in KL_TARGETS:
+        reached = all(stats.at_kl(r, k) is not None for rs in fixed.values() for r in rs)
+        out.append((f"gold at KL {k:g}", f"{beta:g}", vs_none(fixed, lambda r, k=k: stats.at_kl(r, k)) if reached
+                    else dict.fromkeys(SCHEDULES[1:])))
+    return out
+
+
+def rule(deltas):
+    """The verdict of one endpoint from its Deltas (None: an arm does not reach it)."""
+    if any(deltas[s] is None for s in (CONTROL,) + PAPER_SCHEDULES):
+        return "not reached by every seed of every schedule"
+    v = endpoint_verdict(deltas[CONTROL]["call"], [deltas[s]["call"] for s in PAPER_SCHEDULES])
+    return ("blind: the endpoint cannot tell the no-anchor control from the frozen reference on this task"
+            if v == "blind" else v)
+
+
+def report_experiment2(results):
+    """results/toy2/results.md and the plots from results/toy2/results.json and per_prompt.json.gz."""
+    res = json.load(open(os.path.join(results, "results.json")))
+    with open(os.path.join(results, "per_prompt.json.gz"), "rb") as f:
+        table = decode_per_prompt(f.read())
+    runs, cfg, grid, main = res["runs"], res["config"], grid_from_json(res["grid"]), res["main_beta"]
+    grid = {m: g for m, g in grid.items() if select(runs, method=m)}
+    stats = Stats(runs, {"sft": table["sft"], **{k: v for k, v in table["runs"].items()}}, table["n_val"])
+    steps, sft = list(cfg["checkpoints"]), res["sft"]
+    wall = ", ".join(f"{x['trained']} runs ({'/'.join(x['methods'])}) in {x['wall_s'] / 60:.1f} min"
+                     for x in res["sittings"])
+    L = ["# Experiment 2: the trust-region update at high KL, with a positive control\n",
+         f"Model '{cfg['model']}', SFT {cfg['sft_steps']} steps (validation gold {stats.val['sft'][0]:.3f}, test "
+         f"{stats.test['sft'][0]:.3f}); every run {steps[-1]} steps of 16 pairs ({steps[-1] * 16 / cfg['pairs']:g} "
+         f"epoch(s) of {cfg['pairs']} pairs), lr {cfg['lr']:g}, checkpoints at steps {', '.join(map(str, steps))}. "
+         f"Schedules: none (frozen), hard and soft (alpha 0.6) every {cfg['tau']} steps, soft_every_step (alpha 0.6 "
+         f"every step: the positive control, no anchor). {len(runs)} runs; wall time "
+         f"{res['wall_s'] / 60:.1f} min ({wall}). The design and the rule, fixed before the run: toy_experiment.py's "
+         "docstring and docs/experiment.md.\n",
+         "Intervals: 95%; a cell is its seed mean with the bootstrap CI (seeds and test prompts resampled, 2,000 "
+         "draws); a Delta (schedule minus none, paired by seed and by prompt) shows the bootstrap CI, then the "
+         "seed-level t interval. A call (better / worse) needs both to exclude 0. Every number here is recomputed "
+         "by `python toy_experiment.py --report_only` from results.json and per_prompt.json.gz.\n"]
+
+    L += ["## Verdicts by the rule\n",
+          "Per endpoint: the positive control first (soft_every_step minus none: the endpoint can give a verdict "
+          "on TR only if it tells no anchor from the frozen reference), then the paper schedules.\n",
+          "| method | endpoint | beta | control − none | hard − none | soft − none | verdict |",
+          "|---|---|---|---|---|---|---|"]
+    secondary = []
+    for m in grid:
+        for b in tr_betas(grid, m):
+            for name, betas, d in endpoints(runs, stats, grid, m, b):
+                if name.startswith("end of budget") and b != main[m]:
+                    continue  # beta is tuned there: one row per method
+                row = (f"| {m.upper()} | {name} | {betas} | {fmt(d[CONTROL])} | {fmt(d['hard'])} | "
+                       f"{fmt(d['soft'])} | {rule(d)} |")
+                (L if b == main[m] else secondary).append(row)
+    L += ["", "The same endpoints at the other TR beta (secondary: reported, no verdict rests on them):\n",
+          "| method | endpoint | beta | control − none | hard − none | soft − none | the rule would read |",
+          "|---|---|---|---|---|---|---|"] + secondary + [""]
+
+    L += ["## KL reached (the high-KL regime: every schedule should reach 4 nats)\n",
+          "| method | beta | schedule | seeds | KL at the end, seed mean (lowest seed) | reaches 4 (every seed) |",
+          "|---|---|---|---|---|---|"]
+    for m in grid:
+        for b, (scheds, _) in grid[m].items():
+            for s in scheds:
+                rs = select(runs, method=m, beta=b, schedule=s)
+                ends = [r["checkpoints"][-1]["kl"] for r in rs]
+                L.append(f"| {m.upper()} | {b:g} | {s} | {len(rs)} | {np.mean(ends):.2f} ({min(ends):.2f}) | "
+                         f"{'yes' if min(ends) >= 4 else 'no'} |")
+    L.append("")
+
+    L += ["## Every cell\n",
+          "Test gold, seed means [bootstrap CI]: at the best-on-validation checkpoint, at the end of the budget, the "
+          "mean over the checkpoints, and at matched KL (— where a seed does not reach it).\n",
+          "| method | beta | schedule | seeds | best-on-val | end | mean over checkpoints | " +
+          " | ".join(f"KL {k:g}" for k in KL_TARGETS) + " |", "|---|---|---|---|---|---|---|" + "---|" * len(KL_TARGETS)]
+    for m in grid:
+        for b, (scheds, _) in grid[m].items():
+            for s in scheds:
+                rs = select(runs, method=m, beta=b, schedule=s)
+                cells = [stats.cell(rs, f) for f in (stats.best, stats.end, stats.mean_over_checkpoints)]
+                cells += [stats.cell(rs, lambda r, k=k: stats.at_kl(r, k)) for k in KL_TARGETS]
+                L.append(f"| {m.upper()} | {b:g} | {s} | {len(rs)} | " +
+                         " | ".join(fmt({k: v for k, v in c.items() if k != 't'}) if c else "—" for c in cells) + " |")
+    L.append("")
+
+    L += ["## The paper's protocol: end of budget, beta tuned on validation per schedule\n",
+          "| method | schedule | tuned beta | validation gold at the end (seed mean) | test gold at the end | "
+          "Delta vs none (tuned) |", "|---|---|---|---|---|---|"]
+    for m in grid:
+        tuned = {s: tuned_beta(runs, stats, m, s, tr_betas(grid, m)) for s in SCHEDULES}
+        base = select(runs, method=m, beta=tuned["none"], schedule="none")
+        for s in SCHEDULES:
+            rs = select(runs, method=m, beta=tuned[s], schedule=s)
+            val = np.mean([stats.val[run_name(r)][-1] for r in rs])
+            d = stats.delta(rs, base, stats.end) if s != "none" else None
+            L.append(f"| {m.upper()} | {s} | {tuned[s]:g} | {val:.3f} | "
+                     f"{fmt({k: v for k, v in stats.cell(rs, stats.end).items() if k != 't'})} | {fmt(d)} |")
+    L.append("")
+
+    L += ["## The mechanism: is TR at beta b a frozen reference at a smaller beta?\n",
+          f"For each TR cell, the frozen beta b' (of every frozen beta run) whose seed-mean KL trajectory is nearest: "
+          f"the smallest mean |ln KL - ln KL_b'| over the checkpoints after step {cfg['tau']} (match_beta). Then "
+          "the mean test gold over the checkpoints (the whole trajectory), TR(b) minus frozen(b) and TR(b) minus "
+          "frozen(b'); the end-of-budget and best-on-validation Deltas against frozen(b') beside them.\n",
+          "| method | TR cell | matched frozen b' (KL distance) | TR(b) − frozen(b), trajectory | "
+          "TR(b) − frozen(b'), trajectory | vs frozen(b'), end | vs frozen(b'), best-on-val | reading |",
+          "|---|---|---|---|---|---|---|---|"]
+    for m in grid:
+        frozen = {b: select(runs, method=m, beta=b, schedule="none") for b in grid[m]}
+        ladder = {b: seed_mean(rs, "kl") for b, rs in frozen.items() if rs}
+        for b in tr_betas(grid, m):
+            for s in SCHEDULES[1:]:
+                rs = select(runs, method=m, beta=b, schedule=s)
+                bm, dist = match_beta(seed_mean(rs, "kl"), ladder, steps, cfg["tau"])
+                d_tr = stats.delta(rs, frozen[b], stats.mean_over_checkpoints)
+                d_m = stats.delta(rs, frozen[bm], stats.mean_over_checkpoints)
+                L.append(f"| {m.upper()} | {s} {b:g} | {bm:g} ({dist:.2f}) | {fmt(d_tr)} | {fmt(d_m)} | "
+                         f"{fmt(stats.delta(rs, frozen[bm], stats.end))} | {fmt(stats.delta(rs, frozen[bm], stats.best))} | "
+                         f"{mechanism_reading(d_tr['call'], d_m['call'])} |")
+    L.append("")
+    pngs = plot(results, runs, stats, grid, main, sft)
+    L += [f"Plots: {', '.join(os.path.basename(p) for p in pngs)}." if pngs else "Plots: matplotlib not installed."]
+    text = "\n".join(L) + "\n"
+    with open(os.path.join(results, "results.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+COLORS = {"none": "black", "hard": "tab:red", "soft": "tab:blue", "soft_every_step": "tab:gray"}
+
+
+def plot(out, runs, stats, grid, main, sft):
+    """gold_vs_kl.png (seed-mean test gold against seed-mean KL, every cell from the SFT model on), kl_vs_step.png
+    (the trajectories the mechanism matches, the frozen ladder in grey) and gold_vs_step.png (validation gold)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -772,18 +1036,13 @@ def plot(out, runs, stats, grid):
     except ImportError:
         print("matplotlib is not installed: no plots (pip install matplotlib)")
         return []
-    methods = [m for m in grid if select(runs, method=m)]
-    if not methods:
-        return []
-    curve = lambda rs, key: [float(np.mean([r["checkpoints"][i][key] for r in rs]))  # noqa: E731
-                             for i in range(len(rs[0]["checkpoints"]))]
-    paths = []
+    methods, paths = list(grid), []
 
-    def figure(name, draw, ylabel, xlabel="optimizer step"):
-        fig, axes = plt.subplots(1, len(methods), figsize=(4.6 * len(methods), 3.9), squeeze=False)
+    def figure(name, draw, ylabel, xlabel, logy=False):
+        fig, axes = plt.subplots(1, len(methods), figsize=(4.8 * len(methods), 4.0), squeeze=False)
         for ax, m in zip(axes[0], methods):
             draw(ax, m)
-            ax.set(title=m.upper(), xlabel=xlabel)
+            ax.set(title=m.upper(), xlabel=xlabel, yscale="log" if logy else "linear")
             ax.legend(fontsize="x-small")
         axes[0][0].set_ylabel(ylabel)
         fig.tight_layout()
@@ -791,68 +1050,45 @@ def plot(out, runs, stats, grid):
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
 
+    def cells(m):
+        """(label, color, style, runs): TR cells by schedule (solid at the main beta, dashed at the other) and the
+        frozen betas that only the ladder has, in grey."""
+        ladder = [b for b in grid[m] if b not in tr_betas(grid, m)]
+        for b in tr_betas(grid, m):
+            for s in SCHEDULES:
+                yield f"{s} {b:g}", COLORS[s], "-" if b == main[m] else "--", select(runs, method=m, beta=b, schedule=s)
+        for j, b in enumerate(sorted(ladder)):
+            yield f"none {b:g}", str(0.3 + 0.5 * j / max(1, len(ladder))), ":", select(runs, method=m, beta=b, schedule="none")
+
     def gold_vs_kl(ax, m):
-        """Thin lines: each cell's seed-mean trajectory from the SFT model. Thick: the schedule's upper envelope over
-        checkpoints and betas (the best gold at KL <= x), its band the envelope's 95% range over bootstrap draws."""
-        sft_point = (0.0, stats.sft["gold_score_test"])
-        for s in SCHEDULES:
-            cells = [rs for rs in (select(runs, method=m, beta=b, schedule=s) for b in grid[m]) if rs]
-            if not cells:
-                continue
-            pts, draws = [sft_point], [stats.sft_boot]
-            for rs in cells:
-                kls, golds = curve(rs, "kl"), curve(rs, "gold_score_test")
-                ax.plot([0.0] + kls, [sft_point[1]] + golds, "-", lw=0.6, alpha=0.35, color=COLORS[s])
-                seeds = paired_seed_draws(len(rs), N_BOOT, stats.rng)
-                pts += list(zip(kls, golds))
-                draws += [boot_mean(np.array([stats.boot[id(r)][i] for r in rs]), seeds) for i in range(len(kls))]
-            front = pareto_front(pts)
-            xs = [p[0] for p in front] + [max(p[0] for p in pts)]
-            ax.plot(xs, [p[1] for p in front] + [front[-1][1]], "-", lw=1.8, color=COLORS[s], label=s,
-                    drawstyle="steps-post")
-            band = [percentile_ci(np.max([d for p, d in zip(pts, draws) if p[0] <= x], axis=0)) for x in xs]
-            ax.fill_between(xs, *zip(*band), step="post", color=COLORS[s], alpha=0.08)
+        for label, color, style, rs in cells(m):
+            ax.plot([0.0] + seed_mean(rs, "kl"), [stats.test["sft"][0]] + [float(np.mean([stats.test[run_name(r)][i]
+                    for r in rs])) for i in range(len(rs[0]["checkpoints"]))], style, color=color, label=label, lw=1.2)
+
+    def kl_vs_step(ax, m):
+        for label, color, style, rs in cells(m):
+            ax.plot([c["step"] for c in rs[0]["checkpoints"]], seed_mean(rs, "kl"), style, color=color, label=label)
 
     def gold_vs_step(ax, m):
-        b = VERDICT[m]
-        for s in SCHEDULES:
-            rs = select(runs, method=m, beta=b, schedule=s)
-            if rs:
-                steps = [0] + [c["step"] for c in rs[0]["checkpoints"]]
-                ax.plot(steps, [stats.sft["gold_score_val"]] + curve(rs, "gold_score_val"), "o-", ms=3,
-                        color=COLORS[s], label=f"{s} (beta {b:g})")
-        for b, style in zip([b for b in grid[m] if b != VERDICT[m]], (":", "-.")):
-            rs = select(runs, method=m, beta=b, schedule="none")
-            if rs:
-                ax.plot([0] + [c["step"] for c in rs[0]["checkpoints"]], [stats.sft["gold_score_val"]] +
-                        curve(rs, "gold_score_val"), style, color="black", alpha=0.6, label=f"none (beta {b:g})")
+        for label, color, style, rs in cells(m):
+            ax.plot([0] + [c["step"] for c in rs[0]["checkpoints"]], [stats.val["sft"][0]] + [float(np.mean(
+                [stats.val[run_name(r)][i] for r in rs])) for i in range(len(rs[0]["checkpoints"]))], style,
+                color=color, label=label)
 
-    def anchor(ax, m):
-        for b in grid[m]:
-            rs = select(runs, method=m, beta=b, schedule="none")
-            if rs:
-                ax.plot([c["step"] for c in rs[0]["checkpoints"]], curve(rs, "anchor_weight"), "o-", ms=3,
-                        label=f"none, beta {b:g}")
-        for s in SCHEDULES[1:]:
-            rs = select(runs, method=m, beta=VERDICT[m], schedule=s)
-            if rs:
-                ax.plot([c["step"] for c in rs[0]["checkpoints"]], curve(rs, "anchor_weight"), "--", color=COLORS[s],
-                        label=f"{s}, beta {VERDICT[m]:g}")
-
-    def logps(ax, m):
-        for s in SCHEDULES:
-            rs = select(runs, method=m, beta=VERDICT[m], schedule=s)
-            if rs:
-                steps = [0] + [c["step"] for c in rs[0]["checkpoints"]]
-                for key, style in (("logp_chosen", "-"), ("logp_rejected", "--")):
-                    ax.plot(steps, [0.0] + [v - stats.sft[key] for v in curve(rs, key)], style, color=COLORS[s],
-                            label=f"{s} (beta {VERDICT[m]:g})" if key == "logp_chosen" else None)
-
-    figure("gold_vs_kl.png", gold_vs_kl, "test gold score (seed means)", "KL(policy || SFT), nats")
-    figure("gold_vs_step.png", gold_vs_step, "validation gold score (seed means)")
-    figure("anchor.png", anchor, "anchor strength (DPO, KTO: weight; IPO: h - t)")
-    figure("logps.png", logps, "log pi - log pi_SFT (solid: chosen, dashed: rejected)")
+    figure("gold_vs_kl.png", gold_vs_kl, "test gold (seed means)", "KL(policy || SFT), nats")
+    figure("kl_vs_step.png", kl_vs_step, "KL(policy || SFT), nats (seed means)", "optimizer step", logy=True)
+    figure("gold_vs_step.png", gold_vs_step, "validation gold (seed means)", "optimizer step")
     return paths
+
+
+def report_all(args):
+    """--report_only: both experiments' reports from the committed folders (experiment 2's once it has run)."""
+    text = report_experiment1("results/toy")
+    r2 = args.results_dir or "results/toy2"
+    if os.path.exists(os.path.join(r2, "results.json")):
+        text += "\n" + report_experiment2(r2)
+    print(text)
+    return text
 
 # -----------------------------------------------------------------------------
 # main
@@ -930,7 +1166,8 @@ def run(args):
                                 "methods": args.methods}) + "\n")
     sittings = [json.loads(line) for line in open(log_path)] if os.path.exists(log_path) else []
     results = args.results_dir or (os.path.join(out, "results") if args.quick else "results/toy2")
-    save_record(results, load_runs(runs_dir, cfg, grid), sft_eval, cfg, grid, data["overlap"], sittings)
+    save_record(results, load_runs(runs_dir, cfg, grid), sft_eval, cfg, grid, data["overlap"], sittings,
+                data["val"] + data["test"])
     report = report_experiment2(results)
     print(report)
     return report
