@@ -1,100 +1,154 @@
 """
-A fair, powered test of the trust-region update at laptop scale: SFT, then DPO / IPO / KTO under five reference
-schedules and three betas, every checkpoint judged by an exact gold score, and a verdict by a rule fixed in advance.
+The trust-region update tested at laptop scale: SFT, then DPO / IPO / KTO with a frozen or a moving reference, every
+checkpoint judged by an exact gold score, verdicts by rules fixed before the runs. This file runs experiment 2 and
+reports both experiments; docs/experiment.md is the long account.
 
 The TR paper (Gorbatovski et al., arXiv 2404.09656) trains SFT models, then each method with a frozen reference and
 with the trust-region update theta_ref <- alpha*theta + (1 - alpha)*theta_ref after every tau-th optimizer step, and
-compares them by judged quality and by KL to the SFT model. Here the task is toy.toy_problem (sort or reverse
-3-6 digits) with an exact gold score (toy.toy_gold_score), the model is 'small' (2 layers, 128 wide) and
-everything runs on 2 CPU cores.
+compares them by judged quality and by KL to the SFT model; its later version places the claim at large KL ("strong
+performance even when substantially deviating from the initial reference policy"). Here the task is toy.toy_problem
+(sort or reverse 3-6 digits) with an exact gold score (toy.toy_gold_score), the model is 'small' (2 layers, 128
+wide) and everything runs on 2 CPU cores.
 
 Pipeline
 1. Data, written as local .jsonl files: 512 distinct eval prompts are drawn FIRST and split once into a validation
-   half (picks checkpoints and beta) and a test half (everything reported); the SFT demonstrations
+   half (picks checkpoints and betas) and a test half (everything reported); the SFT demonstrations
    (toy.toy_sft_rows, 30% wrong on purpose) and the preference pairs (toy.toy_preferences) are the same
-   generators' streams with every eval prompt removed. 3-digit puzzles are few (2,000 prompts): drawn without this
-   exclusion, 95 of the 512 eval prompts would also be SFT prompts and 27 preference prompts (data/overlap.json
-   and results.md report the counts; the exclusion leaves 0).
+   generators' streams with every eval prompt removed (drawn without the exclusion, 95 eval prompts would be SFT
+   prompts and 58 preference prompts; the exclusion leaves 0).
 2. SFT once (sft.py, 1,200 steps); the SFT model is the policy's start and the initial reference of every run.
-3. Runs: method x beta x schedule x seed (GRID); 120 steps of 16 pairs, one epoch without repeats (KTO: the same
-   pairs as 32 unpaired examples per step), lr LR constant after 10 warmup steps, trained in segments of 12 steps
-   with --resume (bit-exact), so each segment's end is a checkpoint of one uninterrupted run. A seed changes the
-   batch order only. Reference schedules (the paper's authors apply alpha once every tau steps: TRL's
+3. Runs: method x beta x schedule x seed (GRID), one epoch of 16 pairs per step without repeats (KTO: the same pairs
+   as 32 unpaired examples per step), lr constant after 10 warmup steps, trained in segments that end at the
+   checkpoints with --resume (bit-exact), so each segment's end is a checkpoint of one uninterrupted run. A seed
+   changes the batch order only. Schedules (the authors apply alpha once every tau steps: TRL's
    SyncRefModelCallback and their turbo-alignment library):
      none             --ref_update none                        the baseline: frozen reference
-     hard             --ref_update hard --tau 16               copy after steps 16, 32, ..., 112 (7 updates)
+     hard             --ref_update hard --tau 16               copy after steps 16, 32, ...
      soft             --ref_update soft --alpha 0.6 --tau 16   the authors' code: alpha 0.6 once every 16 steps
-     ema              --ref_update soft --alpha 0.1 --tau 1    a slow per-step EMA (mean lag 9 steps, hard's 8)
-     soft_every_step  --ref_update soft --alpha 0.6 --tau 1    NO-ANCHOR CONTROL: after k steps 0.4^k of the old
-                                                               reference is left; it trails the policy by < 1 step
-   GRID (147 runs): per method three betas; at the inert one (the baseline's anchor never engages) only none, hard
-   and soft, 3 seeds; at the others all five schedules, 3 seeds, and 5 seeds at the VERDICT beta:
-     DPO  beta 0.05 (3 x 3), 0.3 (5 x 5, verdict), 1 (5 x 3)
-     IPO  beta 0.1 (3 x 3),  0.5 (5 x 5, verdict), 2 (5 x 3)      (length-averaged log-probs, target 1/(2 beta))
-     KTO  beta 0.1 (3 x 3),  1 (5 x 3),            3 (5 x 5, verdict)
-4. At every checkpoint, with the policy and the run's CURRENT reference (the policy/ and reference/ a segment saves):
-   - gold_score_val / gold_score_test: 2 samples per eval prompt at temperature 1 (the same sampling seed for every
-     model: common random numbers), mean gold score over the half;
-   - kl: KL(policy || SFT), the mean of log pi - log pi_SFT (summed over response tokens) on the policy's samples;
-   - anchor_weight: the anchor's strength on a probe of 128 training pairs against the current reference
-     (anchor_strength): DPO mean sigmoid(-beta*h); IPO mean (h - 1/(2 beta)) on length-averaged log-probs
-     (tr_ipo.py --logps mean, passed explicitly); KTO mean sigmoid'(.) = s(1 - s), z0 from mismatched pairs of the
-     probe and clamped at 0, as in training;
-   - logp_chosen / logp_rejected: the policy's mean summed log-prob of the probe's chosen / rejected answers.
-5. Report: results.md, results.json (every run and checkpoint, the verdict), gold_vs_kl.png (Pareto fronts with
-   bootstrap bands), gold_vs_step.png, anchor.png, logps.png. Per-prompt test scores stay in runs/*/result.json.
+     soft_every_step  --ref_update soft --alpha 0.6 --tau 1    the POSITIVE CONTROL: after k steps 0.4^k of the old
+                                                               reference is left, it trails the policy by < 1 step
+4. At every checkpoint, with the policy and the run's CURRENT reference: 2 samples per eval prompt at temperature 1
+   (the same sampling seed for every model), each prompt's gold (the mean of its 2 samples' scores), kept for every
+   validation and test prompt; KL(policy || SFT), the mean of log pi - log pi_SFT (summed over response tokens) on
+   the policy's samples; the anchor's strength on 128 training pairs against the current reference
+   (anchor_strength); the probe's log-probs.
+5. The record, committed: results/toy2/results.json (every run and checkpoint) and per_prompt.json.gz (each
+   prompt's gold x 120, an integer, for the SFT model and every checkpoint: gold_to_int). The report (results.md,
+   gold_vs_kl.png, kl_vs_step.png, gold_vs_step.png) is computed from these two files alone, and
+   `--report_only` recomputes it, and experiment 1's, from the committed folders.
 
-Pilots (lr and betas: seed 0, schedule none only, before any TR run had been started):
-- Learning rate, plain DPO at beta 0.05, 120 steps, validation gold at steps 12, 24, ..., 120 (SFT 0.710):
-    lr 1e-4: 0.782 0.782 0.688 0.578 0.632 0.581 0.607 0.643 0.606 0.548   peak at the first checkpoints
-    lr 3e-5: 0.744 0.778 0.808 0.820 0.805 0.766 0.746 0.722 0.699 0.685   peak at step 48, then over-optimises
-    lr 1e-5: 0.726 0.738 0.754 0.762 0.781 0.786 0.796 0.812 0.817 0.816   still rising at the end
-  Criterion: the baseline peaks mid-run, neither at the first checkpoint nor at the end: lr 3e-5 (DPO beta 0.3
-  also peaked at step 48), for every method.
-- Betas, the baseline's anchor at step 120 (threshold: 20% below its value at h = 0):
-    DPO  0.05: 0.460 (inert)  0.3: 0.322  1: 0.176                      (h = 0: 0.5,  active <= 0.4)
-    IPO  0.1: -4.37 (inert)   0.5: -0.535  2: -0.088                    (h = 0: -t,   active >= -0.8 t)
-    KTO  0.1: 0.244 (inert)   0.3: 0.222 (inert)  1: 0.189  3: 0.139    (h = 0: 0.25, active <= 0.2)
-  The VERDICT beta is the smallest beta whose pilot anchor was at least a third below its h = 0 value (DPO 0.3:
-  36%, IPO 0.5: 46%, KTO 3: 44%; KTO 1 only 24%), so that the full run's 20% power check is likely to pass.
-  KTO's sweep is 0.1, 1, 3 (0.3 was as inert as 0.1).
-- tau, changed once after TR pilots: the first design updated every 32 steps (alpha 0.05 for ema). Pilot TR runs
-  made to test the pipeline and time it (DPO beta 0.3, all schedules, seeds 0-1; KTO beta 3 hard, seed 0) showed
-  the flaw the issue names for the old experiment: the baseline peaks at step 48, only 16 steps after the first
-  update, so the primary endpoint could hardly differ by construction (every DPO schedule's best checkpoint was
-  step 48; Deltas within +-0.005; KTO hard -0.011). tau 16 puts three updates before the peak and seven in the
-  run; ema's alpha 0.1 keeps its mean lag next to hard's. After a TR result was seen nothing else changed but
-  cost (the probe went from 256 to 128 pairs).
+EXPERIMENT 1 (results/toy/; 147 runs made by commit 4299a3f's version of this file; `git checkout 4299a3f` and
+`python toy_experiment.py` rerun them). lr 3e-5, 120 steps (one epoch of 1,920 pairs), checkpoints every 12 steps,
+tau 16 (updates after steps 16, 32, ..., 112), betas DPO 0.05 / 0.3 / 1, IPO 0.1 / 0.5 / 2, KTO 0.1 / 1 / 3,
+schedules none, hard, soft, ema (alpha 0.1 every step) and soft_every_step, 3-5 seeds. Its pre-registered rule: the
+test gold at each run's best-on-validation checkpoint, TR minus frozen at a verdict beta (DPO 0.3, IPO 0.5, KTO 3; 5
+seeds) with a bootstrap CI over seeds and test prompts, and a power check on the frozen anchor. Its verdict: "no
+detectable difference" for all three. Corrections (issue 20), all in results/toy/results.md:
+- Only TWO reference updates act before the frozen baseline's peak at step 48 (after steps 16 and 32; the step-48
+  update acts from step 49 on), not three as its design said.
+- The per-prompt gold was not committed, so its bootstrap CIs cannot be recomputed; every interval in its report is
+  now a seed-level t interval (mean +- t(n-1) sd/sqrt(n) over seeds, paired by seed, test prompts fixed), from
+  results.json. With them KTO hard - none = -0.0185, t [-0.0333, -0.0038] (the committed bootstrap CI's upper
+  bound, +0.001, was a near miss), IPO soft - none = -0.0016, t [-0.0030, -0.0002].
+- Every beta's cells are reported, including those that cut both ways: IPO beta 2, TR above frozen at the best
+  checkpoint (soft +0.035, t [+0.012, +0.059]; hard +0.034, t [-0.009, +0.077]), KTO beta 1, TR below (hard
+  -0.022, t [-0.055, +0.012]).
+- Applied after the fact, the positive control of experiment 2 finds the primary endpoint blind for DPO (control -
+  none +0.0015, t [-0.0046, +0.0075]) and KTO (-0.0219, t [-0.0451, +0.0012]): there "no detectable difference"
+  was close to guaranteed, since picking the best checkpoint on validation does the anchor's job. For IPO the t
+  interval alone separates them (-0.0045, t [-0.0089, -0.0001]; without the prompts' noise, a bound 0.0001 from 0).
 
-DECISION RULE (fixed before the full run; verdicts() applies it and nothing else)
-- Primary endpoint, per run: the test gold of its best-on-validation checkpoint (highest gold_score_val); per
-  cell the mean over seeds.
-- Verdict cell, per method: the VERDICT beta, all five schedules, 5 seeds.
-- Power check: a verdict is drawn only if the baseline's (none) anchor at the verdict beta, at its last checkpoint,
-  mean over seeds, is active: DPO weight <= 0.4; IPO mean (h - t) >= -0.8 t, t = 1/(2 beta); KTO weight <= 0.2
-  (each 20% below its value at h = 0, where a frozen reference does not pull yet: 0.5, -t, 0.25). Otherwise the
-  verdict reads "No power: ... the baseline's anchor is inert".
-- Comparison: for each TR schedule S, Delta_S = primary(S) - primary(none) with a 95% bootstrap CI (2,000 draws;
-  seeds resampled with one draw for both arms, paired by seed, since a seed fixes the batch order; test prompts
-  resampled jointly for all runs). S is "better" when the CI lies above 0, "worse" when below it, else "no
-  detectable difference" (the CI's half-width is the effect the test could have seen).
-- The method's verdict rests on the paper authors' two schedules, hard and soft (alpha 0.6 every 16 steps): "TR
-  helps" if at least one is better and neither worse; "TR hurts" if at least one is worse and neither better;
-  "mixed" if one is better and the other worse; else "no detectable difference". Two tests at 95%: about a 10%
-  chance of a helps/hurts call when nothing differs. ema and the no-anchor control are reported beside it and do
-  not change it; nor do the secondary views (gold at matched KL, end-of-budget gold and best-on-validation gold
-  with beta picked on validation, the Pareto fronts).
+EXPERIMENT 2 (results/toy2/; designed and pre-registered here before its full run, issue 20)
+Questions: (a) does the paper's protocol (a fixed budget, no early stopping, beta tuned on validation) favour TR?
+(b) in the regime of the later version's claim, KL of 4 nats and more from the SFT model, does TR give more gold
+at the same KL? (c) is TR at beta b just a frozen reference at a smaller beta? And for each endpoint: can it see
+the reference at all (the positive control)?
 
-Cost, measured on pilots (2 workers, one torch thread each), CPU seconds per run: DPO and IPO ~40 s with a frozen
-reference, 40-45 s with a moving one (12-14 s of training, the rest judging 10 checkpoints); KTO ~48 / ~52 s; SFT
-~90 s. The machine was shared (load 2-4); in a quiet spell two DPO TR runs side by side took 40 s wall each, their
-CPU time. Predicted for the 147 runs on 2 idle cores: 53-60 min (low end: the quiet-spell rate; high end: CPU
-seconds under load). Per method, about a third each: DPO ~19 min with SFT, IPO ~17, KTO ~20.
+Design
+- lr 1e-4 (LR), one epoch of 3,840 fresh pairs = 240 steps (the first 1,920 are experiment 1's pairs), checkpoints
+  at CHECKPOINTS (12, 24, 36, 48, 72, 96, 120, 160, 200, 240), tau 16 (the updates after steps 16, ..., 224 act on
+  training), the SFT recipe of experiment 1.
+- GRID, per method, with the main beta b = 0.1 that the pilots gave (below) for all three: at b all four
+  schedules, 5 seeds; at 3b = 0.3 (a stronger anchor, so that tuning beta is a real choice) none, hard and soft, 3
+  seeds; frozen only at 0.3b = 0.03 and 0.1b = 0.01 (the ladder for the mechanism), 3 seeds. 35 runs per method,
+  105 in all. The same lr and betas for DPO, IPO (length-averaged log-probs, target 1/(2 beta)) and KTO.
 
-    python toy_experiment.py                      # the full grid, 53-60 min on 2 idle cores; resumable
-    python toy_experiment.py --methods dpo        # one method per sitting (~20 min); then ipo, kto
-    python toy_experiment.py --report_only        # rewrite results.md/json and plots from the finished runs
+Pilots (frozen reference only, seed 0; what was looked at: validation gold, KL to the SFT model and the anchor at
+each checkpoint; no test gold, and no experiment-2 run with a moving reference was started before this design was
+fixed). The SFT model this machine trains from experiment 1's recipe scores 0.653 on validation, not experiment
+1's 0.710; trained twice here it came out identical, so the pilots' SFT model is the full run's.
+- Learning rate and length, frozen DPO (validation gold / KL at the checkpoints):
+    lr 1e-4, 120 steps (1,920 pairs), KL at steps 24 / 48 / 120: beta 0.1 0.35 / 1.33 / 2.92, beta 0.3 0.32 / 1.25
+      / 2.36, beta 1 0.25 / 0.78 / 1.30, beta 3 0.14 / 0.29 / 0.39; validation gold peaks at step 24 (0.77).
+    lr 3e-4, 120 steps: beta 0.3 KL 0.46 at step 12, 2.55 at 24 (validation gold 0.762 -> 0.586 in those 12
+      steps), 4.78 at 120; beta 1 0.35 / 2.65 / 3.43; beta 3 0.22 / 1.02 / 1.43.
+    lr 1e-4, 240 steps (3,840 pairs): beta 0.1 KL 1.38 (48), 3.25 (144), 3.94 (216), 5.06 (240), validation gold
+      0.765 (24) -> 0.501 (240); beta 0.3 3.55 at 240 (the beta 1 run was stopped unfinished).
+    lr 2e-4, 240 steps: beta 0.3 KL 0.20 (12), 1.60 (24), 4.51 (168), 3.31 (216), 4.17 (240); beta 1 0.17 (12),
+      1.08 (24), 3.65 (168), 3.24 (240).
+  Criterion: a frozen run reaches KL >= 5 by the end (so that every schedule and seed likely passes 4), with KL
+  rising smoothly enough that KL 1 and 2 fall between checkpoints. 3e-4 and 2e-4 jump past KL 1 within 12 steps
+  and fall back later; 1e-4 rises steadily, and at 240 steps its beta 0.1 run passes 5 nats. A longer run (360
+  steps) did not fit the budget with 5 seeds.
+- Betas, frozen IPO and KTO at lr 1e-4, 240 steps:
+    (KL at the end, its peak where higher; validation gold and the anchor at the end)
+    IPO  beta 0.03: 14.93 (0.136, -14.69 of t = 16.7); 0.1: 9.53 (0.322, -3.13 of t = 5); 0.3: 4.10 (0.533, -0.53)
+    KTO  beta 0.03: 3.56, peak 4.13 (0.593, weight 0.245 of 0.25: inert); 0.1: 2.03, peak 2.76 (0.705, 0.221);
+         0.3: 1.18 (0.785, 0.180). At lr 2e-4, KTO beta 0.1: 2.01, peak 3.20; beta 0.3: 1.03 (KL 0.19 -> 1.65 from
+         step 12 to 24).
+  Rule, fixed after the DPO pilots and before the IPO and KTO ones: the main beta b is the largest pilot beta whose
+  frozen run ends at >= 5 nats; the other TR beta is 3b; the ladder b/3 and b/10 (written 0.3b and 0.1b). DPO 0.1,
+  IPO 0.1. No KTO beta reached 5 nats at either lr: a frozen KTO run ends under 3.6 nats at every pilot beta (its
+  highest checkpoint 4.13, at beta 0.03, where the anchor is inert). Chosen AFTER seeing those KTO pilots: b = 0.1
+  for KTO as well (the same lr and betas as DPO and IPO; its anchor ends 12% below 0.25, beta 0.03's only 2%). KTO
+  therefore does not meet the high-KL requirement, and its matched-KL endpoints at 4 and 8 nats are expected to
+  read "not reached".
+
+ENDPOINTS AND DECISION RULES (fixed before the full run; endpoints() and rule() apply them and nothing else)
+- Statistics. A cell is its seed mean. Delta = schedule minus none, paired by seed (a seed fixes the batch order)
+  and by test prompt, with two 95% intervals: the bootstrap (2,000 draws; test prompts resampled with one table for
+  every run; seeds resampled with one table for both arms) and the seed-level t interval (n - 1 df). A Delta is
+  "better" ("worse") only when BOTH lie above (below) 0, else "no detectable difference" (classify_both): with
+  5 seeds the percentile bootstrap is too narrow along seeds, and the t interval ignores the prompts.
+- The positive control. On each endpoint, Delta_control = soft_every_step minus none. Only if its call is "better"
+  or "worse" does the endpoint give a verdict on TR; otherwise the verdict reads "blind: the endpoint cannot tell
+  the no-anchor control from the frozen reference on this task", with the numbers.
+- The verdict on an endpoint that sees the reference, from hard and soft (the authors' schedules): "TR helps" if
+  at least one is better and neither worse; "TR hurts" if at least one is worse and neither better; "mixed" if one
+  each; else "no detectable difference".
+- The endpoints, per method (each gets its verdict):
+  E1 best-on-validation: the test gold of each run's best-on-validation checkpoint, at the main beta (experiment 1's
+     primary endpoint).
+  E2 the paper's protocol: the test gold at the end of the budget (step 240, no early stopping), beta tuned per
+     schedule: of the TR betas the schedule ran at, the one with the highest seed-mean end-of-budget validation gold
+     (the control runs at the main beta only). Delta pairs the tuned cells by seed.
+  E3 matched KL: the test gold where each run's trajectory (the SFT model at KL 0, then its checkpoints) reaches KL
+     1, 2, 4 and 8, interpolated linearly between checkpoints, at the main beta; KL is taken as measured, not
+     resampled. A KL is compared only if every seed of all four schedules reaches it ("not reached" otherwise).
+  E4 the mechanism, for each TR cell (schedule S at beta b): the matched frozen beta b' is the frozen beta (any of
+     the method's, ladder included) whose seed-mean KL trajectory is nearest, the smallest mean |ln KL_S - ln KL_b'|
+     over the checkpoints after step 16 (match_beta). On the mean test gold over the checkpoints (the whole
+     trajectory): Delta_TR = S(b) - none(b) and Delta_mech = S(b) - none(b'). Reading: "nothing to explain" if
+     Delta_TR makes no call; "a smaller beta" if Delta_TR does and Delta_mech does not; "not only a smaller beta"
+     if both do. The end-of-budget and best-on-validation Deltas against none(b') are reported beside it.
+- The high-KL requirement: every schedule at the main beta should end at >= 4 nats (every seed); the report lists
+  each cell's end KL, and a KL not reached by all is "not reached" in E3, not dropped.
+- Reported, no verdict: the same endpoints at 3b, every cell, the plots. With 6 endpoints x 3 methods x 2 schedules,
+  a few calls are expected by chance if nothing differs; read the pattern, not one call.
+
+Cost, measured on the pilots (2 workers, one torch thread each; the machine shared, load 7-10 on 2 cores), CPU
+seconds per frozen run of 240 steps (train + judge): DPO 37 + 37 (11 checkpoints; ~34 with 10), IPO 35 + 32, KTO
+50 + 33; a moving reference adds ~3 s (experiment 1). The 14 frozen and 21 TR runs per method: DPO ~2,550 s, IPO
+~2,410, KTO ~2,990; with the SFT model (~100 s) ~8,050 CPU seconds, which predicts ~67 min on 2 idle cores (DPO's
+sitting ~23 min with the SFT model, IPO ~21, KTO ~26). On a loaded machine it takes longer: the pilots ran at
+2.5-5x their CPU time. All pilots together used ~25 CPU minutes.
+
+    python toy_experiment.py                      # experiment 2, all 105 runs, ~67 min on 2 idle cores; resumable
+    python toy_experiment.py --methods dpo        # or one method per sitting (21-26 min); then ipo, then kto
+    python toy_experiment.py --report_only        # both reports from the committed results/ folders alone
     python toy_experiment.py --quick              # a smoke test (CI): 'tiny' model, a few steps; numbers mean nothing
+    python toy_experiment.py --methods dpo --betas 0.1 0.3 --lr 1e-4 --checkpoints 12 24 48 96 240
+                                                  # a pilot: frozen reference, seed 0, out/toy2/pilots only
 """
 import argparse
 import gzip
@@ -105,6 +159,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import redirect_stderr, redirect_stdout
@@ -124,25 +179,28 @@ from toy import toy_gold_score, toy_malformed, toy_preferences, toy_problem, toy
 # -----------------------------------------------------------------------------
 # the design (experiment 2; experiment 1's is in results/toy/results.json)
 
-LR = 3e-5        # PLACEHOLDER until the frozen-reference pilot (docstring)
-TAU = 16         # hard and soft updates after steps 16, 32, ..., 112 of 120
-CHECKPOINTS = (12, 24, 36, 48, 60, 72, 84, 96, 108, 120)  # PLACEHOLDER until the pilot
+LR = dict.fromkeys(("dpo", "ipo", "kto"), 1e-4)  # chosen on frozen-reference pilots (docstring)
+TAU = 16          # updates after steps 16, 32, ..., 224 act on training (the one after step 240 ends the run)
+CHECKPOINTS = (12, 24, 36, 48, 72, 96, 120, 160, 200, 240)  # dense early, where KL 1 and 2 are crossed
 GOLD_SCALE = 120  # a prompt's gold (mean over 2 samples of k/n, n = 3..6 digits) times 120 is an integer: stored as one
 
 FULL = dict(model="small", sft_steps=1200, sft_lr=3e-3, lr=LR, checkpoints=CHECKPOINTS, pairs=3840, tau=TAU,
             n_eval=512, samples=2, probe=128, sft_rows=8192)
-QUICK = dict(model="tiny", sft_steps=30, sft_lr=3e-3, lr=1e-4, checkpoints=(2, 4, 6, 8), pairs=128, tau=4,
-             n_eval=32, samples=2, probe=16, sft_rows=512)
+QUICK = dict(model="tiny", sft_steps=30, sft_lr=3e-3, lr=dict.fromkeys(LR, 1e-4), checkpoints=(2, 4, 6, 8),
+             pairs=128, tau=4, n_eval=32, samples=2, probe=16, sft_rows=512)
 
 SCHEDULES = ("none", "hard", "soft", "soft_every_step")
 CONTROL = "soft_every_step"  # the positive control: alpha 0.6 after EVERY step, no anchor left
 PAPER_SCHEDULES = ("hard", "soft")  # the verdicts rest on these (the authors' code)
-# per method: beta -> (schedules, seeds)
-GRID = {"dpo": {0.3: (SCHEDULES, 5)}, "ipo": {0.5: (SCHEDULES, 5)}, "kto": {3.0: (SCHEDULES, 5)}}  # PLACEHOLDER
-MAIN_BETA = {"dpo": 0.3, "ipo": 0.5, "kto": 3.0}  # PLACEHOLDER
+FROZEN, PAPER = ("none",), ("none", "hard", "soft")
+# per method: beta -> (schedules, seeds). The main beta b (the pilots' choice, 0.1 for all three): every schedule, 5
+# seeds; 3b: the paper schedules and the baseline, 3 seeds (so that tuning beta is a real choice); 0.3b and 0.1b:
+# frozen only, 3 seeds (the mechanism's ladder). 35 runs per method.
+MAIN_BETA = dict.fromkeys(("dpo", "ipo", "kto"), 0.1)
+GRID = {m: {0.1: (SCHEDULES, 5), 0.3: (PAPER, 3), 0.03: (FROZEN, 3), 0.01: (FROZEN, 3)} for m in MAIN_BETA}
 KL_TARGETS = (1.0, 2.0, 4.0, 8.0)
-QUICK_GRID = {"dpo": {0.3: (SCHEDULES, 2), 0.1: (("none",), 2)}, "ipo": {0.5: (SCHEDULES, 1)},
-              "kto": {3.0: (SCHEDULES, 1)}}
+QUICK_GRID = {"dpo": {MAIN_BETA["dpo"]: (SCHEDULES, 2), MAIN_BETA["dpo"] / 4: (FROZEN, 2)},
+              "ipo": {MAIN_BETA["ipo"]: (SCHEDULES, 1)}, "kto": {MAIN_BETA["kto"]: (SCHEDULES, 1)}}
 SCRIPTS = {"dpo": tr_dpo, "ipo": tr_ipo, "kto": tr_kto}
 SCRIPT_EVAL = 16      # rows at the end of each .jsonl that the scripts hold out for their own (unused) eval
 MAX_NEW_TOKENS = 10   # the longest answer is 7 tokens (" " + 6 digits) + EOS: room to show rambling
@@ -250,16 +308,6 @@ def at_kl(kls, target):
             lo, hi = kls[i - 1], kls[i]
             return i, (target - lo) / (hi - lo) if hi > lo else 1.0
     return None
-
-
-def pareto_front(points):
-    """The upper envelope of (kl, gold) points: those no other point beats with less or equal KL and more gold,
-    sorted by KL (gold rises along it)."""
-    front = []
-    for kl, gold in sorted(points, key=lambda p: (p[0], -p[1])):
-        if not front or gold > front[-1][1]:
-            front.append((kl, gold))
-    return front
 
 
 def percentile_ci(draws, level=0.95):
@@ -503,8 +551,9 @@ def run_name(job):
 
 def run_key(job, cfg):
     """What a finished run's numbers depend on: a rerun skips a run whose key matches."""
-    keep = {k: cfg[k] for k in ("model", "sft_steps", "sft_lr", "lr", "checkpoints", "pairs", "tau", "n_eval",
-                                "samples", "probe", "sft_rows")}
+    keep = {k: cfg[k] for k in ("model", "sft_steps", "sft_lr", "checkpoints", "pairs", "tau", "n_eval", "samples",
+                                "probe", "sft_rows")}
+    keep["lr"] = cfg["lr"][job["method"]]  # another method's lr is not this run's
     return hashlib.sha1(json.dumps([job, keep], sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -523,7 +572,7 @@ def train_and_judge(args):
     every = str(math.gcd(*cfg["checkpoints"]))  # each segment's last step saves the checkpoint the next resumes
     flags = ["--model", sft_path, "--dataset", data["paths"]["pairs"], "--eval_size", str(SCRIPT_EVAL),
              "--eval_every", "0", "--log_every", every, "--save_every", every, "--seed", str(job["seed"]),
-             "--lr", str(cfg["lr"]), "--beta", str(beta), "--batch_size", batch, "--micro_batch_size", batch,
+             "--lr", str(cfg["lr"][method]), "--beta", str(beta), "--batch_size", batch, "--micro_batch_size", batch,
              "--ref_update", ref_update, "--output_dir", run]
     flags += (["--alpha", str(alpha), "--tau", str(tau)] if ref_update != "none" else [])
     flags += ["--logps", "mean"] if method == "ipo" else []
@@ -546,7 +595,8 @@ def train_and_judge(args):
             timed("eval", t)
     for d in ("checkpoint", "policy", "reference"):  # weights and optimizer state: not needed any more
         shutil.rmtree(os.path.join(run, d), ignore_errors=True)
-    result = {**job, "ref_update": ref_update, "alpha": alpha, "tau": tau, "lr": cfg["lr"], "key": run_key(job, cfg),
+    result = {**job, "ref_update": ref_update, "alpha": alpha, "tau": tau, "lr": cfg["lr"][method],
+              "key": run_key(job, cfg),
               "train_s": wall["train"], "eval_s": wall["eval"], "train_cpu_s": cpu["train"], "eval_cpu_s": cpu["eval"],
               "checkpoints": checkpoints}
     with open(os.path.join(run, "result.json"), "w") as f:
@@ -603,7 +653,8 @@ class Stats:
     prompt; seeds are resampled with seed_table, one table for both arms (paired by seed). Validation gold, which
     picks checkpoints and betas, and KL, which places a run on the KL axis, are taken as measured (not resampled).
 
-    gold: {run name: (checkpoints, prompts) integer gold, validation prompts first}, "sft": the SFT model's (prompts,)."""
+    gold: {run name: (checkpoints, prompts) integer gold, validation prompts first}; "sft": the SFT model's
+    (prompts,)."""
 
     def __init__(self, runs, gold, n_val):
         n_test = len(gold["sft"]) - n_val
@@ -611,7 +662,8 @@ class Stats:
         self.val, self.test, self.boot = {}, {}, {}
         for name, g in [("sft", [gold["sft"]])] + [(run_name(r), gold[run_name(r)]) for r in runs]:
             g = np.asarray(g, dtype=float) / GOLD_SCALE
-            self.val[name], self.test[name], self.boot[name] = g[:, :n_val].mean(1), g[:, n_val:].mean(1), g[:, n_val:] @ w
+            self.val[name], self.test[name] = g[:, :n_val].mean(1), g[:, n_val:].mean(1)
+            self.boot[name] = g[:, n_val:] @ w
 
     # each statistic of a run: (point estimate, its N_BOOT draws); None where the run has no value
     def best(self, run):
@@ -670,6 +722,16 @@ def fmt(d, digits=3):
     t = f"; t [{d['t'][0]:{sign}.{digits}f}, {d['t'][1]:{sign}.{digits}f}]" if d.get("t") else ""
     boot = f" [{d['boot'][0]:{sign}.{digits}f}, {d['boot'][1]:{sign}.{digits}f}]" if d.get("boot") else ""
     return f"{v:{sign}.{digits}f}{boot}{t}"
+
+
+def fmt_boot(c):
+    """A cell with its bootstrap CI only (the tables of cells)."""
+    return "—" if c is None else fmt({k: v for k, v in c.items() if k != "t"})
+
+
+def fmt_call(d):
+    """A Delta with its call, when it makes one."""
+    return "—" if d is None else fmt(d) + ("" if d["call"] == NO_DIFF else f" **{d['call']}**")
 
 
 def fmt_t(d, digits=3):
@@ -791,12 +853,26 @@ def report_experiment1(results):
          "## The pre-registered verdict, as committed (bootstrap CIs from the uncommitted per-prompt data)\n"]
     L += [f"- **{m.upper()}**: {v}" for m, v in res["verdict"].items()] + [""]
 
+    L += ["## The pre-registered power check: the frozen baseline's anchor at its last checkpoint\n",
+          "Active: DPO weight <= 0.4, IPO mean (h - t) >= -0.8 t, KTO weight <= 0.2 (each 20% below its value at "
+          "h = 0). Seed means.\n",
+          "| method | beta | seeds | anchor at the first / middle / last checkpoint | active |",
+          "|---|---|---|---|---|"]
+    for m in grid:
+        for b in grid[m]:
+            base = select(runs, method=m, beta=b, schedule="none")
+            a = seed_mean(base, "anchor_weight")
+            L.append(f"| {m.upper()} | {b:g} | {len(base)} | {a[0]:.3f} / {a[len(a) // 2]:.3f} / {a[-1]:.3f} | "
+                     f"{'yes' if anchor_active(m, a[-1], b) else 'no'} |")
+    L += [""]
+
     L += ["## The verdict cells with seed-level intervals, and the positive control (applied after the fact)\n",
           "Best-on-validation test gold, schedule minus none at the verdict beta. The positive control (issue 20, "
           "after this experiment): an endpoint can give a verdict on TR only if it tells the no-anchor control "
           "(soft_every_step) from the frozen reference.\n",
           "| method (verdict beta) | seeds | control − none | hard − none | soft − none | ema − none | "
-          "calls by t: control; hard, soft | the rule with the positive control, by t |", "|---|---|---|---|---|---|---|---|"]
+          "calls by t: control; hard, soft | the rule with the positive control, by t |",
+          "|---|---|---|---|---|---|---|---|"]
     for m, b in vbeta.items():
         base = select(runs, method=m, beta=b, schedule="none")
         d = {s: seed_delta(select(runs, method=m, beta=b, schedule=s), base, e1_best) for s in schedules[1:]}
@@ -804,14 +880,15 @@ def report_experiment1(results):
         L.append(f"| {m.upper()} ({b:g}) | {len(base)} | " +
                  " | ".join(fmt_t(d[s], 4) for s in ("soft_every_step", "hard", "soft", "ema")) +
                  f" | {d['soft_every_step']['call']}; {d['hard']['call']}, {d['soft']['call']} | {v} |")
-    L += ["", "The t intervals leave out the test prompts' sampling noise, so they are narrower than the pre-registered "
-          "bootstrap's; read a call that rests on a bound within 0.001 of 0 as marginal.", ""]
+    L += ["", "The t intervals leave out the test prompts' sampling noise, so they are narrower than the "
+          "pre-registered bootstrap's; read a call that rests on a bound within 0.001 of 0 as marginal.", ""]
 
     for title, f in (("best-on-validation checkpoint (the primary endpoint)", e1_best),
                      ("end of budget (step 120)", e1_end)):
         L += [f"## Every cell: test gold at the {title}\n",
               "Seed means with t intervals; Delta = schedule minus none at the same beta, paired by seed; call by t.\n",
-              "| method | beta | schedule | seeds | test gold | Delta vs none | call |", "|---|---|---|---|---|---|---|"]
+              "| method | beta | schedule | seeds | test gold | Delta vs none | call |",
+              "|---|---|---|---|---|---|---|"]
         for m in grid:
             for b, (scheds, _) in grid[m].items():
                 base = select(runs, method=m, beta=b, schedule="none")
@@ -823,7 +900,8 @@ def report_experiment1(results):
         L.append("")
 
     L += ["## Beta picked on validation per schedule\n",
-          "The beta with the highest seed-mean validation gold at the best checkpoint, and at the end; its test gold.\n",
+          "The beta with the highest seed-mean validation gold at the best checkpoint, and at the end; its test "
+          "gold.\n",
           "| method | schedule | beta (best) | best-on-val test gold | beta (end) | end-of-budget test gold |",
           "|---|---|---|---|---|---|"]
     for m in grid:
@@ -854,15 +932,16 @@ def report_experiment1(results):
 
     L += ["## The anchor before the peak (verdict beta, seed means)\n",
           "The anchor's strength against the current reference at each checkpoint up to step 48 (DPO, KTO: mean loss "
-          "weight; IPO: mean h - t). Hard's reference is replaced after steps 16, 32 and 48, each time resetting its anchor "
-          "to its value at h = 0; the step-48 checkpoint is judged after that step's update.\n",
+          "weight; IPO: mean h - t). Hard's reference is replaced after steps 16, 32 and 48, each time resetting its "
+          "anchor to its value at h = 0; the step-48 checkpoint is judged after that step's update.\n",
           "| method | schedule | " + " | ".join(f"step {s}" for s in steps if s <= 48) + " |",
           "|---|---|" + "---|" * len([s for s in steps if s <= 48])]
     for m, b in vbeta.items():
         for s in ("none", "hard", "soft"):
             rs = select(runs, method=m, beta=b, schedule=s)
             a = seed_mean(rs, "anchor_weight")
-            L.append(f"| {m.upper()} | {s} | " + " | ".join(f"{a[i]:.3f}" for i, st in enumerate(steps) if st <= 48) + " |")
+            L.append(f"| {m.upper()} | {s} | " + " | ".join(f"{a[i]:.3f}" for i, st in enumerate(steps) if st <= 48)
+                     + " |")
     L += ["", "Plots (committed with the runs; their bands came from the uncommitted per-prompt data): gold_vs_kl.png, "
           "gold_vs_step.png, anchor.png, logps.png."]
     text = "\n".join(L) + "\n"
@@ -875,12 +954,14 @@ def report_experiment1(results):
 
 
 def tr_betas(grid, m):
-    """The betas at which every schedule runs; the others are the frozen-only ladder."""
-    return [b for b, (scheds, _) in grid[m].items() if set(SCHEDULES) <= set(scheds)]
+    """The betas at which the paper schedules run (the TR betas); the others are the frozen-only ladder."""
+    return [b for b, (scheds, _) in grid[m].items() if set(PAPER_SCHEDULES) <= set(scheds)]
 
 
-def tuned_beta(runs, stats, m, schedule, betas):
-    """The paper's protocol: the beta with the highest seed-mean validation gold at the END of the budget."""
+def tuned_beta(runs, stats, grid, m, schedule):
+    """The paper's protocol: of the TR betas this schedule ran at, the one with the highest seed-mean validation
+    gold at the END of the budget (the control runs at the main beta only, so that is its beta)."""
+    betas = [b for b in tr_betas(grid, m) if select(runs, method=m, beta=b, schedule=schedule)]
     return max(betas, key=lambda b: np.mean([stats.val[run_name(r)][-1]
                                              for r in select(runs, method=m, beta=b, schedule=schedule)]))
 
@@ -891,12 +972,12 @@ def endpoints(runs, stats, grid, m, beta):
     arms = lambda beta_of: {s: select(runs, method=m, beta=beta_of[s], schedule=s) for s in SCHEDULES}  # noqa: E731
     vs_none = lambda a, stat: {s: stats.delta(a[s], a["none"], stat) for s in SCHEDULES[1:]}  # noqa: E731
     fixed = arms(dict.fromkeys(SCHEDULES, beta))
-    tuned = {s: tuned_beta(runs, stats, m, s, tr_betas(grid, m)) for s in SCHEDULES}
+    tuned = {s: tuned_beta(runs, stats, grid, m, s) for s in SCHEDULES}
     out = [("best-on-validation checkpoint", f"{beta:g}", vs_none(fixed, stats.best)),
            ("end of budget, beta tuned on validation", " / ".join(f"{tuned[s]:g}" for s in SCHEDULES),
             vs_none(arms(tuned), stats.end))]
     for k in KL_TARGETS:
-        reached = all(stats.at_kl(r, k) is not None for rs in fixed.values() for r in rs)
+        reached = all(stats.at_kl(r, k) is not None for rs in fixed.values() for r in rs)  # no run: vacuous
         out.append((f"gold at KL {k:g}", f"{beta:g}", vs_none(fixed, lambda r, k=k: stats.at_kl(r, k)) if reached
                     else dict.fromkeys(SCHEDULES[1:])))
     return out
@@ -917,15 +998,19 @@ def report_experiment2(results):
     with open(os.path.join(results, "per_prompt.json.gz"), "rb") as f:
         table = decode_per_prompt(f.read())
     runs, cfg, grid, main = res["runs"], res["config"], grid_from_json(res["grid"]), res["main_beta"]
-    grid = {m: g for m, g in grid.items() if select(runs, method=m)}
-    stats = Stats(runs, {"sft": table["sft"], **{k: v for k, v in table["runs"].items()}}, table["n_val"])
+    done = {run_name(r) for r in runs}
+    unfinished = [m for m in grid if any(run_name(j) not in done for j in jobs_of(grid, [m]))]
+    grid = {m: g for m, g in grid.items() if m not in unfinished}  # a method is reported once all its runs are in
+    runs = [r for r in runs if r["method"] in grid]
+    stats = Stats(runs, {"sft": table["sft"], **table["runs"]}, table["n_val"])
     steps, sft = list(cfg["checkpoints"]), res["sft"]
     wall = ", ".join(f"{x['trained']} runs ({'/'.join(x['methods'])}) in {x['wall_s'] / 60:.1f} min"
                      for x in res["sittings"])
     L = ["# Experiment 2: the trust-region update at high KL, with a positive control\n",
          f"Model '{cfg['model']}', SFT {cfg['sft_steps']} steps (validation gold {stats.val['sft'][0]:.3f}, test "
-         f"{stats.test['sft'][0]:.3f}); every run {steps[-1]} steps of 16 pairs ({steps[-1] * 16 / cfg['pairs']:g} "
-         f"epoch(s) of {cfg['pairs']} pairs), lr {cfg['lr']:g}, checkpoints at steps {', '.join(map(str, steps))}. "
+         f"{stats.test['sft'][0]:.3f}); every run {steps[-1]} steps of 16 pairs ({steps[-1] * 16 / cfg['pairs']:g} x "
+         f"one epoch of {cfg['pairs']} pairs), lr {', '.join(f'{m.upper()} {v:g}' for m, v in cfg['lr'].items())}, "
+         f"checkpoints at steps {', '.join(map(str, steps))}. "
          f"Schedules: none (frozen), hard and soft (alpha 0.6) every {cfg['tau']} steps, soft_every_step (alpha 0.6 "
          f"every step: the positive control, no anchor). {len(runs)} runs; wall time "
          f"{res['wall_s'] / 60:.1f} min ({wall}). The design and the rule, fixed before the run: toy_experiment.py's "
@@ -934,6 +1019,8 @@ def report_experiment2(results):
          "draws); a Delta (schedule minus none, paired by seed and by prompt) shows the bootstrap CI, then the "
          "seed-level t interval. A call (better / worse) needs both to exclude 0. Every number here is recomputed "
          "by `python toy_experiment.py --report_only` from results.json and per_prompt.json.gz.\n"]
+    if unfinished:
+        L.append(f"Not reported yet (runs missing): {', '.join(m.upper() for m in unfinished)}.\n")
 
     L += ["## Verdicts by the rule\n",
           "Per endpoint: the positive control first (soft_every_step minus none: the endpoint can give a verdict "
@@ -944,32 +1031,34 @@ def report_experiment2(results):
     for m in grid:
         for b in tr_betas(grid, m):
             for name, betas, d in endpoints(runs, stats, grid, m, b):
-                if name.startswith("end of budget") and b != main[m]:
-                    continue  # beta is tuned there: one row per method
-                row = (f"| {m.upper()} | {name} | {betas} | {fmt(d[CONTROL])} | {fmt(d['hard'])} | "
-                       f"{fmt(d['soft'])} | {rule(d)} |")
-                (L if b == main[m] else secondary).append(row)
-    L += ["", "The same endpoints at the other TR beta (secondary: reported, no verdict rests on them):\n",
-          "| method | endpoint | beta | control − none | hard − none | soft − none | the rule would read |",
-          "|---|---|---|---|---|---|---|"] + secondary + [""]
+                if b == main[m]:
+                    L.append(f"| {m.upper()} | {name} | {betas} | {fmt_call(d[CONTROL])} | {fmt_call(d['hard'])} | "
+                             f"{fmt_call(d['soft'])} | {rule(d)} |")
+                elif not name.startswith("end of budget"):  # beta is tuned there: one row per method, above
+                    secondary.append(f"| {m.upper()} | {name} | {betas} | {fmt_call(d['hard'])} | "
+                                     f"{fmt_call(d['soft'])} |")
+    L += ["", "The same endpoints at the other TR beta (secondary: no positive control runs there, no verdict rests "
+          "on them):\n", "| method | endpoint | beta | hard − none | soft − none |", "|---|---|---|---|---|"]
+    L += secondary + [""]
 
     L += ["## KL reached (the high-KL regime: every schedule should reach 4 nats)\n",
-          "| method | beta | schedule | seeds | KL at the end, seed mean (lowest seed) | reaches 4 (every seed) |",
-          "|---|---|---|---|---|---|"]
+          "| method | beta | schedule | seeds | KL at the end, seed mean (lowest seed) | reaches 4 (every seed) | "
+          "anchor at the end (DPO, KTO: weight; IPO: h - t) |", "|---|---|---|---|---|---|---|"]
     for m in grid:
         for b, (scheds, _) in grid[m].items():
             for s in scheds:
                 rs = select(runs, method=m, beta=b, schedule=s)
                 ends = [r["checkpoints"][-1]["kl"] for r in rs]
                 L.append(f"| {m.upper()} | {b:g} | {s} | {len(rs)} | {np.mean(ends):.2f} ({min(ends):.2f}) | "
-                         f"{'yes' if min(ends) >= 4 else 'no'} |")
+                         f"{'yes' if min(ends) >= 4 else 'no'} | {seed_mean(rs, 'anchor_weight')[-1]:.3f} |")
     L.append("")
 
     L += ["## Every cell\n",
           "Test gold, seed means [bootstrap CI]: at the best-on-validation checkpoint, at the end of the budget, the "
           "mean over the checkpoints, and at matched KL (— where a seed does not reach it).\n",
           "| method | beta | schedule | seeds | best-on-val | end | mean over checkpoints | " +
-          " | ".join(f"KL {k:g}" for k in KL_TARGETS) + " |", "|---|---|---|---|---|---|---|" + "---|" * len(KL_TARGETS)]
+          " | ".join(f"KL {k:g}" for k in KL_TARGETS) + " |",
+          "|---|---|---|---|---|---|---|" + "---|" * len(KL_TARGETS)]
     for m in grid:
         for b, (scheds, _) in grid[m].items():
             for s in scheds:
@@ -977,21 +1066,21 @@ def report_experiment2(results):
                 cells = [stats.cell(rs, f) for f in (stats.best, stats.end, stats.mean_over_checkpoints)]
                 cells += [stats.cell(rs, lambda r, k=k: stats.at_kl(r, k)) for k in KL_TARGETS]
                 L.append(f"| {m.upper()} | {b:g} | {s} | {len(rs)} | " +
-                         " | ".join(fmt({k: v for k, v in c.items() if k != 't'}) if c else "—" for c in cells) + " |")
+                         " | ".join(fmt_boot(c) for c in cells) + " |")
     L.append("")
 
     L += ["## The paper's protocol: end of budget, beta tuned on validation per schedule\n",
           "| method | schedule | tuned beta | validation gold at the end (seed mean) | test gold at the end | "
           "Delta vs none (tuned) |", "|---|---|---|---|---|---|"]
     for m in grid:
-        tuned = {s: tuned_beta(runs, stats, m, s, tr_betas(grid, m)) for s in SCHEDULES}
+        tuned = {s: tuned_beta(runs, stats, grid, m, s) for s in SCHEDULES}
         base = select(runs, method=m, beta=tuned["none"], schedule="none")
         for s in SCHEDULES:
             rs = select(runs, method=m, beta=tuned[s], schedule=s)
             val = np.mean([stats.val[run_name(r)][-1] for r in rs])
             d = stats.delta(rs, base, stats.end) if s != "none" else None
             L.append(f"| {m.upper()} | {s} | {tuned[s]:g} | {val:.3f} | "
-                     f"{fmt({k: v for k, v in stats.cell(rs, stats.end).items() if k != 't'})} | {fmt(d)} |")
+                     f"{fmt_boot(stats.cell(rs, stats.end))} | {fmt(d)} |")
     L.append("")
 
     L += ["## The mechanism: is TR at beta b a frozen reference at a smaller beta?\n",
@@ -1006,13 +1095,14 @@ def report_experiment2(results):
         frozen = {b: select(runs, method=m, beta=b, schedule="none") for b in grid[m]}
         ladder = {b: seed_mean(rs, "kl") for b, rs in frozen.items() if rs}
         for b in tr_betas(grid, m):
-            for s in SCHEDULES[1:]:
+            for s in grid[m][b][0][1:]:
                 rs = select(runs, method=m, beta=b, schedule=s)
                 bm, dist = match_beta(seed_mean(rs, "kl"), ladder, steps, cfg["tau"])
                 d_tr = stats.delta(rs, frozen[b], stats.mean_over_checkpoints)
                 d_m = stats.delta(rs, frozen[bm], stats.mean_over_checkpoints)
                 L.append(f"| {m.upper()} | {s} {b:g} | {bm:g} ({dist:.2f}) | {fmt(d_tr)} | {fmt(d_m)} | "
-                         f"{fmt(stats.delta(rs, frozen[bm], stats.end))} | {fmt(stats.delta(rs, frozen[bm], stats.best))} | "
+                         f"{fmt(stats.delta(rs, frozen[bm], stats.end))} | "
+                         f"{fmt(stats.delta(rs, frozen[bm], stats.best))} | "
                          f"{mechanism_reading(d_tr['call'], d_m['call'])} |")
     L.append("")
     pngs = plot(results, runs, stats, grid, main, sft)
@@ -1037,6 +1127,8 @@ def plot(out, runs, stats, grid, main, sft):
         print("matplotlib is not installed: no plots (pip install matplotlib)")
         return []
     methods, paths = list(grid), []
+    if not methods:
+        return []
 
     def figure(name, draw, ylabel, xlabel, logy=False):
         fig, axes = plt.subplots(1, len(methods), figsize=(4.8 * len(methods), 4.0), squeeze=False)
@@ -1055,10 +1147,11 @@ def plot(out, runs, stats, grid, main, sft):
         frozen betas that only the ladder has, in grey."""
         ladder = [b for b in grid[m] if b not in tr_betas(grid, m)]
         for b in tr_betas(grid, m):
-            for s in SCHEDULES:
+            for s in grid[m][b][0]:
                 yield f"{s} {b:g}", COLORS[s], "-" if b == main[m] else "--", select(runs, method=m, beta=b, schedule=s)
         for j, b in enumerate(sorted(ladder)):
-            yield f"none {b:g}", str(0.3 + 0.5 * j / max(1, len(ladder))), ":", select(runs, method=m, beta=b, schedule="none")
+            grey = str(0.3 + 0.5 * j / max(1, len(ladder)))
+            yield f"none {b:g}", grey, ":", select(runs, method=m, beta=b, schedule="none")
 
     def gold_vs_kl(ax, m):
         for label, color, style, rs in cells(m):
@@ -1081,14 +1174,22 @@ def plot(out, runs, stats, grid, main, sft):
     return paths
 
 
+def results_dir(args):
+    return args.results_dir or (os.path.join(args.output_dir, "results") if args.quick else "results/toy2")
+
+
 def report_all(args):
-    """--report_only: both experiments' reports from the committed folders (experiment 2's once it has run)."""
-    text = report_experiment1("results/toy")
-    r2 = args.results_dir or "results/toy2"
+    """--report_only: the reports from the committed folders alone: experiment 1's (results/toy) and experiment 2's
+    once it has run; with --quick, the smoke test's folder only."""
+    r2 = results_dir(args)
+    parts = [] if args.quick else [report_experiment1(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                  "results", "toy"))]
     if os.path.exists(os.path.join(r2, "results.json")):
-        text += "\n" + report_experiment2(r2)
+        parts.append(report_experiment2(r2))
+    text = "\n".join(parts)
     print(text)
     return text
+
 
 # -----------------------------------------------------------------------------
 # main
@@ -1106,12 +1207,18 @@ def main(argv=None):
 
 def run(args):
     pilot = args.betas is not None
-    if (args.lr is not None or args.checkpoints is not None) and not pilot:
-        raise SystemExit("error: --lr and --checkpoints are pilot flags: give --betas too")
+    bad = ("--lr and --checkpoints are pilot flags: give --betas too" if (args.lr or args.checkpoints) and not pilot
+           else "--checkpoints: steps must be positive" if args.checkpoints and min(args.checkpoints) < 1 else None)
+    if bad:  # one line, exit code 2, nothing written
+        print(f"error: {bad}", file=sys.stderr)
+        raise SystemExit(2)
     if args.report_only:
         return report_all(args)
     cfg = dict(QUICK if args.quick else FULL, quick=args.quick)
-    cfg.update({k: v for k, v in (("lr", args.lr), ("checkpoints", args.checkpoints)) if v is not None})
+    if args.lr is not None:
+        cfg["lr"] = dict.fromkeys(SCRIPTS, args.lr)
+    if args.checkpoints is not None:
+        cfg["checkpoints"] = args.checkpoints
     cfg["checkpoints"] = sorted(cfg["checkpoints"])
     grid = QUICK_GRID if args.quick else GRID
     if pilot:
@@ -1146,8 +1253,8 @@ def run(args):
 
     # -------------------------------------------------------------------------
     # 3. the runs not finished yet, --workers at a time, each in its own (spawned) process
-    runs_dir = os.path.join(out, "pilots" if pilot else "runs", f"lr{cfg['lr']:g}" if pilot else "")
-    finished = {run_name(r) for r in load_runs(runs_dir, cfg, grid)}
+    runs_dir = os.path.join(out, "runs") if not pilot else os.path.join(out, "pilots", f"lr{args.lr or 'default'}")
+    finished = {run_name(r) for r in load_runs(runs_dir, cfg, {m: grid[m] for m in args.methods if m in grid})}
     jobs = [j for j in jobs_of(grid, args.methods) if run_name(j) not in finished]
     print(f"{len(jobs)} runs to do, {len(finished)} finished ones skipped", flush=True)
     work = [(j, cfg, data, sft_path, os.path.join(runs_dir, run_name(j)), args.threads) for j in jobs]
@@ -1165,7 +1272,7 @@ def run(args):
             f.write(json.dumps({"wall_s": round(time.time() - t0, 1), "trained": len(jobs), "workers": args.workers,
                                 "methods": args.methods}) + "\n")
     sittings = [json.loads(line) for line in open(log_path)] if os.path.exists(log_path) else []
-    results = args.results_dir or (os.path.join(out, "results") if args.quick else "results/toy2")
+    results = results_dir(args)
     save_record(results, load_runs(runs_dir, cfg, grid), sft_eval, cfg, grid, data["overlap"], sittings,
                 data["val"] + data["test"])
     report = report_experiment2(results)
