@@ -73,8 +73,9 @@ Design
   seeds; frozen only at 0.3b = 0.03 and 0.1b = 0.01 (the ladder for the mechanism), 3 seeds. 35 runs per method,
   105 in all. The same lr and betas for DPO, IPO (length-averaged log-probs, target 1/(2 beta)) and KTO.
 
-Pilots (frozen reference only, seed 0; what was looked at: validation gold, KL to the SFT model and the anchor at
-each checkpoint; no test gold, and no experiment-2 run with a moving reference was started before this design was
+Pilots (frozen reference only, seed 0; printed in results/toy2/pilots.md; what was looked at: validation gold, KL
+to the SFT model and the anchor at each checkpoint, and four sampled answers to test prompts at each run's last
+checkpoint; no test gold, and no experiment-2 run with a moving reference was started before this design was
 fixed). The SFT model this machine trains from experiment 1's recipe scores 0.653 on validation, not experiment
 1's 0.710; trained twice here it came out identical, so the pilots' SFT model is the full run's.
 - Learning rate and length, frozen DPO (validation gold / KL at the checkpoints):
@@ -866,21 +867,24 @@ def report_experiment1(results):
                      f"{'yes' if anchor_active(m, a[-1], b) else 'no'} |")
     L += [""]
 
-    L += ["## The verdict cells with seed-level intervals, and the positive control (applied after the fact)\n",
-          "Best-on-validation test gold, schedule minus none at the verdict beta. The positive control (issue 20, "
-          "after this experiment): an endpoint can give a verdict on TR only if it tells the no-anchor control "
-          "(soft_every_step) from the frozen reference.\n",
-          "| method (verdict beta) | seeds | control − none | hard − none | soft − none | ema − none | "
-          "calls by t: control; hard, soft | the rule with the positive control, by t |",
-          "|---|---|---|---|---|---|---|---|"]
-    for m, b in vbeta.items():
-        base = select(runs, method=m, beta=b, schedule="none")
-        d = {s: seed_delta(select(runs, method=m, beta=b, schedule=s), base, e1_best) for s in schedules[1:]}
-        v = endpoint_verdict(d["soft_every_step"]["call"], [d["hard"]["call"], d["soft"]["call"]])
-        L.append(f"| {m.upper()} ({b:g}) | {len(base)} | " +
-                 " | ".join(fmt_t(d[s], 4) for s in ("soft_every_step", "hard", "soft", "ema")) +
-                 f" | {d['soft_every_step']['call']}; {d['hard']['call']}, {d['soft']['call']} | {v} |")
-    L += ["", "The t intervals leave out the test prompts' sampling noise, so they are narrower than the "
+    for title, f in (("best-on-validation test gold (the primary endpoint)", e1_best),
+                     ("end-of-budget test gold (step 120; a secondary view in this experiment)", e1_end)):
+        L += [f"## The verdict betas with seed-level intervals and the positive control (after the fact): {title}\n",
+              "Schedule minus none at the verdict beta, paired by seed. The positive control (issue 20, after this "
+              "experiment): an endpoint can give a verdict on TR only if it tells the no-anchor control "
+              "(soft_every_step) from the frozen reference.\n",
+              "| method (verdict beta) | seeds | control − none | hard − none | soft − none | ema − none | "
+              "calls by t: control; hard, soft | the rule with the positive control, by t |",
+              "|---|---|---|---|---|---|---|---|"]
+        for m, b in vbeta.items():
+            base = select(runs, method=m, beta=b, schedule="none")
+            d = {s: seed_delta(select(runs, method=m, beta=b, schedule=s), base, f) for s in schedules[1:]}
+            v = endpoint_verdict(d["soft_every_step"]["call"], [d["hard"]["call"], d["soft"]["call"]])
+            L.append(f"| {m.upper()} ({b:g}) | {len(base)} | " +
+                     " | ".join(fmt_t(d[s], 4) for s in ("soft_every_step", "hard", "soft", "ema")) +
+                     f" | {d['soft_every_step']['call']}; {d['hard']['call']}, {d['soft']['call']} | {v} |")
+        L.append("")
+    L += ["The t intervals leave out the test prompts' sampling noise, so they are narrower than the "
           "pre-registered bootstrap's; read a call that rests on a bound within 0.001 of 0 as marginal.", ""]
 
     for title, f in (("best-on-validation checkpoint (the primary endpoint)", e1_best),
