@@ -140,11 +140,12 @@ ENDPOINTS AND DECISION RULES (fixed before the full run; endpoints() and rule() 
 Cost, measured on the pilots (2 workers, one torch thread each; the machine shared, load 7-10 on 2 cores), CPU
 seconds per frozen run of 240 steps (train + judge): DPO 37 + 37 (11 checkpoints; ~34 with 10), IPO 35 + 32, KTO
 50 + 33; a moving reference adds ~3 s (experiment 1). The 14 frozen and 21 TR runs per method: DPO ~2,550 s, IPO
-~2,410, KTO ~2,990; with the SFT model (~100 s) ~8,050 CPU seconds, which predicts ~67 min on 2 idle cores (DPO's
-sitting ~23 min with the SFT model, IPO ~21, KTO ~26). On a loaded machine it takes longer: the pilots ran at
-2.5-5x their CPU time. All pilots together used ~25 CPU minutes.
+~2,410, KTO ~2,970; with the SFT model (~100 s) ~8,030 CPU seconds, 67 min on each of 2 idle cores, ~70 min
+with each sitting's start and its last run's tail (DPO's sitting ~23 min with the SFT model, IPO ~21, KTO ~26). On
+a loaded machine it takes longer: the pilots ran at 2.5-5x their CPU time. All pilots together used ~25 CPU
+minutes.
 
-    python toy_experiment.py                      # experiment 2, all 105 runs, ~67 min on 2 idle cores; resumable
+    python toy_experiment.py                      # experiment 2, all 105 runs, ~70 min on 2 idle cores; resumable
     python toy_experiment.py --methods dpo        # or one method per sitting (21-26 min); then ipo, then kto
     python toy_experiment.py --report_only        # both reports from the committed results/ folders alone
     python toy_experiment.py --quick              # a smoke test (CI): 'tiny' model, a few steps; numbers mean nothing
@@ -1178,16 +1179,19 @@ def plot(out, runs, stats, grid, main, sft):
     return paths
 
 
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")  # the committed record, in the repo
+
+
 def results_dir(args):
-    return args.results_dir or (os.path.join(args.output_dir, "results") if args.quick else "results/toy2")
+    return args.results_dir or (os.path.join(args.output_dir, "results") if args.quick else
+                                os.path.join(RESULTS, "toy2"))
 
 
 def report_all(args):
     """--report_only: the reports from the committed folders alone: experiment 1's (results/toy) and experiment 2's
     once it has run; with --quick, the smoke test's folder only."""
     r2 = results_dir(args)
-    parts = [] if args.quick else [report_experiment1(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                                  "results", "toy"))]
+    parts = [] if args.quick else [report_experiment1(os.path.join(RESULTS, "toy"))]
     if os.path.exists(os.path.join(r2, "results.json")):
         parts.append(report_experiment2(r2))
     text = "\n".join(parts)
