@@ -77,7 +77,9 @@ Pilots (frozen reference only, seed 0; printed in results/toy2/pilots.md; what w
 to the SFT model and the anchor at each checkpoint, and four sampled answers to test prompts at each run's last
 checkpoint; no test gold, and no experiment-2 run with a moving reference was started before this design was
 fixed). The SFT model this machine trains from experiment 1's recipe scores 0.653 on validation, not experiment
-1's 0.710; trained twice here it came out identical, so the pilots' SFT model is the full run's.
+1's 0.710: experiment 1 ran on an Intel Xeon with AMX, this machine is an AMD EPYC; here commit 4299a3f's code and
+today's train bit-identical SFT weights, judged alike, so the difference is the CPU's float kernels, carried
+through 1,200 steps. Trained twice here it came out identical: the pilots' SFT model is the full run's.
 - Learning rate and length, frozen DPO (validation gold / KL at the checkpoints):
     lr 1e-4, 120 steps (1,920 pairs), KL at steps 24 / 48 / 120: beta 0.1 0.35 / 1.33 / 2.92, beta 0.3 0.32 / 1.25
       / 2.36, beta 1 0.25 / 0.78 / 1.30, beta 3 0.14 / 0.29 / 0.39; validation gold peaks at step 24 (0.77).
