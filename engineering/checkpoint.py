@@ -168,7 +168,8 @@ def complete(path):
         return None, f"no {RECORD}"
     except (OSError, ValueError) as e:
         return None, f"{RECORD} unreadable ({first_line(e)})"
-    if not (isinstance(rec, dict) and rec.get("format") == FORMAT and isinstance(rec.get("files"), dict)):
+    if not (isinstance(rec, dict) and rec.get("format") == FORMAT and isinstance(rec.get("files"), dict)
+            and isinstance(rec.get("step"), int)):
         return None, f"{RECORD} of another format"
     for name, size in rec["files"].items():
         f = os.path.join(path, name)

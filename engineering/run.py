@@ -149,7 +149,8 @@ class Run:
         if nonfinite_weights(self.model):
             raise SystemExit(f"error: step {step}: the policy holds non-finite weights, so no checkpoint is written; "
                              f"{self.kept()}; lower --lr")
-        self.record = self.record or run_record(self.args, self.d.world_size)  # the data hashed once per run
+        if self.d.master and self.record is None:  # rank 0 writes run.json; the data hashed once per run
+            self.record = run_record(self.args, self.d.world_size)
         try:
             save_checkpoint(self.out, self.d, self.model, self.ref, self.opt, self.sched, step, self.state, self.record)
         except OSError as e:

@@ -364,6 +364,21 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path, capfd):
     assert metrics(out, "loss")[0]["step"] == 1
 
 
+def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, capsys):
+    import fcntl
+
+    def no_locks(f, how):
+        raise OSError(37, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    checks = []
+    try:
+        checkpoint.take_folder(str(tmp_path / "run"), Dist(0, 0, 1, torch.device("cpu")), lambda: checks.append(1))
+    finally:
+        checkpoint.release_folders()
+    assert checks == [1] and capsys.readouterr().out == (
+        f"warning: cannot lock {tmp_path / 'run'} (No locks available): make sure no other run writes there\n")
+
+
 @slow
 def test_overwrite_clears_the_old_run_before_training(dpo_run, tmp_path, monkeypatch, capfd):
     """--overwrite, then the new run dies at its first step: no old checkpoint is left for --resume to mix in."""

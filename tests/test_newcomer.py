@@ -200,7 +200,8 @@ def test_command_line_errors_are_one_line_without_a_traceback(tmp_path):
     out = str(tmp_path / "out")
     assert run(["tr_kto.py", "--dataset", bad, "--output_dir", out], ENV)[:3] == (
         2, "", f"error: {bad}: line 57: not valid JSON (Extra data); fix it or pass --skip_bad_rows\n")
-    assert run(["tr_ipo.py", "--tau", "0", "--output_dir", out], ENV)[:3] == (2, "", "error: --tau must be >= 1, got 0\n")
+    assert run(["tr_ipo.py", "--tau", "0", "--output_dir", out], ENV)[:3] == (
+        2, "", "error: argument --tau: must be an integer >= 1, got 0 (--help lists the flags)\n")
     assert not os.path.exists(out)
 
 
