@@ -303,6 +303,7 @@ def take_folder(output_dir, d: Dist, recheck):
     holder exits, however it exits (SIGKILL included), so a lock is never stale."""
     import fcntl
     error = None
+    barrier()  # every rank has read its checkpoint files before rank 0 may move them (recheck)
     if d.master:
         try:
             os.makedirs(output_dir, exist_ok=True)
