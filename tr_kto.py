@@ -166,16 +166,16 @@ def train_loop(args, d):
     train_rows, eval_rows = data.load_unpaired(args.dataset, args.eval_size, args.seed, args.skip_bad_rows)
     if d.master and (warning := class_balance_warning(train_rows, args.desirable_weight, args.undesirable_weight)):
         print(warning)
-    model, tokenizer = models.load_model(args.model, args.seed, args.trust_remote_code, args.gradient_checkpointing)
+    model, tokenizer = models.load_model(args.model, args.seed, args.trust_remote_code, args.gradient_checkpointing,
+                                         args.lora_r, args.lora_alpha, args.lora_targets, args.base_dtype)
     pad = tokenizer.pad_token_id
-    train, evals = (tokenize_examples(tokenizer, rows, args.max_length, args.max_prompt_length)
-                    for rows in (train_rows, eval_rows))
+    train, evals = (tokenize_examples(tokenizer, r, args.max_length, args.max_prompt_length) for r in (train_rows, eval_rows))
     evals, eval_pairs, eval_batches = eval_set(evals, d, args.micro_batch_size, args.max_length, args.max_prompt_length)
     num_steps = total_steps(len(train), args.batch_size, args.max_steps, args.epochs)
     lengths = speed.example_lengths(train) if args.group_by_length else None  # batches of similar length: less padding
 
     # -------------------------------------------------------------------------
-    # models: the policy (fp32 master weights) and its frozen reference copy, under DDP or FSDP2
+    # models: the policy (fp32 master weights) and its frozen reference copy (--lora_r: two adapters, one base), DDP/FSDP2
     model.to(d.device).train()
     ref = make_reference(model, getattr(torch, args.ref_dtype))
     policy, policy_lm, ref_lm = parallel.wrap_models(model, ref, d, args.fsdp)
