@@ -68,7 +68,8 @@ def load_checkpoint(output_dir, d: Dist, policy, ref, opt, sched):
     path = os.path.join(output_dir, "checkpoint")
     state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
     lora = adapters.signature(policy)
-    kind = lambda s: "full fine-tuning" if s is None else "LoRA " + ", ".join(f"{k} {v}" for k, v in s.items())  # noqa: E731
+    kind = lambda s: "full fine-tuning" if s is None else (  # noqa: E731
+        f"LoRA r {s['r']}, lora_alpha {s['lora_alpha']} on {len(s['target_modules'])} modules")
     need(state.get("lora") == lora, f"--resume: {path} holds {kind(state.get('lora'))}, this run asks for "
                                     f"{kind(lora)}; resume with the run's own --lora_r, --lora_alpha, --lora_targets")
     o = StateDictOptions(full_state_dict=True, ignore_frozen_params=lora is not None)
