@@ -590,7 +590,7 @@ def summarise(runs, keys):
             row["error"] = reps[-1]["error"]
             out.append(row)
             continue
-        row.update({k: med([r[k] for r in ok]) for k in keys})
+        row.update({k: med([r.get(k) for r in ok]) for k in keys})  # ours: ref_update_share from the component
         for base in ("plain", "trl", "trl_ckpt"):
             b = runs.get((method, base))
             if b and base != config:

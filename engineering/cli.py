@@ -81,7 +81,7 @@ def add_common_args(p, name, reference=True, pairs=True):
     if pairs:
         g.add_argument("--share_prompt", action="store_true", help="run each prompt once and reuse its KV cache for chosen and rejected (same log-probs up to float rounding; not with --gradient_checkpointing)")
     g.add_argument("--group_by_length", action="store_true", help="less padding: sort by length inside random chunks of 64 global batches, then shuffle the batches (order still a function of --seed only)")
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = 1 for the built-in tiny and small models on a CPU (their matrices are too small to split, and a second busy core would stall them), else PyTorch's default")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = 1 for a model of under 10M parameters on a CPU (the built-in tiny and small; their matrices are too small to split, and a second busy core would stall them), else PyTorch's default")
     if reference:
         g = p.add_argument_group("trust region: theta_ref <- alpha*theta + (1-alpha)*theta_ref every tau steps")
         g.add_argument("--ref_update", default="soft", choices=["soft", "hard", "none"], help="none = the plain method with a frozen reference")

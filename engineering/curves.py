@@ -1,8 +1,8 @@
 """
 Training curves: a PNG of a run's metrics.jsonl, with the reference updates marked.
 
-    python curves.py out/tr_dpo/metrics.jsonl                 # writes out/tr_dpo/curves.png
-    python curves.py out/tr_dpo/metrics.jsonl -o dpo.png
+    python -m engineering.curves out/tr_dpo/metrics.jsonl     # writes out/tr_dpo/curves.png
+    python -m engineering.curves out/tr_dpo/metrics.jsonl -o dpo.png
 
 and plot_curves(metrics_path) at the end of a run. One panel per metric, over optimizer steps: loss, reward
 accuracy, reward margin, logps_margin, and KTO's kl (a run logs what its method has: KTO has no reward accuracy),
@@ -92,7 +92,7 @@ def plot_curves(metrics_path, png_path=None):
         from matplotlib.figure import Figure  # no pyplot: no backend or global figure state to manage
     except ImportError:
         print(f"matplotlib is not installed: no {png_path} "
-              f"(pip install matplotlib, then python curves.py {metrics_path})")
+              f"(pip install matplotlib, then python -m engineering.curves {metrics_path})")
         return None
     cols = min(2, len(curves))
     rows = (len(curves) + cols - 1) // cols

@@ -18,22 +18,19 @@ from engineering.cli import InputError, check_args, exit_on_bad_input
 from engineering.curves import plot_curves
 from engineering.logger import Logger
 
-SMALL_MODELS = ("tiny", "small")  # built in code; on a CPU, one thread each (--threads 0)
+SMALL = 10_000_000  # parameters: on a CPU, such a model trains on one thread (--threads 0)
 
 
 def launch(train_loop, get_args, argv=None):
     """Every training script's main(): parse and check the flags, start torch.distributed under torchrun (one
-    process otherwise), seed rank r's torch RNG with --seed + r, set the CPU threads, run train_loop(args, d),
-    tear down. A bad flag, file or row ends the run with one `error:` line and exit code 2; a lost rank with one
-    line and exit code 1. The process's thread count is restored afterwards (tests and toy_experiment.py call
-    main() in-process)."""
+    process otherwise), seed rank r's torch RNG with --seed + r, run train_loop(args, d), tear down. A bad flag,
+    file or row ends the run with one `error:` line and exit code 2; a lost rank with one line and exit code 1. The
+    process's thread count (set by Run) is restored afterwards: tests and toy_experiment.py call main() in-process."""
     threads = torch.get_num_threads()
     with exit_on_bad_input():
         args = get_args(argv)
         d = setup_distributed(args.dist_timeout)
         check_args(args, d.world_size)
-        if args.threads or (args.model in SMALL_MODELS and d.device.type == "cpu"):
-            torch.set_num_threads(args.threads or 1)
         torch.manual_seed(args.seed + d.rank)
         try:
             with exit_on_lost_rank(d):
@@ -50,6 +47,9 @@ class Run:
     def __init__(self, args, d, model, ref, opt, sched, num_steps):
         self.args, self.d, self.model, self.ref, self.opt, self.sched = args, d, model, ref, opt, sched
         self.num_steps, self.out = num_steps, args.output_dir
+        small = d.device.type == "cpu" and sum(p.numel() for p in model.parameters()) < SMALL
+        if args.threads or small:  # a small model's matrices are too small to split; a busy core would stall it
+            torch.set_num_threads(args.threads or 1)
         os.makedirs(self.out, exist_ok=True)
         self.start, self.state = 0, {"skipped_steps": 0}  # state: what checkpoints keep besides the weights
         if args.resume:

@@ -98,7 +98,7 @@ def test_no_matplotlib_message(tmp_path, monkeypatch, capsys):
         monkeypatch.setitem(sys.modules, name, None)  # import fails as if it were not installed
     assert plot_curves(metrics) is None
     assert capsys.readouterr().out == (f"matplotlib is not installed: no {tmp_path}/curves.png "
-                                       f"(pip install matplotlib, then python curves.py {metrics})\n")
+                                       f"(pip install matplotlib, then python -m engineering.curves {metrics})\n")
     assert not (tmp_path / "curves.png").exists()
 
 
