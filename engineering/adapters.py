@@ -89,8 +89,9 @@ def add_lora(model, r, alpha=None, targets="all-linear", adapter=None, base_dtyp
     reference adapter (make_reference makes it a copy of the policy's); returns the same model object.
 
     A fresh adapter: rank r, lora_alpha `alpha` (None: 2r), on `targets`: "all-linear" (peft: every nn.Linear and
-    Conv1D of the model except its output head, whatever the architecture calls them) or module-name suffixes
-    ("q_proj,v_proj"). peft's init: A random, B = 0, so the policy starts as the base.
+    Conv1D of the model except its output head, whatever the architecture calls them), "all-linear+head" (the head
+    too: a random-init model such as the demo's barely learns with its random head frozen, docs/lora.md) or
+    module-name suffixes ("q_proj,v_proj"). peft's init: A random, B = 0, so the policy starts as the base.
     adapter: a trained peft LoRA folder (an SFT LoRA) whose base `model` is. It is continued, not stacked: its factors
     become the policy adapter's start (its own rank, alpha and targets; r must equal its rank), so the saved policy
     adapter applies to the original base, and the reference starts as base + that adapter, never the bare base.
@@ -102,11 +103,14 @@ def add_lora(model, r, alpha=None, targets="all-linear", adapter=None, base_dtyp
     from peft import LoraConfig, PeftModel, get_peft_model
     if base_dtype is not None:
         model.to(base_dtype)
+    from transformers.pytorch_utils import Conv1D
+    modules = ("all-linear" if targets == "all-linear" else
+               [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+               if targets == "all-linear+head" else [t.strip() for t in targets.split(",")])
     with quiet_peft():
         if adapter is None:
             try:
-                pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha or 2 * r, target_modules=(
-                    targets if targets == "all-linear" else [t.strip() for t in targets.split(",")])))
+                pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha or 2 * r, target_modules=modules))
             except ValueError as e:  # peft: no module matched the targets
                 raise InputError(f"--lora_targets {targets}: {str(e).splitlines()[0]}") from None
         else:

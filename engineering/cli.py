@@ -57,7 +57,7 @@ def add_common_args(p, name, reference=True, pairs=True):
     g = p.add_argument_group("LoRA (docs/lora.md; needs peft): a frozen base, a trainable adapter%s" % (", the reference an adapter too" if reference else ""))
     g.add_argument("--lora_r", type=int, default=0, help="LoRA rank of the policy adapter; 0 = full fine-tuning (all weights train)")
     g.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha: the adapter's scale is alpha / r; None = 2 x --lora_r")
-    g.add_argument("--lora_targets", default="all-linear", help="'all-linear' (every linear layer of the blocks, not the LM head) or module names, e.g. q_proj,v_proj")
+    g.add_argument("--lora_targets", default="all-linear", help="'all-linear' (every linear layer of the blocks, not the LM head), 'all-linear+head' (the head too: for a random-init model such as the demo's), or module names, e.g. q_proj,v_proj")
     g.add_argument("--base_dtype", default="float32", choices=["float32", "bfloat16"], help="dtype the frozen base is stored in; bfloat16 needs --dtype bfloat16 (adapters stay float32)")
     g.add_argument("--save_merged", action="store_true", help="also write policy_merged/: base + policy adapter as plain weights")
     g = p.add_argument_group("data")

@@ -105,12 +105,13 @@ def max_diff(a, b):
 # the update
 
 
-@pytest.mark.parametrize("arch, R", [("neox", R), ("llama", R), ("llama", 24)])
-def test_reference_forward_is_the_exact_lerp_over_soft_and_hard_updates(arch, R):
+@pytest.mark.parametrize("arch, R, targets", [("neox", R, "all-linear"), ("llama", R, "all-linear"),
+                                              ("llama", 24, "all-linear"), ("neox", R, "all-linear+head")])
+def test_reference_forward_is_the_exact_lerp_over_soft_and_hard_updates(arch, R, targets):
     """R 24 > 32/2: k_proj and v_proj (full rank 32) pass it at the first soft update after a copy, where the
-    reference's scaling is still the policy's."""
+    reference's scaling is still the policy's. all-linear+head: the LM head (258 x 64) is adapted too."""
     base = BUILD[arch]()
-    model = add_lora(copy.deepcopy(base), R)
+    model = add_lora(copy.deepcopy(base), R, targets=targets)
     ref = make_reference(model)
     full_rank = {n: min(base.get_submodule(n).weight.shape) for n in ref.layers}  # 64, or 32 for k_proj/v_proj
     d_ref = {n: torch.zeros(base.get_submodule(n).weight.shape, dtype=torch.float64) for n in ref.layers}
@@ -392,6 +393,8 @@ def test_all_linear_adapts_every_block_linear_but_not_the_head(arch):
     head = {n for n, m in base.named_modules() if m is base.get_output_embeddings()}
     model = add_lora(copy.deepcopy(base), R)
     assert set(adapters.lora_layers(model)) == linear - head and len(linear - head) == 2 * (4 if arch == "neox" else 7)
+    model = add_lora(copy.deepcopy(base), R, targets="all-linear+head")
+    assert set(adapters.lora_layers(model)) == linear and len(head) == 1
     model = add_lora(copy.deepcopy(base), R, targets="dense_h_to_4h,query_key_value" if arch == "neox" else "q_proj")
     assert len(adapters.lora_layers(model)) == (4 if arch == "neox" else 2)
 
