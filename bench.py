@@ -13,6 +13,11 @@ callbacks and their tokens counted as they are trained on. The reference update'
 Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU the process's peak RSS (ru_maxrss), which includes
 Python, torch and the data, so compare runs, not absolute values. Runs are interleaved over --repeats and each
 ratio is taken within a repeat, then the median is reported: other jobs on a shared machine shift absolute times.
+Our runs also report their CPU time per step (cpu_ms_per_step, cpu_vs_plain: the process's CPU seconds between
+consecutive train records), which such jobs shift far less than the wall time.
+Configs lora and lora_ckpt run --lora_r 16 (needs peft), without and with gradient checkpointing: a frozen base,
+the policy and the reference as adapters (docs/lora.md); component 'lora_memory' prints the on-paper GPU memory
+table of docs/lora.md (python bench.py --configs none --components lora_memory).
 
 Data. --lengths P:R gives every pair a prompt of P tokens and two responses of R tokens (EOS included); --data FILE
 draws (prompt, chosen, rejected) lengths from a real preference file (HH or TL;DR format), tokenised with
@@ -44,6 +49,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 
@@ -263,9 +269,33 @@ class Clock:
                 "tokens_per_step": tokens, "slots_per_step": slots}
 
 
+class CpuClock:
+    """This process's CPU seconds (all its threads) when each train record reaches metrics.jsonl, polled every 10 ms
+    from a thread while the script runs: the CPU time of each step, which other jobs on a shared machine change
+    far less than its wall time. For steps much longer than the 10 ms poll."""
+
+    def __init__(self, path):
+        self.path, self.marks, self.stop = path, [], threading.Event()
+        self.thread = threading.Thread(target=self.poll, daemon=True)
+        self.thread.start()
+
+    def poll(self):
+        while not self.stop.wait(0.01):
+            if os.path.exists(self.path):
+                with open(self.path) as f:
+                    n = sum('"s_per_step"' in line for line in f)
+                self.marks += [time.process_time()] * (n - len(self.marks))
+
+    def steps(self, warmup):
+        """CPU seconds of each step after the first `warmup` (warmup >= 1: the step before marks the start)."""
+        self.stop.set()
+        self.thread.join()
+        return [b - a for a, b in zip(self.marks[warmup - 1:], self.marks[warmup:])]
+
+
 def run_ours(spec):
     """One run of our script, in this process: its main(argv) with --log_every 1. Step times and tokens from its
-    metrics.jsonl; padding from replaying its batches (step_batches)."""
+    metrics.jsonl, CPU time per step from CpuClock; padding from replaying its batches (step_batches)."""
     import torch
 
     from engineering.curves import read_metrics
@@ -278,7 +308,9 @@ def run_ours(spec):
                 "--dtype", spec["dtype"], "--ref_update", "soft", "--alpha", str(spec["alpha"]),
                 "--tau", str(spec["tau"]), "--lr", "1e-6", "--warmup_steps", "0", "--max_steps", str(steps),
                 "--log_every", "1", "--eval_every", "0", "--seed", str(spec["seed"]), "--output_dir", out]
+        clock = CpuClock(os.path.join(out, "metrics.jsonl"))
         importlib.import_module(SCRIPTS[spec["method"]]).main(argv + CONFIGS[spec["config"]])
+        cpu = clock.steps(spec["warmup"])
         peak = peak_memory_mb("cuda" if cuda else "cpu")  # before the replay below allocates anything
         records = [r for r in read_metrics(os.path.join(out, "metrics.jsonl")) if "s_per_step" in r]
     timed = records[spec["warmup"]:]
@@ -295,6 +327,7 @@ def run_ours(spec):
     real, slots = sum(c.real for c in everything), sum(c.slots for c in everything)
     # tokens/s counts every sequence run, as TRL's count does: KTO's mismatched pairs too, which its log leaves out
     return {"steps_timed": len(timed), "ms_per_step": 1e3 * statistics.median(wall),
+            "cpu_ms_per_step": 1e3 * statistics.median(cpu), "cpu_ms_all": [round(1e3 * c, 1) for c in cpu],
             "tokens_per_s": sum(c.tokens for c in everything) / sum(wall), "padding_share": 1 - real / slots,
             "step_ms_all": [round(1e3 * w, 1) for w in wall], "logged_tokens_per_step": tokens,
             "example_tokens_per_step": [c.tokens for c in examples], "tokens_per_step": [c.tokens for c in everything],
@@ -598,6 +631,8 @@ def summarise(runs, keys):
                 if pairs:
                     row[f"speed_vs_{base}"] = med([x["tokens_per_s"] / y["tokens_per_s"] for x, y in pairs])
                     row[f"mem_vs_{base}"] = med([x["peak_mem_mb"] / y["peak_mem_mb"] for x, y in pairs])
+                    if all("cpu_ms_per_step" in r for pair in pairs for r in pair):  # ours, not TRL's
+                        row[f"cpu_vs_{base}"] = med([x["cpu_ms_per_step"] / y["cpu_ms_per_step"] for x, y in pairs])
         out.append(row)
     return out
 
@@ -650,7 +685,7 @@ def main(argv=None):
                       + (f"{res['ms_per_step']:.0f} ms/step" if "error" not in res else "ERROR " + res["error"][-300:])
                       + f" ({time.time() - t:.0f} s)", flush=True)
                 runs.setdefault((method, config), []).append(res)
-    keys = ["tokens_per_s", "ms_per_step", "peak_mem_mb", "ref_update_share", "padding_share"]
+    keys = ["tokens_per_s", "ms_per_step", "cpu_ms_per_step", "peak_mem_mb", "ref_update_share", "padding_share"]
     summary = summarise(runs, keys)
     padding = epoch_padding(args, data) if args.data else None
     components = {}
@@ -676,9 +711,9 @@ def main(argv=None):
     print(f"\n{settings['device']}, model {args.model}, batch {args.batch_size} (micro {args.micro_batch_size}), "
           f"dtype {args.dtype}, tau {args.tau}; lengths: prompt {mean(0):.0f}, chosen {mean(1):.0f}, "
           f"rejected {mean(2):.0f} tokens (mean of {len(lengths)}); {args.repeats} repeats, medians")
-    cols = ["method", "config", "tokens_per_s", "ms_per_step", "peak_mem_mb", "ref_update_share",
-            "padding_share", "speed_vs_plain", "mem_vs_plain", "speed_vs_trl", "mem_vs_trl", "speed_vs_trl_ckpt",
-            "mem_vs_trl_ckpt"]
+    cols = ["method", "config", "tokens_per_s", "ms_per_step", "cpu_ms_per_step", "peak_mem_mb", "ref_update_share",
+            "padding_share", "speed_vs_plain", "cpu_vs_plain", "mem_vs_plain", "speed_vs_trl", "mem_vs_trl",
+            "speed_vs_trl_ckpt", "mem_vs_trl_ckpt"]
     print(table(summary, [c for c in cols if any(c in r for r in summary)]))
     for r in summary:
         if "error" in r:
