@@ -17,6 +17,7 @@ so the policy is held close to a recent version of itself (a trust region) inste
 Offline demo (a tiny model built in code, toy digit puzzles, 250 steps; about 10 s on a CPU):
     python tr_dpo.py                        # soft update, alpha 0.6 every 100 steps
     python tr_dpo.py --ref_update none      # plain DPO
+    python tr_dpo.py --lora_r 8 --lora_targets all-linear+head   # LoRA: the reference an adapter too, docs/lora.md
 The loss is measured against a moving reference, so it climbs back towards ln 2 after each update, while
 logps_margin = log pi(y_w|x) - log pi(y_l|x), the policy's own preference, keeps rising. eval_* score the eval
 pairs against the reference as it is, eval_init_* against the initial one (docs/metrics.md).

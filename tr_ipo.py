@@ -18,6 +18,7 @@ gap of 1/(2*beta) = 1 nat per token, which the demo reaches within a reference p
 Offline demo (tiny model, toy digit puzzles, 250 steps; about 10 s on a CPU):
     python tr_ipo.py                        # the loss starts at 1/(4*beta^2) = 1 and falls
     python tr_ipo.py --ref_update none      # plain IPO
+    python tr_ipo.py --lora_r 8 --lora_targets all-linear+head   # LoRA: the reference an adapter too, docs/lora.md
 The paper's setting on 8 GPUs (docs/paper_settings.md; beta 0.1 for IPO is not verified there):
     torchrun --nproc_per_node=8 tr_ipo.py --model path/to/pythia-2.8b-sft --dataset hh \
         --beta 0.1 --lr 1e-6 --epochs 1 --max_steps 0 --max_length 1024 --max_prompt_length 512 \

@@ -21,6 +21,7 @@ We warn when lambda_D * n_D / (lambda_U * n_U) is outside [1, 4/3] (the KTO pape
 Offline demo (tiny model, toy digit puzzles, 250 steps; about 15 s on a CPU):
     python tr_kto.py                        # --batch_size counts examples: 32 = the 16 pairs of tr_dpo.py
     python tr_kto.py --ref_update none      # plain KTO
+    python tr_kto.py --lora_r 8 --lora_targets all-linear+head   # LoRA: the reference an adapter too, docs/lora.md
 The paper's setting on 8 GPUs (docs/paper_settings.md; beta 0.1 is the KTO authors' default, not verified there):
     torchrun --nproc_per_node=8 tr_kto.py --model path/to/pythia-2.8b-sft --dataset hh \
         --beta 0.1 --lr 1e-6 --epochs 1 --max_steps 0 --max_length 1024 --max_prompt_length 512 \

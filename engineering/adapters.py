@@ -101,9 +101,9 @@ def add_lora(model, r, alpha=None, targets="all-linear", adapter=None, base_dtyp
     """
     require_peft()
     from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers.pytorch_utils import Conv1D
     if base_dtype is not None:
         model.to(base_dtype)
-    from transformers.pytorch_utils import Conv1D
     modules = ("all-linear" if targets == "all-linear" else
                [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
                if targets == "all-linear+head" else [t.strip() for t in targets.split(",")])
