@@ -21,6 +21,7 @@ We warn when lambda_D * n_D / (lambda_U * n_U) is outside [1, 4/3] (the KTO pape
 Offline demo (tiny model, toy digit puzzles, 250 steps; about 15 s on a CPU):
     python tr_kto.py                        # --batch_size counts examples: 32 = the 16 pairs of tr_dpo.py
     python tr_kto.py --ref_update none      # plain KTO
+    python tr_kto.py --lora_r 8 --lora_targets all-linear+head   # LoRA: the reference an adapter too, docs/lora.md
 The paper's setting on 8 GPUs (docs/paper_settings.md; beta 0.1 is the KTO authors' default, not verified there):
     torchrun --nproc_per_node=8 tr_kto.py --model path/to/pythia-2.8b-sft --dataset hh \
         --beta 0.1 --lr 1e-6 --epochs 1 --max_steps 0 --max_length 1024 --max_prompt_length 512 \
@@ -91,9 +92,9 @@ def estimate_kl(policy_lm, ref_lm, pairs, positions, micro_batch_size, pad_id, d
     return total[0] / total[1] if init_ref_logps is None else total[:2] / total[2]
 
 
-def class_balance_warning(rows, desirable_weight, undesirable_weight):
+def class_balance_warning(rows, desirable_weight, undesirable_weight, show=False):
     """A warning (str) when lambda_D * n_D / (lambda_U * n_U) is outside [1, 4/3] (KTO paper, Eq. 8), else None;
-    rows: the training examples, each with its "label" (True: desirable)."""
+    rows: the training examples, each with its "label" (True: desirable). show: also print it."""
     n_desirable = sum(r["label"] for r in rows)
     n_undesirable = len(rows) - n_desirable
     d, u = desirable_weight * n_desirable, undesirable_weight * n_undesirable
@@ -102,8 +103,11 @@ def class_balance_warning(rows, desirable_weight, undesirable_weight):
     ratio = f"{d / u:.3g}" if u else "inf"
     hint = (f"; e.g. --desirable_weight {undesirable_weight * n_undesirable / n_desirable:.3g} gives 1"
             if n_desirable and n_undesirable else "; KTO needs both classes to place z0 between them")
-    return (f"warning: lambda_D*n_D / (lambda_U*n_U) = {desirable_weight:g}*{n_desirable} / ({undesirable_weight:g}*"
-            f"{n_undesirable}) = {ratio}, outside [1, 4/3] recommended by the KTO paper (Eq. 8){hint}")
+    warning = (f"warning: lambda_D*n_D / (lambda_U*n_U) = {desirable_weight:g}*{n_desirable} / ({undesirable_weight:g}"
+               f"*{n_undesirable}) = {ratio}, outside [1, 4/3] recommended by the KTO paper (Eq. 8){hint}")
+    if show:
+        print(warning)
+    return warning
 
 def eval_set(evals, d, micro_batch_size, max_length, max_prompt_length):
     """(eval examples, their mismatched pairs, this rank's micro-batches of both): the examples cut to equal shares
@@ -164,9 +168,9 @@ def train_loop(args, d):
     # -------------------------------------------------------------------------
     # data: unpaired examples {"prompt", "completion", "label"}, validated before anything is written; tokenised once
     train_rows, eval_rows = data.load_unpaired(args.dataset, args.eval_size, args.seed, args.skip_bad_rows)
-    if d.master and (warning := class_balance_warning(train_rows, args.desirable_weight, args.undesirable_weight)):
-        print(warning)
-    model, tokenizer = models.load_model(args.model, args.seed, args.trust_remote_code, args.gradient_checkpointing)
+    class_balance_warning(train_rows, args.desirable_weight, args.undesirable_weight, show=d.master)
+    model, tokenizer = models.load_model(args.model, args.seed, args.trust_remote_code, args.gradient_checkpointing,
+                                         args.lora_r, args.lora_alpha, args.lora_targets, args.base_dtype)
     pad = tokenizer.pad_token_id
     train, evals = (tokenize_examples(tokenizer, rows, args.max_length, args.max_prompt_length)
                     for rows in (train_rows, eval_rows))
@@ -175,7 +179,7 @@ def train_loop(args, d):
     lengths = speed.example_lengths(train) if args.group_by_length else None  # batches of similar length: less padding
 
     # -------------------------------------------------------------------------
-    # models: the policy (fp32 master weights) and its frozen reference copy, under DDP or FSDP2
+    # models: the policy (fp32 master weights) and its frozen reference (--lora_r: an adapter), under DDP or FSDP2
     model.to(d.device).train()
     ref = make_reference(model, getattr(torch, args.ref_dtype))
     policy, policy_lm, ref_lm = parallel.wrap_models(model, ref, d, args.fsdp)
