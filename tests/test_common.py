@@ -224,7 +224,7 @@ RANGES = {"eval_size": (INT, 1, None), "max_length": (INT, 1, None), "max_prompt
           "save_every": (INT, 0, None), "skip_nonfinite": (INT, 0, None), "dist_timeout": (INT, 1, 10 ** 8),
           "lr": (FLOAT, 0, None), "weight_decay": (FLOAT, 0, None), "max_grad_norm": (FLOAT, "> 0", None),
           "alpha": (FLOAT, "> 0", 1), "beta": (FLOAT, "> 0", None), "desirable_weight": (FLOAT, "> 0", None),
-          "undesirable_weight": (FLOAT, "> 0", None)}
+          "undesirable_weight": (FLOAT, "> 0", None), "lora_r": (INT, 0, None), "lora_alpha": (INT, 1, None)}
 
 
 def allowed(flag, text):
@@ -264,7 +264,7 @@ def test_every_numeric_flag_is_refused_outside_its_range_in_one_line(script, fla
     n = int(text) if ok and RANGES[flag][0] is INT else 2
     partners = {"batch_size": ["--micro_batch_size", "1"], "micro_batch_size": ["--batch_size", str(2 * n)],
                 "max_length": ["--max_prompt_length", "1"], "max_prompt_length": ["--max_length", str(n + 1)],
-                "eval_size": ["--dataset", HH]}
+                "eval_size": ["--dataset", HH], "lora_alpha": ["--lora_r", "4"]}
     if script == "tr_kto" and flag == "batch_size" or flag == "max_length":
         ok = ok and n >= 2  # KTO pairs each example with another; a prompt token leaves one for the response
     try:
