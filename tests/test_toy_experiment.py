@@ -2,7 +2,9 @@
 worked out by hand (the arithmetic is in the comments); the data split; the --quick pipeline end to end (slow)."""
 import importlib.util
 import json
+import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -96,12 +98,6 @@ def test_at_kl_interpolates_between_the_crossing_points():
     assert te.at_kl([0.0, 0.5, 0.3, 2.0], 1.0) == (3, pytest.approx(0.7 / 1.7))
 
 
-def test_pareto_front_by_hand():
-    pts = [(0, 0.5), (1, 0.7), (0.5, 0.6), (2, 0.65), (1, 0.6), (3, 0.8)]
-    # (2, 0.65) is beaten by (1, 0.7); (1, 0.6) by (1, 0.7)
-    assert te.pareto_front(pts) == [(0, 0.5), (0.5, 0.6), (1, 0.7), (3, 0.8)]
-
-
 def test_boot_mean_and_percentiles_by_hand():
     x = np.array([[1.0, 2.0], [3.0, 4.0]])   # 2 seeds x 2 prompt resamples
     seeds = np.array([[0, 0], [0, 1]])       # draw 0 takes seed 0 twice, draw 1 seeds 0 and 1
@@ -111,50 +107,174 @@ def test_boot_mean_and_percentiles_by_hand():
     assert te.percentile_ci(range(101)) == (pytest.approx(2.5), pytest.approx(97.5))
 
 
+def test_t_distribution_by_hand():
+    # df 1 (Cauchy): P(|T| <= 1) = (2/pi) atan(1) = (2/pi)(pi/4) = 0.5
+    assert te.t_abs_cdf(1.0, 1) == pytest.approx(0.5)
+    # df 3, t = sqrt(3): theta = atan(1) = pi/4; (2/pi)(pi/4 + sin cos) = 0.5 + (2/pi)(1/2) = 0.5 + 1/pi = 0.8183098862
+    assert te.t_abs_cdf(math.sqrt(3), 3) == pytest.approx(0.5 + 1 / math.pi, abs=1e-12)
+    # df 2: P(|T| <= t) = sin(theta) = t / sqrt(2 + t^2) = 0.95  <=>  t^2 (1 - 0.9025) = 2 * 0.9025
+    #   t = sqrt(1.805 / 0.0975) = sqrt(18.512820513) = 4.3026527297
+    assert te.t_quantile(2) == pytest.approx(math.sqrt(1.805 / 0.0975), abs=1e-9)
+    # df 1: (2/pi) theta = 0.95, theta = 0.475 pi, t = tan(0.475 pi) = 12.7062047362
+    assert te.t_quantile(1) == pytest.approx(math.tan(0.475 * math.pi), abs=1e-8)
+    # df 4: the table value 2.7764451052; check: tan(theta) = 2.7764451052 / 2 = 1.3882225526,
+    #   cos^2 = 1 / (1 + 1.9271619) = 0.3416278, sin = 0.8114014; sin (1 + cos^2 / 2) = 0.8114014 * 1.1708139 = 0.95
+    assert te.t_quantile(4) == pytest.approx(2.7764451052, abs=1e-9)
+
+
+def test_seed_t_interval_by_hand():
+    # 3 seeds 0.1, 0.2, 0.3: mean 0.2, sd 0.1 (n - 1), half-width t(2) * 0.1 / sqrt(3) = 4.3026527297 * 0.0577350269
+    #   = 0.2484137712 -> [-0.0484137712, 0.4484137712]
+    m, lo, hi = te.seed_t_ci([0.1, 0.2, 0.3])
+    assert (m, lo, hi) == (pytest.approx(0.2), pytest.approx(-0.0484137712), pytest.approx(0.4484137712))
+    # 2 seeds 0.1, 0.3: sd = sqrt(0.02) = 0.1414213562, half = 12.7062047362 * 0.1414213562 / sqrt(2) = 1.2706204736
+    assert te.seed_t_ci([0.1, 0.3])[1:] == (pytest.approx(-1.0706204736), pytest.approx(1.4706204736))
+    assert te.seed_t_ci([0.5]) is None  # one seed: no interval
+
+
 def test_decision_rule():
+    nd = te.NO_DIFF
     assert te.classify((0.01, 0.05)) == "better"
     assert te.classify((-0.05, -0.01)) == "worse"
-    assert te.classify((-0.01, 0.02)) == "no detectable difference"
-    assert te.classify((0.0, 0.02)) == "no detectable difference"  # touching 0 is not excluding it
-    nd = "no detectable difference"
+    assert te.classify((-0.01, 0.02)) == nd
+    assert te.classify((0.0, 0.02)) == nd  # touching 0 is not excluding it
     assert te.method_verdict(["better", nd]) == "TR helps"
     assert te.method_verdict(["worse", nd]) == "TR hurts"
     assert te.method_verdict(["better", "worse"]) == "mixed"
     assert te.method_verdict([nd, nd]) == nd
+    # experiment 2: a call needs the bootstrap CI and the seed-level t interval on the same side of 0
+    assert te.classify_both((0.01, 0.05), (0.002, 0.06)) == "better"
+    assert te.classify_both((-0.01, 0.05), (0.01, 0.02)) == nd      # the bootstrap straddles 0
+    assert te.classify_both((0.01, 0.05), (-0.001, 0.06)) == nd     # the t interval straddles 0
+    assert te.classify_both((-0.05, -0.01), (-0.03, -0.02)) == "worse"
+    assert te.classify_both((0.01, 0.05), None) == nd               # one seed: no call
 
 
-def test_verdict_needs_an_active_anchor():
-    """Two seeds per arm, every checkpoint's test gold the same for all prompts, so the bootstrap has no prompt
-    noise: hard beats none by exactly 0.1 in both seeds (CI [0.1, 0.1]) and soft ties."""
-    def run(schedule, seed, gold, anchor):
-        ck = [{"step": s, "kl": 0.1 * s, "anchor_weight": anchor, "gold_score_val": g, "gold_score_test": g,
-               "gold_test_per_prompt": [g] * 4} for s, g in zip((1, 2), gold)]
-        return {"method": "dpo", "beta": te.VERDICT["dpo"], "schedule": schedule, "seed": seed, "checkpoints": ck}
-    sft = {"kl": 0.0, "gold_score_val": 0.5, "gold_score_test": 0.5, "gold_test_per_prompt": [0.5] * 4}
-    grid = {"dpo": te.GRID["dpo"]}
-    for anchor, active in ((0.3, True), (0.45, False)):
-        runs = [run("none", s, (0.6, 0.5), anchor) for s in (0, 1)]
-        runs += [run("hard", s, (0.7, 0.6), anchor) for s in (0, 1)]   # best-on-val: step 1, test 0.7 vs 0.6
-        runs += [run("soft", s, (0.6, 0.55), anchor) for s in (0, 1)]
-        v = te.verdicts(runs, te.Stats(runs, sft), grid)["dpo"]
-        d = v[1]["deltas"]
-        assert d["hard"]["delta"] == pytest.approx(0.1) and d["hard"]["ci"] == [pytest.approx(0.1)] * 2
-        assert d["hard"]["call"] == "better" and d["soft"]["call"] == "no detectable difference"
-        assert v[0].startswith("TR helps") if active else v[0].startswith("No power")
+def test_positive_control_rule():
+    nd = te.NO_DIFF
+    # the control not told apart from frozen: no verdict, whatever hard and soft show
+    assert te.endpoint_verdict(nd, ["better", "better"]) == "blind"
+    assert te.endpoint_verdict(nd, [nd, nd]) == "blind"
+    # the control told apart, in either direction: the paper schedules' verdict
+    assert te.endpoint_verdict("worse", ["better", nd]) == "TR helps"
+    assert te.endpoint_verdict("better", [nd, nd]) == nd
+    assert te.endpoint_verdict("worse", ["worse", "worse"]) == "TR hurts"
+
+
+def test_match_beta_by_hand():
+    steps, kl = [8, 16, 24, 32], [0.1, 1.0, 2.0, 4.0]
+    ladder = {1.0: [0.1, 0.5, 1.0, 2.0], 0.3: [0.1, 1.0, 2.0, 3.0], 0.1: [0.1, 1.5, 3.0, 6.0]}
+    # after step 16 only steps 24 and 32 count:
+    #   beta 1:   (|ln 2 - ln 1| + |ln 4 - ln 2|) / 2 = (0.6931 + 0.6931) / 2 = 0.6931
+    #   beta 0.3: (0 + |ln 4 - ln 3|) / 2 = 0.2877 / 2 = 0.1438
+    #   beta 0.1: (|ln 2 - ln 3| + |ln 4 - ln 6|) / 2 = (0.4055 + 0.4055) / 2 = 0.4055
+    b, d = te.match_beta(kl, ladder, steps, 16)
+    assert b == 0.3 and d == pytest.approx(math.log(4 / 3) / 2)
+    # a tie (|ln 4 - ln 8| = |ln 4 - ln 2| = ln 2 at step 32, equal elsewhere) goes to the larger beta
+    tie = {1.0: [0.1, 1.0, 2.0, 8.0], 0.1: [0.1, 1.0, 2.0, 2.0]}
+    assert te.match_beta(kl, tie, steps, 16) == (1.0, pytest.approx(math.log(2) / 2))
+    # KL below 0.01 (a Monte-Carlo estimate may dip below 0) counts as 0.01: |ln 0.01 - ln 0.5| = ln 50 = 3.9120
+    assert te.match_beta([0.5], {1.0: [-0.02]}, [32], 16) == (1.0, pytest.approx(math.log(50)))
+
+
+def test_mechanism_reading():
+    nd = te.NO_DIFF
+    assert te.mechanism_reading(nd, "worse").startswith("nothing to explain")
+    assert te.mechanism_reading("better", nd).startswith("a smaller beta")
+    assert te.mechanism_reading("worse", "better").startswith("not only a smaller beta (TR better")
+
+
+def test_per_prompt_gold_is_stored_exactly():
+    # 3 digits: samples scoring 1 and 2/3 -> 5/6 -> 100 of 120; 4 digits, 2/4 and 0 -> 1/4 -> 30;
+    # 5 digits, 1/5 and 0 -> 1/10 -> 12; 6 digits, 5/6 and 1/6 -> 1/2 -> 60; malformed twice -> 0
+    gold = [(1 + 2 / 3) / 2, (2 / 4 + 0) / 2, (1 / 5 + 0) / 2, (5 / 6 + 1 / 6) / 2, 0.0, 1.0]
+    assert te.gold_to_int(gold, 2) == [100, 30, 12, 60, 0, 120]
+    with pytest.raises(AssertionError):
+        te.gold_to_int([0.3333], 2)  # not a mean of two k/n: not a toy gold score
+    table = {"scale": 120, "n_val": 2, "prompts": ["a", "b", "c", "d"], "sft": [100, 30, 12, 60],
+             "runs": {"dpo_beta0.3_none_seed0": [[120, 0, 60, 12], [0, 0, 120, 120]]}}
+    blob = te.encode_per_prompt(table)
+    assert te.decode_per_prompt(blob) == table
+    assert te.encode_per_prompt(json.loads(json.dumps(table))) == blob  # byte-identical: a rerun commits no diff
+
+
+def synthetic(golds, kls, n_val=2, n_test=2):
+    """runs and the per-prompt table for Stats: golds {(schedule, seed): [gold per checkpoint]}, every prompt of a
+    checkpoint the same gold (so the prompt bootstrap has nothing to resample), checkpoints at steps 1, 2, ..."""
+    runs, table = [], {"sft": [60] * (n_val + n_test)}  # the SFT model: 0.5 everywhere
+    for (schedule, seed), g in golds.items():
+        r = {"method": "dpo", "beta": 0.3, "schedule": schedule, "seed": seed,
+             "checkpoints": [{"step": i + 1, "kl": k} for i, k in enumerate(kls[schedule])]}
+        runs.append(r)
+        table[te.run_name(r)] = [[round(x * 120)] * (n_val + n_test) for x in g]
+    return runs, table
+
+
+def test_stats_matched_kl_and_paired_delta_by_hand():
+    kls = {"none": [1.0, 3.0], "hard": [1.0, 3.0]}
+    runs, table = synthetic({("none", 0): [0.7, 0.9], ("none", 1): [0.7, 0.9],
+                             ("hard", 0): [0.8, 1.0], ("hard", 1): [0.9, 0.9]}, kls)
+    stats = te.Stats(runs, table, 2)
+    none0 = runs[0]
+    # trajectory KL 0 (SFT), 1, 3 with gold 0.5, 0.7, 0.9:
+    #   KL 2: between 1 and 3, w = (2 - 1) / (3 - 1) = 0.5 -> 0.5 * 0.7 + 0.5 * 0.9 = 0.8
+    #   KL 0.5: between 0 and 1, w = 0.5 -> 0.5 * 0.5 + 0.5 * 0.7 = 0.6;  KL 4: never reached
+    assert stats.at_kl(none0, 2.0)[0] == pytest.approx(0.8) and stats.at_kl(none0, 0.5)[0] == pytest.approx(0.6)
+    assert np.allclose(stats.at_kl(none0, 2.0)[1], 0.8)  # every draw: all prompts alike
+    assert stats.at_kl(none0, 4.0) is None
+    # end of budget, hard - none paired by seed: seed 0 1.0 - 0.9 = 0.1, seed 1 0.9 - 0.9 = 0; mean 0.05,
+    #   sd sqrt(0.005) = 0.0707107, t(1) * sd / sqrt(2) = 12.7062047 * 0.05 = 0.6353102 -> [-0.5853, 0.6853]
+    d = stats.delta(te.select(runs, schedule="hard"), te.select(runs, schedule="none"), stats.end)
+    assert d["delta"] == pytest.approx(0.05) and d["seeds"] == 2
+    assert d["t"] == (pytest.approx(0.05 - 0.6353102368), pytest.approx(0.05 + 0.6353102368))
+    assert d["call"] == te.NO_DIFF  # the bootstrap's [0, 0.1] touches 0 and the t interval straddles it
+    assert d["boot"][0] == pytest.approx(0.0) and d["boot"][1] == pytest.approx(0.1)
+
+
+def test_endpoints_apply_the_positive_control():
+    """Two seeds, gold the same on every prompt: hard beats none by exactly 0.1 at the end in both seeds (both
+    intervals [0.1, 0.1]); the control either equals none (blind) or is 0.2 worse (the endpoint sees the reference)."""
+    kls = dict.fromkeys(te.SCHEDULES, [0.5, 1.5])
+    grid = {"dpo": {0.3: (te.SCHEDULES, 2)}}
+    for control, verdict in (([0.6, 0.5], "blind"), ([0.6, 0.3], "TR helps")):
+        golds = {}
+        for seed in (0, 1):
+            golds.update({("none", seed): [0.6, 0.5], ("hard", seed): [0.6, 0.6], ("soft", seed): [0.6, 0.5],
+                          ("soft_every_step", seed): control})
+        runs, table = synthetic(golds, kls)
+        stats = te.Stats(runs, table, 2)
+        by_name = {name: d for name, _, d in te.endpoints(runs, stats, grid, "dpo", 0.3)}
+        end = by_name["end of budget, beta tuned on validation"]
+        assert end["hard"]["delta"] == pytest.approx(0.1) and end["hard"]["call"] == "better"
+        assert te.rule(end).startswith(verdict)
+        # KL 1: between the checkpoints at 0.5 and 1.5 (w = 0.5): none 0.55, hard 0.6 -> +0.05
+        assert by_name["gold at KL 1"]["hard"]["delta"] == pytest.approx(0.05)
+        assert te.rule(by_name["gold at KL 2"]) == "not reached by every seed of every schedule"
+
+
+def test_experiment1_report_reproduces_the_seed_level_intervals(tmp_path):
+    """From the committed results/toy/results.json alone: issue 20's independent re-analysis found KTO hard - none
+    = -0.019, seed-level 95% CI [-0.033, -0.004] (t, 4 df), and IPO soft - none [-0.003, -0.000]."""
+    shutil.copy(os.path.join(os.path.dirname(te.__file__), "results", "toy", "results.json"), tmp_path)
+    text = te.report_experiment1(str(tmp_path))
+    assert "| KTO | 3 (verdict) | hard | 5 | 0.804; t [0.789, 0.819] | -0.0185; t [-0.0333, -0.0038] | worse |" in text
+    ipo = "| IPO | 0.5 (verdict) | soft | 5 | 0.807; t [0.795, 0.819] | -0.0016; t [-0.0030, -0.0002] | worse |"
+    assert ipo in text
+    assert open(tmp_path / "results.md").read() == text
 
 # -----------------------------------------------------------------------------
 # the data
 
 
 def test_eval_prompts_are_held_out_of_all_training_data(tmp_path):
-    cfg = dict(te.FULL, n_eval=64, sft_rows=2000, steps=24)
+    cfg = dict(te.FULL, n_eval=64, sft_rows=2000, pairs=384)
     data = te.make_data(str(tmp_path), cfg)
     rows = {k: [json.loads(line) for line in open(p)] for k, p in data["paths"].items()}
     held = set(data["val"]) | set(data["test"])
     assert len(data["val"]) == len(data["test"]) == 32 and len(held) == 64  # distinct prompts, split once
     assert not held & {r["prompt"] for rs in rows.values() for r in rs}
     assert data["overlap"]["in_sft_or_pairs"] == 0
-    assert len(rows["pairs"]) == 24 * 16 + te.SCRIPT_EVAL and len(rows["sft"]) == 2000 + te.SCRIPT_EVAL
+    assert len(rows["pairs"]) == 384 + te.SCRIPT_EVAL and len(rows["sft"]) == 2000 + te.SCRIPT_EVAL
     assert data["probe"] == rows["pairs"][:cfg["probe"]]  # the probe pairs are training pairs
     assert te.make_data(str(tmp_path / "again"), cfg)["val"] == data["val"]  # deterministic
 
@@ -163,33 +283,45 @@ def test_eval_prompts_are_held_out_of_all_training_data(tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_end_to_end_and_resume(tmp_path, capsys):
+def test_quick_end_to_end_resume_and_report_only(tmp_path, capsys):
     out = str(tmp_path)
     report = te.main(["--quick", "--output_dir", out])
-    assert report in open(os.path.join(out, "results.md")).read()
-    res = json.load(open(os.path.join(out, "results.json")))
-    assert set(res["verdict"]) == {"dpo", "ipo", "kto"} and all(isinstance(v, str) for v in res["verdict"].values())
-    cfg = res["config"]
-    steps = list(range(cfg["every"], cfg["steps"] + 1, cfg["every"]))
-    assert len(res["runs"]) == 3 * len(te.SCHEDULES)
+    results = os.path.join(out, "results")
+    assert report == open(os.path.join(results, "results.md")).read()
+    res = json.load(open(os.path.join(results, "results.json")))
+    steps = res["config"]["checkpoints"]
+    assert len(res["runs"]) == sum(len(s) * n for g in te.QUICK_GRID.values() for s, n in g.values()) == 18
+    table = te.decode_per_prompt(open(os.path.join(results, "per_prompt.json.gz"), "rb").read())
+    n_val = table["n_val"]
+    assert n_val == len(table["prompts"]) // 2 == res["config"]["n_eval"] // 2
+    assert set(table["runs"]) == {te.run_name(r) for r in res["runs"]}
     for r in res["runs"]:
-        assert {"method", "ref_update", "alpha", "tau", "beta", "seed"} <= set(r)
+        assert {"method", "ref_update", "alpha", "tau", "beta", "seed", "lr"} <= set(r)
         assert (r["alpha"], r["tau"]) == ((None, None) if r["ref_update"] == "none" else (r["alpha"], r["tau"]))
         assert [c["step"] for c in r["checkpoints"]] == steps
-        for c in r["checkpoints"]:
-            assert {"step", "kl", "anchor_weight", "gold_score_val", "gold_score_test", "logp_chosen",
-                    "logp_rejected"} <= set(c)
-            assert 0 <= c["gold_score_val"] <= 1 and 0 <= c["gold_score_test"] <= 1 and c["kl"] == c["kl"]
+        # the committed per-prompt gold gives back each checkpoint's validation and test gold (5 decimals)
+        for c, g in zip(r["checkpoints"], table["runs"][te.run_name(r)]):
+            assert "gold_per_prompt" not in c and len(g) == len(table["prompts"])
+            assert c["gold_score_val"] == pytest.approx(sum(g[:n_val]) / 120 / n_val, abs=1e-5)
+            assert c["gold_score_test"] == pytest.approx(sum(g[n_val:]) / 120 / n_val, abs=1e-5)
+            assert {"kl", "anchor_weight", "logp_chosen", "logp_rejected"} <= set(c) and c["kl"] == c["kl"]
     assert res["sft"]["kl"] == pytest.approx(0, abs=1e-4)  # the SFT model against itself
     assert res["overlap"]["in_sft_or_pairs"] == 0
+    assert "## Verdicts by the rule" in report and "## The mechanism" in report
     if importlib.util.find_spec("matplotlib") is not None:
-        assert all(os.path.getsize(os.path.join(out, p)) > 1000 for p in ("gold_vs_kl.png", "anchor.png", "logps.png"))
+        assert all(os.path.getsize(os.path.join(results, p)) > 1000
+                   for p in ("gold_vs_kl.png", "kl_vs_step.png", "gold_vs_step.png"))
     # a rerun finds every run finished and writes the same report
     capsys.readouterr()
     assert te.main(["--quick", "--output_dir", out]) == report
-    assert "0 runs to do, 15 finished ones skipped" in capsys.readouterr().out
+    assert "0 runs to do, 18 finished ones skipped" in capsys.readouterr().out
     # a finished run whose configuration changed is done again: here one result's key no longer matches
-    path = os.path.join(out, "runs", "dpo_beta0.3_none_seed0", "result.json")
-    json.dump({**json.load(open(path)), "key": "stale"}, open(path, "w"))
-    te.main(["--quick", "--output_dir", out, "--methods", "dpo", "--schedules", "none"])
-    assert "1 runs to do, 4 finished ones skipped" in capsys.readouterr().out
+    path = os.path.join(out, "runs", f"dpo_beta{te.MAIN_BETA['dpo']:g}_none_seed0", "result.json")
+    before = json.load(open(path))
+    json.dump({**before, "key": "stale"}, open(path, "w"))
+    report = te.main(["--quick", "--output_dir", out, "--methods", "dpo"])
+    assert "1 runs to do, 9 finished ones skipped" in capsys.readouterr().out
+    assert json.load(open(path))["checkpoints"] == before["checkpoints"]  # trained again, bit for bit
+    # --report_only needs nothing but the committed folder: every number comes back from it
+    shutil.rmtree(os.path.join(out, "runs"))
+    assert te.main(["--quick", "--report_only", "--output_dir", out]) == report
