@@ -13,6 +13,11 @@ callbacks and their tokens counted as they are trained on. The reference update'
 Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU the process's peak RSS (ru_maxrss), which includes
 Python, torch and the data, so compare runs, not absolute values. Runs are interleaved over --repeats and each
 ratio is taken within a repeat, then the median is reported: other jobs on a shared machine shift absolute times.
+Our runs also report their CPU time per step (cpu_ms_per_step, cpu_vs_plain: the process's CPU seconds between
+consecutive train records), which such jobs shift far less than the wall time.
+Configs lora and lora_ckpt run --lora_r 16 (needs peft), without and with gradient checkpointing: a frozen base,
+the policy and the reference as adapters (docs/lora.md); component 'lora_memory' prints the on-paper GPU memory
+table of docs/lora.md (python bench.py --configs none --components lora_memory).
 
 Data. --lengths P:R gives every pair a prompt of P tokens and two responses of R tokens (EOS included); --data FILE
 draws (prompt, chosen, rejected) lengths from a real preference file (HH or TL;DR format), tokenised with
@@ -50,6 +55,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 
@@ -65,6 +71,8 @@ CONFIGS = {
     "ref_bf16": ["--ref_dtype", "bfloat16"],
     "grad_ckpt": ["--gradient_checkpointing"],
     "grad_ckpt+group_by_length": ["--gradient_checkpointing", "--group_by_length"],
+    "lora": ["--lora_r", "16"],  # needs peft: a frozen base, policy and reference adapters (docs/lora.md)
+    "lora_ckpt": ["--lora_r", "16", "--gradient_checkpointing"],
     "trl": None,  # TRL without gradient checkpointing
     "trl_ckpt": None,  # TRL with its default gradient checkpointing
 }
@@ -268,9 +276,33 @@ class Clock:
                 "tokens_per_step": tokens, "slots_per_step": slots}
 
 
+class CpuClock:
+    """This process's CPU seconds (all its threads) when each train record reaches metrics.jsonl, polled every 10 ms
+    from a thread while the script runs: the CPU time of each step, which other jobs on a shared machine change
+    far less than its wall time. For steps much longer than the 10 ms poll."""
+
+    def __init__(self, path):
+        self.path, self.marks, self.stop = path, [], threading.Event()
+        self.thread = threading.Thread(target=self.poll, daemon=True)
+        self.thread.start()
+
+    def poll(self):
+        while not self.stop.wait(0.01):
+            if os.path.exists(self.path):
+                with open(self.path) as f:
+                    n = sum('"s_per_step"' in line for line in f)
+                self.marks += [time.process_time()] * (n - len(self.marks))
+
+    def steps(self, warmup):
+        """CPU seconds of each step after the first `warmup` (warmup >= 1: the step before marks the start)."""
+        self.stop.set()
+        self.thread.join()
+        return [b - a for a, b in zip(self.marks[warmup - 1:], self.marks[warmup:])]
+
+
 def run_ours(spec):
     """One run of our script, in this process: its main(argv) with --log_every 1. Step times and tokens from its
-    metrics.jsonl; padding from replaying its batches (step_batches)."""
+    metrics.jsonl, CPU time per step from CpuClock; padding from replaying its batches (step_batches)."""
     import torch
 
     from engineering.curves import read_metrics
@@ -283,7 +315,9 @@ def run_ours(spec):
                 "--dtype", spec["dtype"], "--ref_update", "soft", "--alpha", str(spec["alpha"]),
                 "--tau", str(spec["tau"]), "--lr", "1e-6", "--warmup_steps", "0", "--max_steps", str(steps),
                 "--log_every", "1", "--eval_every", "0", "--seed", str(spec["seed"]), "--output_dir", out]
+        clock = CpuClock(os.path.join(out, "metrics.jsonl"))
         importlib.import_module(SCRIPTS[spec["method"]]).main(argv + CONFIGS[spec["config"]])
+        cpu = clock.steps(spec["warmup"])
         peak = peak_memory_mb("cuda" if cuda else "cpu")  # before the replay below allocates anything
         records = [r for r in read_metrics(os.path.join(out, "metrics.jsonl")) if "s_per_step" in r]
     timed = records[spec["warmup"]:]
@@ -300,6 +334,7 @@ def run_ours(spec):
     real, slots = sum(c.real for c in everything), sum(c.slots for c in everything)
     # tokens/s counts every sequence run, as TRL's count does: KTO's mismatched pairs too, which its log leaves out
     return {"steps_timed": len(timed), "ms_per_step": 1e3 * statistics.median(wall),
+            "cpu_ms_per_step": 1e3 * statistics.median(cpu), "cpu_ms_all": [round(1e3 * c, 1) for c in cpu],
             "tokens_per_s": sum(c.tokens for c in everything) / sum(wall), "padding_share": 1 - real / slots,
             "step_ms_all": [round(1e3 * w, 1) for w in wall], "logged_tokens_per_step": tokens,
             "example_tokens_per_step": [c.tokens for c in examples], "tokens_per_step": [c.tokens for c in everything],
@@ -438,6 +473,14 @@ def bench_update(spec):
     res["copy_float32"] = {"ms": 1e3 * t, "gb_per_s": n * 8 / t / 1e9}
     res["gb_per_s"] = res["ours_float32"]["gb_per_s"]
     res["time_vs_copy"] = res["ours_float32"]["ms"] / res["copy_float32"]["ms"]
+    if importlib.util.find_spec("peft"):  # --lora_r 16: the exact update concatenates factors (adapters.py)
+        del model, src, dst
+        model = load_model(spec["model"], lora_r=16)[0].to("cuda" if cuda else "cpu")
+        ref = make_reference(model)
+        for _ in range(4):  # the reference after 4 soft updates (--tau 512 over an epoch of HH): rank 5R
+            update_reference(ref, model, 0.6)
+        t = median_time(lambda: update_reference(ref, model, 0.6), 3, cuda)  # the 5th to 7th soft updates
+        res["ours_lora16"] = {"ms": 1e3 * t, "ref_rank_after": max(ref.ranks().values())}
     return res
 
 
@@ -562,7 +605,54 @@ def rss_kib(field):
         return int(next(line for line in f if line.startswith(field)).split()[1])
 
 
-COMPONENTS = {"update": bench_update, "head": bench_head, "compile": bench_compile, "logps": bench_logps}
+# the shapes of the on-paper GPU memory table (lora_memory): (config class, config), built on the meta device
+MEMORY_SHAPES = {
+    "pythia-1b": ("GPTNeoXConfig", dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=8,
+                                        intermediate_size=8192, vocab_size=50304, tie_word_embeddings=False)),
+    "pythia-2.8b": ("GPTNeoXConfig", dict(hidden_size=2560, num_hidden_layers=32, num_attention_heads=32,
+                                          intermediate_size=10240, vocab_size=50304, tie_word_embeddings=False)),
+    "llama-3.2-3b": ("LlamaConfig", dict(hidden_size=3072, num_hidden_layers=28, num_attention_heads=24,
+                                         num_key_value_heads=8, intermediate_size=8192, vocab_size=128256,
+                                         tie_word_embeddings=True)),
+    "llama-2-7b": ("LlamaConfig", dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                                       num_key_value_heads=32, intermediate_size=11008, vocab_size=32000,
+                                       tie_word_embeddings=False)),
+}
+
+
+def lora_memory(spec, r=16, soft_updates=4, tokens=4 * 1024, gpus=8):
+    """GPU memory on paper (not measured), GB per GPU, from exact parameter counts of models built on the meta
+    device: N parameters, P = r * (in + out) summed over every linear layer but the LM head (--lora_r 16).
+    Full fine-tuning: fp32 weights 4N + gradients 4N + AdamW's moments 8N + a bf16 reference (--ref_dtype bfloat16)
+    2N = 18N, one GPU or sharded over `gpus` with FSDP. LoRA: the bf16 base 2N (--base_dtype bfloat16) + the policy
+    adapter in fp32 with its gradient and moments 16P + the reference adapter after `soft_updates` soft updates,
+    rank r * (soft_updates + 1): 4P(soft_updates + 1). Activations, gradient checkpointing, one micro-batch of
+    `tokens` tokens (2 pairs of 1024): the layer inputs kept for the backward (tokens * H * 2 bytes per layer), one
+    layer recomputed with its gradients (about tokens * (4H + 3I) * 4 bytes, flash/SDPA attention), the LM head at
+    half the positions in fp32 with its gradient (tokens / 2 * V * 8). Rough (+-30%); not counted: the CUDA context
+    and allocator slack (1-2 GB)."""
+    import torch
+    import transformers
+    rows = []
+    for name, (cls, kw) in MEMORY_SHAPES.items():
+        cfg = getattr(transformers, cls)(**kw)
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(cfg)
+        head = model.get_output_embeddings()
+        n = sum(p.numel() for p in model.parameters())  # tied weights counted once
+        p = sum(r * (m.in_features + m.out_features) for m in model.modules()
+                if isinstance(m, torch.nn.Linear) and m is not head)
+        H, inter, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+        act = (tokens * H * 2 * L + tokens * (4 * H + 3 * inter) * 4 + tokens // 2 * V * 8) / 1e9
+        states = {"full_1gpu": 18 * n / 1e9, f"full_fsdp{gpus}": 18 * n / gpus / 1e9,
+                  f"lora{r}_1gpu": (2 * n + 16 * p + 4 * p * (soft_updates + 1)) / 1e9}
+        rows.append({"shape": name, "N": n, "P": p, "activations_gb": act,
+                     **{k: {"states_gb": v, "total_gb": v + act} for k, v in states.items()}})
+    return rows
+
+
+COMPONENTS = {"update": bench_update, "head": bench_head, "compile": bench_compile, "logps": bench_logps,
+              "lora_memory": lora_memory}
 VARIANTS = {"head": ("response_only", "full_logits"), "compile": ("eager", "compiled"),
             "logps": ("time",) + LOGPS_PATHS}
 
@@ -608,6 +698,8 @@ def summarise(runs, keys):
                 if pairs:
                     row[f"speed_vs_{base}"] = med([x["tokens_per_s"] / y["tokens_per_s"] for x, y in pairs])
                     row[f"mem_vs_{base}"] = med([x["peak_mem_mb"] / y["peak_mem_mb"] for x, y in pairs])
+                    if all("cpu_ms_per_step" in r for pair in pairs for r in pair):  # ours, not TRL's
+                        row[f"cpu_vs_{base}"] = med([x["cpu_ms_per_step"] / y["cpu_ms_per_step"] for x, y in pairs])
         out.append(row)
     return out
 
@@ -642,7 +734,7 @@ def main(argv=None):
         raise SystemExit("--warmup must be >= 1: the first step includes loading the model and data")
     import torch
     has_trl = importlib.util.find_spec("trl") is not None and not args.no_trl
-    methods, configs = args.methods.split(","), [c for c in args.configs.split(",") if c and c != "none"]
+    methods, configs = args.methods.split(","), [] if args.configs == "none" else args.configs.split(",")
     for c in configs:
         if c not in CONFIGS:
             raise SystemExit(f"unknown config {c!r}: use {', '.join(CONFIGS)}")
@@ -675,22 +767,22 @@ def main(argv=None):
                       + (f"{res['ms_per_step']:.0f} ms/step" if "error" not in res else "ERROR " + res["error"][-300:])
                       + f" ({time.time() - t:.0f} s)", flush=True)
                 runs.setdefault((method, config), []).append(res)
-    keys = ["tokens_per_s", "ms_per_step", "peak_mem_mb", "ref_update_share", "padding_share"]
+    keys = ["tokens_per_s", "ms_per_step", "cpu_ms_per_step", "peak_mem_mb", "ref_update_share", "padding_share"]
     summary = summarise(runs, keys)
     padding = epoch_padding(args, data) if args.data else None
     components = {}
     for comp in [c for c in args.components.split(",") if c and c != "none"]:
         P, R = (int(round(mean(0))), int(round((mean(1) + mean(2)) / 2)))
         spec = {**base, "P": P, "R": R}
-        if comp == "update":
-            components["update"] = spawn({**spec, "kind": "update"})
+        if comp in ("update", "lora_memory"):
+            components[comp] = spawn({**spec, "kind": comp})
         else:
             components[comp] = {v: spawn({**spec, "kind": comp, "variant": v}) for v in VARIANTS[comp]}
     update = components.get("update", {})
     for row in summary:  # our update's share of a step: the component's time, once every tau steps
-        dtype = "bfloat16" if row["config"] == "ref_bf16" else "float32"
-        if not row["config"].startswith("trl") and f"ours_{dtype}" in update and row.get("ms_per_step"):
-            row["ref_update_share"] = update[f"ours_{dtype}"]["ms"] / (row["ms_per_step"] * args.tau)
+        kind = "bfloat16" if row["config"] == "ref_bf16" else "lora16" if row["config"].startswith("lora") else "float32"
+        if not row["config"].startswith("trl") and f"ours_{kind}" in update and row.get("ms_per_step"):
+            row["ref_update_share"] = update[f"ours_{kind}"]["ms"] / (row["ms_per_step"] * args.tau)
     result = {"settings": settings, "summary": summary, "epoch_padding_share": padding, "components": components,
               "runs": [{"method": m, "config": c, **{k: v for k, v in r.items()}}
                        for (m, c), reps in runs.items() for r in reps[-1:]]}
@@ -700,9 +792,9 @@ def main(argv=None):
     print(f"\n{settings['device']}, model {args.model}, batch {args.batch_size} (micro {args.micro_batch_size}), "
           f"dtype {args.dtype}, tau {args.tau}; lengths: prompt {mean(0):.0f}, chosen {mean(1):.0f}, "
           f"rejected {mean(2):.0f} tokens (mean of {len(lengths)}); {args.repeats} repeats, medians")
-    cols = ["method", "config", "tokens_per_s", "ms_per_step", "peak_mem_mb", "ref_update_share",
-            "padding_share", "speed_vs_plain", "mem_vs_plain", "speed_vs_trl", "mem_vs_trl", "speed_vs_trl_ckpt",
-            "mem_vs_trl_ckpt"]
+    cols = ["method", "config", "tokens_per_s", "ms_per_step", "cpu_ms_per_step", "peak_mem_mb", "ref_update_share",
+            "padding_share", "speed_vs_plain", "cpu_vs_plain", "mem_vs_plain", "speed_vs_trl", "mem_vs_trl",
+            "speed_vs_trl_ckpt", "mem_vs_trl_ckpt"]
     if summary:
         print(table(summary, [c for c in cols if any(c in r for r in summary)]))
     for r in summary:
@@ -714,6 +806,15 @@ def main(argv=None):
     if skipped:
         print(f"\nskipped (trl not installed or --no_trl): {', '.join(skipped)}")
     for name, c in components.items():
+        if name == "lora_memory" and isinstance(c, list):  # a list of rows, or {"error": ...}
+            print("\nGPU memory on paper, GB per GPU: states + activations (gradient checkpointing, 4 x 1024 "
+                  "tokens), states alone in parentheses")
+            cols = ["full_1gpu", "full_fsdp8", "lora16_1gpu"]
+            print(table([{"shape": r["shape"], "N": f"{r['N'] / 1e9:.2f}B", "P": f"{r['P'] / 1e6:.1f}M",
+                          "activations": r["activations_gb"],
+                          **{k: f"{r[k]['total_gb']:.1f} ({r[k]['states_gb']:.1f})" for k in cols}} for r in c],
+                        ["shape", "N", "P", "activations", *cols]))
+            continue
         print(f"\ncomponent {name}: {json.dumps(c)}")
     if "logps" in components:
         print("\n" + logps_table(components["logps"]))

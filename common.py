@@ -21,7 +21,7 @@ Conventions (stated here once, pinned by tests/test_common.py):
   log_softmax(model(...).logits) up to float rounding, whatever its forward does after the LM head.
 - Reference dtype. The reference is kept in float32 unless --ref_dtype bfloat16; update_reference() then
   computes the lerp in float32 and rounds once, and the reference's forward runs in bfloat16 too (its
-  log-probs are still summed in float32).
+  log-probs are still summed in float32). With --lora_r the reference is an adapter (engineering/adapters.py).
 - Reference schedule. After optimizer step s (counted from 1), the reference is updated when s % tau == 0:
   never at step 0, first at step tau; update_alpha() is the one place that decides it.
 """
@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from engineering import adapters
 from engineering.chat import is_chat, render_chat
 from engineering.cli import DataError, InputError
 from engineering.logits import own_logits
@@ -90,7 +91,10 @@ def barrier():
 
 
 def make_reference(policy, dtype=torch.float32):
-    """A frozen copy of the policy, in `dtype`, always in eval mode."""
+    """A frozen copy of the policy, in `dtype`, always in eval mode. For a LoRA policy (--lora_r) the reference is
+    an adapter on the policy's own frozen base instead (engineering/adapters.py): no second model."""
+    if adapters.has_adapters(policy):
+        return adapters.make_reference(policy)
     ref = copy.deepcopy(policy).to(dtype).eval()
     ref.requires_grad_(False)
     return ref
@@ -103,8 +107,11 @@ def update_reference(ref_model, policy_model, alpha):
     alpha = 1 copies the policy (the hard update). Parameters are matched by name (tied weights appear once). A
     reference kept in a lower precision than the policy (--ref_dtype bfloat16) is updated in float32 and rounded
     once. No communication: under DDP each rank updates its own full copy from identical weights; under FSDP
-    policy and reference are sharded alike and each rank updates its own shards (DTensor.to_local()).
+    policy and reference are sharded alike and each rank updates its own shards (DTensor.to_local()). A LoRA
+    reference gets the same update of the adapted weights, exactly, from adapters.update_reference.
     """
+    if isinstance(ref_model, adapters.AdapterReference):
+        return adapters.update_reference(ref_model, policy_model, alpha)
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731  (FSDP2 parameters are DTensors)
     ref = dict(ref_model.named_parameters())
     for name, p in policy_model.named_parameters():
@@ -291,8 +298,8 @@ def total_steps(n_train, batch_size, max_steps, epochs):
 def make_optimizer(model, lr, weight_decay, warmup_steps, schedule, num_steps):
     """AdamW (fused for a model on CUDA) and an LR schedule: linear warmup, then "constant" or "cosine" to 0 at
     num_steps."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
-                            fused=next(model.parameters()).is_cuda)
+    params = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapter, not the frozen base
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=params[0].is_cuda)
 
     def lr_lambda(step):
         if step < warmup_steps:

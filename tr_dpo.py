@@ -17,6 +17,7 @@ so the policy is held close to a recent version of itself (a trust region) inste
 Offline demo (a tiny model built in code, toy digit puzzles, 250 steps; about 10 s on a CPU):
     python tr_dpo.py                        # soft update, alpha 0.6 every 100 steps
     python tr_dpo.py --ref_update none      # plain DPO
+    python tr_dpo.py --lora_r 8 --lora_targets all-linear+head   # LoRA: the reference an adapter too, docs/lora.md
 The loss is measured against a moving reference, so it climbs back towards ln 2 after each update, while
 logps_margin = log pi(y_w|x) - log pi(y_l|x), the policy's own preference, keeps rising. eval_* score the eval
 pairs against the reference as it is, eval_init_* against the initial one (docs/metrics.md).
@@ -72,7 +73,8 @@ def train_loop(args, d):
     # -------------------------------------------------------------------------
     # data: validated before anything is written; tokenised once
     train_rows, eval_rows = data.load_preferences(args.dataset, args.eval_size, args.seed, args.skip_bad_rows)
-    model, tokenizer = models.load_model(args.model, args.seed, args.trust_remote_code, args.gradient_checkpointing)
+    model, tokenizer = models.load_model(args.model, args.seed, args.trust_remote_code, args.gradient_checkpointing,
+                                         args.lora_r, args.lora_alpha, args.lora_targets, args.base_dtype)
     tok = lambda rows: tokenize_rows(tokenizer, rows, ("chosen", "rejected"), args.max_length, args.max_prompt_length)  # noqa: E731
     train, evals = tok(train_rows), tok(eval_rows)
     eval_batches = parallel.eval_micro_batches(len(evals), d, args.micro_batch_size)  # this rank's share of the eval pairs
@@ -80,7 +82,7 @@ def train_loop(args, d):
     lengths = speed.example_lengths(train, args.share_prompt) if args.group_by_length else None  # less padding
 
     # -------------------------------------------------------------------------
-    # models: the policy (fp32 master weights) and its frozen reference copy, under DDP or FSDP2
+    # models: the policy (fp32 master weights) and its frozen reference copy (--lora_r: two adapters, one base), DDP/FSDP2
     model.to(d.device).train()
     ref = make_reference(model, getattr(torch, args.ref_dtype))
     # common.collate_pairs and common.sequence_logps, or with --share_prompt each prompt run once for both responses

@@ -18,6 +18,7 @@ gap of 1/(2*beta) = 1 nat per token, which the demo reaches within a reference p
 Offline demo (tiny model, toy digit puzzles, 250 steps; about 10 s on a CPU):
     python tr_ipo.py                        # the loss starts at 1/(4*beta^2) = 1 and falls
     python tr_ipo.py --ref_update none      # plain IPO
+    python tr_ipo.py --lora_r 8 --lora_targets all-linear+head   # LoRA: the reference an adapter too, docs/lora.md
 The paper's setting on 8 GPUs (docs/paper_settings.md; beta 0.1 for IPO is not verified there):
     torchrun --nproc_per_node=8 tr_ipo.py --model path/to/pythia-2.8b-sft --dataset hh \
         --beta 0.1 --lr 1e-6 --epochs 1 --max_steps 0 --max_length 1024 --max_prompt_length 512 \
@@ -78,7 +79,8 @@ def train_loop(args, d):
     # -------------------------------------------------------------------------
     # data: validated before anything is written; tokenised once
     train_rows, eval_rows = data.load_preferences(args.dataset, args.eval_size, args.seed, args.skip_bad_rows)
-    model, tokenizer = models.load_model(args.model, args.seed, args.trust_remote_code, args.gradient_checkpointing)
+    model, tokenizer = models.load_model(args.model, args.seed, args.trust_remote_code, args.gradient_checkpointing,
+                                         args.lora_r, args.lora_alpha, args.lora_targets, args.base_dtype)
     tok = lambda rows: tokenize_rows(tokenizer, rows, ("chosen", "rejected"), args.max_length, args.max_prompt_length)  # noqa: E731
     train, evals = tok(train_rows), tok(eval_rows)
     eval_batches = parallel.eval_micro_batches(len(evals), d, args.micro_batch_size)  # this rank's share of the eval pairs
@@ -86,7 +88,7 @@ def train_loop(args, d):
     lengths = speed.example_lengths(train, args.share_prompt) if args.group_by_length else None  # less padding
 
     # -------------------------------------------------------------------------
-    # models: the policy (fp32 master weights) and its frozen reference copy, under DDP or FSDP2
+    # models: the policy (fp32 master weights) and its frozen reference copy (--lora_r: two adapters, one base), DDP/FSDP2
     model.to(d.device).train()
     ref = make_reference(model, getattr(torch, args.ref_dtype))
     # common.collate_pairs and common.sequence_logps, or with --share_prompt each prompt run once for both responses

@@ -21,6 +21,7 @@ We warn when lambda_D * n_D / (lambda_U * n_U) is outside [1, 4/3] (the KTO pape
 Offline demo (tiny model, toy digit puzzles, 250 steps; about 15 s on a CPU):
     python tr_kto.py                        # --batch_size counts examples: 32 = the 16 pairs of tr_dpo.py
     python tr_kto.py --ref_update none      # plain KTO
+    python tr_kto.py --lora_r 8 --lora_targets all-linear+head   # LoRA: the reference an adapter too, docs/lora.md
 The paper's setting on 8 GPUs (docs/paper_settings.md; beta 0.1 is the KTO authors' default, not verified there):
     torchrun --nproc_per_node=8 tr_kto.py --model path/to/pythia-2.8b-sft --dataset hh \
         --beta 0.1 --lr 1e-6 --epochs 1 --max_steps 0 --max_length 1024 --max_prompt_length 512 \
@@ -166,16 +167,16 @@ def train_loop(args, d):
     train_rows, eval_rows = data.load_unpaired(args.dataset, args.eval_size, args.seed, args.skip_bad_rows)
     if d.master and (warning := class_balance_warning(train_rows, args.desirable_weight, args.undesirable_weight)):
         print(warning)
-    model, tokenizer = models.load_model(args.model, args.seed, args.trust_remote_code, args.gradient_checkpointing)
+    model, tokenizer = models.load_model(args.model, args.seed, args.trust_remote_code, args.gradient_checkpointing,
+                                         args.lora_r, args.lora_alpha, args.lora_targets, args.base_dtype)
     pad = tokenizer.pad_token_id
-    train, evals = (tokenize_examples(tokenizer, rows, args.max_length, args.max_prompt_length)
-                    for rows in (train_rows, eval_rows))
+    train, evals = (tokenize_examples(tokenizer, r, args.max_length, args.max_prompt_length) for r in (train_rows, eval_rows))
     evals, eval_pairs, eval_batches = eval_set(evals, d, args.micro_batch_size, args.max_length, args.max_prompt_length)
     num_steps = total_steps(len(train), args.batch_size, args.max_steps, args.epochs)
     lengths = speed.example_lengths(train) if args.group_by_length else None  # batches of similar length: less padding
 
     # -------------------------------------------------------------------------
-    # models: the policy (fp32 master weights) and its frozen reference copy, under DDP or FSDP2
+    # models: the policy (fp32 master weights) and its frozen reference copy (--lora_r: two adapters, one base), DDP/FSDP2
     model.to(d.device).train()
     ref = make_reference(model, getattr(torch, args.ref_dtype))
     policy, policy_lm, ref_lm = parallel.wrap_models(model, ref, d, args.fsdp)

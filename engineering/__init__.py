@@ -12,5 +12,6 @@ Engineering a reader learning the methods can skip: each module opens with a par
     speed.py       --share_prompt (each prompt once, its KV cache reused) and --group_by_length's sort keys
     logger.py      metrics.jsonl, the progress bar and the summary at the end of a run
     checkpoint.py  checkpoints, the final save, preemption, non-finite steps, a lost rank
+    adapters.py    --lora_r: a frozen base, the policy and reference as LoRA adapters; the exact TR update
     curves.py      a PNG of a run's metrics.jsonl
 """

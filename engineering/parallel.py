@@ -15,18 +15,21 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import Dist, all_reduce_sum, sequence_logps, to_device
+from engineering.adapters import AdapterReference
 
 
 class SequenceLogps(torch.nn.Module):
     """Wraps a causal LM so that forward(**batch) is logps(lm, **batch): sequence_logps(), or another function of
-    the same contract such as speed.shared_prompt_logps (the script chooses)."""
+    the same contract such as speed.shared_prompt_logps (the script chooses). scope: a context every forward runs
+    in; a LoRA reference's active() (the policy's own module with the reference adapter, engineering/adapters.py)."""
 
-    def __init__(self, lm, logps=sequence_logps):
+    def __init__(self, lm, logps=sequence_logps, scope=nullcontext):
         super().__init__()
-        self.lm, self.logps = lm, logps
+        self.lm, self.logps, self.scope = lm, logps, scope
 
     def forward(self, **batch):
-        return self.logps(self.lm, **batch)
+        with self.scope():
+            return self.logps(self.lm, **batch)
 
 
 def wrap_models(model, ref, d: Dist, fsdp=False, logps=sequence_logps):
@@ -38,7 +41,11 @@ def wrap_models(model, ref, d: Dist, fsdp=False, logps=sequence_logps):
     Call before creating the optimizer (FSDP2 replaces the parameters by sharded DTensors). ref=None (SFT): ref_lm
     is None. policy_lm is the policy without DDP's forward, for evaluation (no collectives).
     """
-    policy_lm, ref_lm = SequenceLogps(model, logps), (SequenceLogps(ref, logps) if ref is not None else None)
+    policy_lm = SequenceLogps(model, logps)
+    if isinstance(ref, AdapterReference):  # --lora_r: the policy's own module with the reference adapter, no DDP
+        ref_lm = SequenceLogps(ref.model, logps, ref.active)
+    else:
+        ref_lm = SequenceLogps(ref, logps) if ref is not None else None
     if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

@@ -110,10 +110,10 @@ class Run:
         return True
 
     def finish(self, tokenizer, keys):
-        """policy/ and reference/ (save_pretrained, with the tokenizer), curves.png, and the summary on stdout
-        with the last train and eval values of `keys`."""
+        """policy/ and reference/ (save_pretrained, with the tokenizer; peft adapter folders with --lora_r, and
+        policy_merged/ with --save_merged), curves.png, and the summary on stdout with the last train and eval
+        values of `keys`."""
         self.logger.close()
-        save_final(self.out, self.d, self.model, self.ref, tokenizer)
+        written = save_final(self.out, self.d, self.model, self.ref, tokenizer, self.args.save_merged)
         png = plot_curves(os.path.join(self.out, "metrics.jsonl")) if self.d.master else None  # None: no matplotlib
-        written = ("policy/", "reference/") if self.ref is not None else ("policy/",)
-        self.logger.summary(keys, written + ("metrics.jsonl",) + (("curves.png",) if png else ()))
+        self.logger.summary(keys, tuple(written) + ("metrics.jsonl",) + (("curves.png",) if png else ()))

@@ -180,7 +180,7 @@ def test_example_lengths():
 def test_bench_smoke(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--model", "tiny", "--methods", "dpo",
-                        "--configs", "plain,share_prompt", "--steps", "2", "--warmup", "1", "--batch_size", "4",
+                        "--configs", "plain,share_prompt,lora", "--steps", "2", "--warmup", "1", "--batch_size", "4",
                         "--micro_batch_size", "2", "--lengths", "24:8", "--repeats", "1", "--no_trl", "--threads", "1",
                         "--components", "update", "--out", str(out)],
                        capture_output=True, text=True, cwd=str(tmp_path), timeout=300)
@@ -188,16 +188,17 @@ def test_bench_smoke(tmp_path):
     res = json.loads(out.read_text())
     assert {"settings", "runs", "summary", "components"} <= res.keys()
     runs = res["runs"]
-    assert [(x["method"], x["config"]) for x in runs] == [("dpo", "plain"), ("dpo", "share_prompt")]
+    assert [(x["method"], x["config"]) for x in runs] == [("dpo", "plain"), ("dpo", "share_prompt"), ("dpo", "lora")]
     for x in runs:
-        assert {"tokens_per_s", "ms_per_step", "peak_mem_mb", "padding_share", "steps_timed"} <= x.keys()
-        assert x["steps_timed"] == 2 and x["tokens_per_s"] > 0 and 0 <= x["padding_share"] < 1
+        assert {"tokens_per_s", "ms_per_step", "cpu_ms_per_step", "peak_mem_mb", "padding_share", "steps_timed"} <= x.keys()
+        assert x["steps_timed"] == len(x["cpu_ms_all"]) == 2 and x["tokens_per_s"] > 0 and 0 <= x["padding_share"] < 1
         # fixed lengths 24:8, 4 pairs per step, 8 sequences of 24 + 8 tokens: 256 tokens per step, as logged
         assert x["tokens_per_step"] == x["logged_tokens_per_step"] == [256, 256]
         assert x["tokens_per_s"] == pytest.approx(512 / sum(x["step_ms_all"]) * 1e3, rel=2e-2)
     for x in res["summary"]:  # tau 1: an update every step, timed by the update component
-        assert x["ref_update_share"] == pytest.approx(res["components"]["update"]["ours_float32"]["ms"] / x["ms_per_step"])
-    assert "dpo | share_prompt" in r.stdout and "speed_vs_plain" in r.stdout
+        update = res["components"]["update"]["ours_lora16" if x["config"] == "lora" else "ours_float32"]
+        assert x["ref_update_share"] == pytest.approx(update["ms"] / x["ms_per_step"])
+    assert "dpo | share_prompt" in r.stdout and "speed_vs_plain" in r.stdout and "cpu_vs_plain" in r.stdout
 
 
 def test_bench_update_component():
@@ -212,6 +213,8 @@ def test_bench_update_component():
         assert res[name]["gb_per_s"] == pytest.approx(n * per[name] / (res[name]["ms"] / 1e3) / 1e9), name
     assert res["gb_per_s"] == res["ours_float32"]["gb_per_s"]
     assert res["time_vs_copy"] == pytest.approx(res["ours_float32"]["ms"] / res["copy_float32"]["ms"])
+    # --lora_r 16: a copy, 4 soft updates, 3 timed ones: rank 16 x 8 = 128 past tiny's full rank 64, where it stays
+    assert res["ours_lora16"]["ref_rank_after"] == 64
 
 
 def test_bench_logps_component():
