@@ -88,7 +88,7 @@ def train_loop(args, d):
     lengths = speed.example_lengths(train, args.share_prompt) if args.group_by_length else None  # less padding
 
     # -------------------------------------------------------------------------
-    # models: the policy (fp32 master weights) and its frozen reference copy (--lora_r: two adapters, one base), DDP/FSDP2
+    # models: the policy (fp32 master weights) and its frozen reference (--lora_r: an adapter), under DDP or FSDP2
     model.to(d.device).train()
     ref = make_reference(model, getattr(torch, args.ref_dtype))
     # common.collate_pairs and common.sequence_logps, or with --share_prompt each prompt run once for both responses

@@ -92,9 +92,9 @@ def estimate_kl(policy_lm, ref_lm, pairs, positions, micro_batch_size, pad_id, d
     return total[0] / total[1] if init_ref_logps is None else total[:2] / total[2]
 
 
-def class_balance_warning(rows, desirable_weight, undesirable_weight):
+def class_balance_warning(rows, desirable_weight, undesirable_weight, show=False):
     """A warning (str) when lambda_D * n_D / (lambda_U * n_U) is outside [1, 4/3] (KTO paper, Eq. 8), else None;
-    rows: the training examples, each with its "label" (True: desirable)."""
+    rows: the training examples, each with its "label" (True: desirable). show: also print it."""
     n_desirable = sum(r["label"] for r in rows)
     n_undesirable = len(rows) - n_desirable
     d, u = desirable_weight * n_desirable, undesirable_weight * n_undesirable
@@ -103,8 +103,11 @@ def class_balance_warning(rows, desirable_weight, undesirable_weight):
     ratio = f"{d / u:.3g}" if u else "inf"
     hint = (f"; e.g. --desirable_weight {undesirable_weight * n_undesirable / n_desirable:.3g} gives 1"
             if n_desirable and n_undesirable else "; KTO needs both classes to place z0 between them")
-    return (f"warning: lambda_D*n_D / (lambda_U*n_U) = {desirable_weight:g}*{n_desirable} / ({undesirable_weight:g}*"
-            f"{n_undesirable}) = {ratio}, outside [1, 4/3] recommended by the KTO paper (Eq. 8){hint}")
+    warning = (f"warning: lambda_D*n_D / (lambda_U*n_U) = {desirable_weight:g}*{n_desirable} / ({undesirable_weight:g}"
+               f"*{n_undesirable}) = {ratio}, outside [1, 4/3] recommended by the KTO paper (Eq. 8){hint}")
+    if show:
+        print(warning)
+    return warning
 
 def eval_set(evals, d, micro_batch_size, max_length, max_prompt_length):
     """(eval examples, their mismatched pairs, this rank's micro-batches of both): the examples cut to equal shares
@@ -165,18 +168,18 @@ def train_loop(args, d):
     # -------------------------------------------------------------------------
     # data: unpaired examples {"prompt", "completion", "label"}, validated before anything is written; tokenised once
     train_rows, eval_rows = data.load_unpaired(args.dataset, args.eval_size, args.seed, args.skip_bad_rows)
-    if d.master and (warning := class_balance_warning(train_rows, args.desirable_weight, args.undesirable_weight)):
-        print(warning)
+    class_balance_warning(train_rows, args.desirable_weight, args.undesirable_weight, show=d.master)
     model, tokenizer = models.load_model(args.model, args.seed, args.trust_remote_code, args.gradient_checkpointing,
                                          args.lora_r, args.lora_alpha, args.lora_targets, args.base_dtype)
     pad = tokenizer.pad_token_id
-    train, evals = (tokenize_examples(tokenizer, r, args.max_length, args.max_prompt_length) for r in (train_rows, eval_rows))
+    train, evals = (tokenize_examples(tokenizer, rows, args.max_length, args.max_prompt_length)
+                    for rows in (train_rows, eval_rows))
     evals, eval_pairs, eval_batches = eval_set(evals, d, args.micro_batch_size, args.max_length, args.max_prompt_length)
     num_steps = total_steps(len(train), args.batch_size, args.max_steps, args.epochs)
     lengths = speed.example_lengths(train) if args.group_by_length else None  # batches of similar length: less padding
 
     # -------------------------------------------------------------------------
-    # models: the policy (fp32 master weights) and its frozen reference copy (--lora_r: two adapters, one base), DDP/FSDP2
+    # models: the policy (fp32 master weights) and its frozen reference (--lora_r: an adapter), under DDP or FSDP2
     model.to(d.device).train()
     ref = make_reference(model, getattr(torch, args.ref_dtype))
     policy, policy_lm, ref_lm = parallel.wrap_models(model, ref, d, args.fsdp)
