@@ -1,11 +1,16 @@
 """
 Checkpoints, the final save, and what a long run does when something goes wrong: preemption (SIGTERM/SIGINT), a
-non-finite gradient, a lost rank.
+non-finite gradient, a lost rank, a second run in the same folder.
+
+A checkpoint records its run (run.json: the script, the flags, a hash of the data, its files and their sizes), so
+that --resume continues only the run it was written by; checkpoints and final folders are written beside their
+place and renamed into it, so that a kill at any moment leaves a complete one.
 
 None of this changes what a training step computes; it lets a run of hours or days stop and continue to the same
 weights (bit for bit on CPU, tested). A reader learning the methods can skip this file; read it before running on a
 cluster that preempts jobs, or when a run stopped with one of the errors below.
 """
+import json
 import math
 import os
 import random
@@ -19,7 +24,8 @@ import torch.distributed as dist
 
 from common import Dist, barrier
 from engineering import adapters
-from engineering.cli import need
+from engineering.cli import InputError, first_line, need
+from engineering.data import fingerprint
 
 # -----------------------------------------------------------------------------
 # checkpoints and final save
@@ -34,11 +40,12 @@ def full_state(model, opt=None, trainable_only=False):
     return get_model_state_dict(model, options=o), (get_optimizer_state_dict(model, opt, options=o) if opt else None)
 
 
-def save_checkpoint(output_dir, d: Dist, policy, ref, opt, sched, step, extra=None):
-    """Write output_dir/checkpoint atomically: into checkpoint.tmp, then rename, so a crash mid-save leaves the
-    previous checkpoint intact. The reference is part of a TR method's training state and is saved with the
-    policy, optimizer, LR schedule, step, RNG states (one file per rank) and `extra` (counters). SFT has no
-    reference: ref=None. A LoRA run (--lora_r) saves its adapters, not the frozen base (adapters.py)."""
+def save_checkpoint(output_dir, d: Dist, policy, ref, opt, sched, step, extra=None, record=None):
+    """Write output_dir/checkpoint atomically: into checkpoint.tmp, with run.json (`record`, the step and every
+    file's size) last, then swapped in (swap_in), so a crash mid-save leaves the previous checkpoint intact. The
+    reference is part of a TR method's training state and is saved with the policy, optimizer, LR schedule, step,
+    RNG states (one file per rank) and `extra` (counters). SFT has no reference: ref=None. A LoRA run (--lora_r)
+    saves its adapters, not the frozen base (adapters.py)."""
     final, tmp = (os.path.join(output_dir, n) for n in ("checkpoint", "checkpoint.tmp"))
     lora = adapters.signature(policy)
     pol, optim = full_state(policy, opt, trainable_only=lora is not None)
@@ -54,19 +61,30 @@ def save_checkpoint(output_dir, d: Dist, policy, ref, opt, sched, step, extra=No
                os.path.join(tmp, f"rng_{d.rank}.pt"))
     barrier()
     if d.master:
-        old = final + ".old"
-        if os.path.isdir(final):
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        files = {n: os.path.getsize(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
+        with open(os.path.join(tmp, RECORD), "w") as f:  # last: a checkpoint folder with it is complete
+            json.dump({**(record or {}), "step": step, "files": files}, f, indent=1)
+        swap_in(final)
     barrier()
 
 
-def load_checkpoint(output_dir, d: Dist, policy, ref, opt, sched):
-    """Restore everything save_checkpoint wrote (every rank reads the files); returns (step, extra)."""
+def swap_in(path):
+    """Replace the folder `path` by path.tmp, written whole beforehand: path -> path.old, path.tmp -> path, then
+    path.old is removed. A kill between the two renames leaves path.old and path.tmp, both complete, which
+    find_checkpoint looks at too."""
+    old = path + ".old"
+    shutil.rmtree(old, ignore_errors=True)  # a kill after the last swap's second rename left it
+    if os.path.isdir(path):
+        os.replace(path, old)
+    os.replace(path + ".tmp", path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path, d: Dist, policy, ref, opt, sched):
+    """Restore everything save_checkpoint wrote into the folder `path` (every rank reads the files); returns
+    (step, extra). A rank the checkpoint's run did not have (a larger world) keeps its fresh RNG state."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-    path = os.path.join(output_dir, "checkpoint")
-    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
+    state = read(os.path.join(path, "state.pt"))
     lora = adapters.signature(policy)
     kind = lambda s: "full fine-tuning" if s is None else (  # noqa: E731
         f"LoRA r {s['r']}, lora_alpha {s['lora_alpha']} on {len(s['target_modules'])} modules")
@@ -80,35 +98,162 @@ def load_checkpoint(output_dir, d: Dist, policy, ref, opt, sched):
         set_model_state_dict(ref, state["reference"], options=o)
     set_optimizer_state_dict(policy, opt, state["optimizer"], options=o)
     sched.load_state_dict(state["scheduler"])
-    rng = torch.load(os.path.join(path, f"rng_{d.rank}.pt"), weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if rng["cuda"] is not None:
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    if os.path.exists(os.path.join(path, f"rng_{d.rank}.pt")):
+        rng = read(os.path.join(path, f"rng_{d.rank}.pt"))
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None:
+            torch.cuda.set_rng_state_all(rng["cuda"])
     return state["step"], state["extra"]
+
+
+def read(path):
+    """torch.load of a checkpoint file; a file that does not load is one line naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - truncated, garbage, another format: the file is unusable
+        raise InputError(f"--resume: cannot read {path} ({type(e).__name__}: {first_line(e)}); start a new run "
+                         f"(--overwrite)") from None
 
 
 def save_final(output_dir, d: Dist, policy, ref, tokenizer, merged=False):
     """policy/ and reference/ with save_pretrained (+ tokenizer), loadable with from_pretrained. Under FSDP the
-    full weights are gathered to rank 0 first. With ref=None (SFT) only policy/. A LoRA run writes peft adapter
-    folders instead, base/ for a model built in code, and policy_merged/ when `merged` (adapters.save_final).
+    full weights are gathered to rank 0 first. With ref=None (SFT) only policy/. Each is written whole into
+    <name>.tmp/ first and swapped in after all are written: a failed save (a full disk) leaves the folders as they
+    were and no .tmp behind. A LoRA run writes peft adapter folders instead, base/ for a model built in code, and
+    policy_merged/ when `merged` (adapters.save_final, in place: its adapters name base/ by its final path).
     Returns the folders written."""
     from transformers.utils import logging as hf_logging
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar per folder after the run's own bar
+    paths = []
     try:
         if adapters.has_adapters(policy):  # rank 0 alone: every rank holds the same adapters, no collective
             return adapters.save_final(output_dir, policy, ref, tokenizer, merged) if d.master else []
         for name, m in (("policy", policy), ("reference", ref)) if ref is not None else (("policy", policy),):
             weights, _ = full_state(m)
             if d.master:
-                path = os.path.join(output_dir, name)
-                m.save_pretrained(path, state_dict=weights)
-                tokenizer.save_pretrained(path)
+                paths.append(os.path.join(output_dir, name))
+                shutil.rmtree(paths[-1] + ".tmp", ignore_errors=True)
+                m.save_pretrained(paths[-1] + ".tmp", state_dict=weights)
+                tokenizer.save_pretrained(paths[-1] + ".tmp")
+        for path in paths:
+            swap_in(path)
         return ["policy/", "reference/"] if ref is not None else ["policy/"]
+    except BaseException:
+        for path in paths:
+            shutil.rmtree(path + ".tmp", ignore_errors=True)
+        raise
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+
+# -----------------------------------------------------------------------------
+# what a checkpoint knows of its run, checked by --resume before any model or data is loaded
+
+RECORD, FORMAT = "run.json", 1  # the record, written last into a checkpoint; its layout's version
+# the flags --resume may change: limits, remedies, intervals and parallelism; every other flag (and every flag a
+# later version adds) must be the checkpoint's, so that a resumed run computes what the run it continues would have
+CHANGEABLE = frozenset({"lr", "max_steps", "epochs", "max_grad_norm", "skip_nonfinite", "log_every", "eval_every",
+                        "save_every", "micro_batch_size", "gradient_checkpointing", "fsdp", "dist_timeout", "threads",
+                        "trust_remote_code", "save_merged", "output_dir", "resume", "overwrite"})
+
+
+def run_flags(args):
+    """The flags as a checkpoint records them; an existing --model or --dataset path resolved, so that the same
+    run resumes from another working directory."""
+    out = {k: v for k, v in vars(args).items() if k != "script"}
+    for k in ("model", "dataset"):
+        if os.path.exists(out[k]):
+            out[k] = os.path.realpath(out[k])
+    return out
+
+
+def run_record(args, world_size):
+    """What save_checkpoint writes into run.json besides the step and the files."""
+    return {"format": FORMAT, "script": args.script, "world_size": world_size, "flags": run_flags(args),
+            "data": fingerprint(args.dataset)}
+
+
+def complete(path):
+    """(record, None) when the checkpoint folder `path` is complete: run.json of this format lists every file with
+    the size it was written with; else (None, what is wrong)."""
+    try:
+        with open(os.path.join(path, RECORD)) as f:
+            rec = json.load(f)
+    except FileNotFoundError:
+        return None, f"no {RECORD}"
+    except (OSError, ValueError) as e:
+        return None, f"{RECORD} unreadable ({first_line(e)})"
+    if not (isinstance(rec, dict) and rec.get("format") == FORMAT and isinstance(rec.get("files"), dict)
+            and isinstance(rec.get("step"), int)):
+        return None, f"{RECORD} of another format"
+    for name, size in rec["files"].items():
+        f = os.path.join(path, name)
+        if not os.path.isfile(f):
+            return None, f"{name} is missing"
+        if os.path.getsize(f) != size:
+            return None, f"{name} has {os.path.getsize(f)} bytes, {size} were written"
+    return rec, None
+
+
+def find_checkpoint(output_dir):
+    """(path, record) of the checkpoint --resume continues: the complete one with the latest step among
+    checkpoint/, checkpoint.tmp/ and checkpoint.old/ (a save killed between its renames leaves the last two);
+    InputError, saying what is wrong, when there is none."""
+    found, problems = [], []
+    for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"):
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path):
+            rec, why = complete(path)
+            found += [(rec["step"], -len(found), path, rec)] if rec else []
+            problems += [] if rec else [f"{name}/: {why}"]
+    if found:
+        return max(found)[2:]
+    legacy = os.path.join(output_dir, "checkpoint")
+    need(not (os.path.isfile(os.path.join(legacy, "state.pt")) and not os.path.exists(os.path.join(legacy, RECORD))),
+         f"--resume: {legacy} was written by an older version of this code, without the record of its run "
+         f"({RECORD}) that --resume checks; start a new run (--overwrite), or finish it with the commit that wrote it")
+    need(problems, f"--resume: no checkpoint in {output_dir}; drop --resume or point --output_dir at a run with "
+                   f"--save_every")
+    raise InputError(f"--resume: no complete checkpoint in {output_dir} ({'; '.join(problems)}); start a new run "
+                     f"(--overwrite)")
+
+
+def check_resume(args):
+    """--resume, before any model or data is loaded: the checkpoint it would continue was written by this script,
+    with these flags (but CHANGEABLE) and this data; else one line naming the first difference."""
+    path, rec = find_checkpoint(args.output_dir)
+    need(rec["script"] == args.script, f"--resume: {path} was written by {rec['script']}, not {args.script}; run "
+                                       f"{rec['script']} to continue it, or start a new run (--overwrite)")
+    now = run_flags(args)
+    for k, v in rec["flags"].items():
+        if k in now and k not in CHANGEABLE and now[k] != v:
+            if isinstance(v, bool):
+                how = f"{'with' if v else 'without'} --{k}; {'add' if v else 'drop'} it"
+            else:
+                how = f"with --{k} {v}, not {now[k]}; pass --{k} {v}"
+            raise InputError(f"--resume: {path} was written {how} to continue that run, or start a new one "
+                             f"(--overwrite, or another --output_dir)")
+    need(fingerprint(args.dataset) == rec["data"],
+         f"--resume: --dataset {args.dataset} has changed since {path} was written; resume on the data it was "
+         f"trained on, or start a new run (--overwrite)")
+    return path, rec
+
+
+def clear_run(output_dir):
+    """--overwrite: remove what a run writes into output_dir (RUN_FILES), never the folder or anything else."""
+    for name in RUN_FILES:
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+
+
+RUN_FILES = ("checkpoint", "checkpoint.tmp", "checkpoint.old", "policy", "policy.tmp", "policy.old", "reference",
+             "reference.tmp", "reference.old", "base", "policy_merged",  # LoRA: adapters.save_final
+             "metrics.jsonl", "metrics.jsonl.tmp", "curves.png", "curves.png.tmp")
 
 # -----------------------------------------------------------------------------
 # faults: preemption, non-finite steps, lost ranks
@@ -137,11 +282,13 @@ class Preemption:
         return bool(t.item())
 
 
-def check_finite(grad_norm, step, example_ids, skipped, allowed, output_dir):
+def check_finite(grad_norm, step, example_ids, skipped, allowed, last_checkpoint):
     """True when the step may be applied. A non-finite gradient norm (from a NaN/inf loss or gradient) is never
     applied: the step is skipped while fewer than `allowed` (--skip_nonfinite) were, else the run stops naming the
     step and the batch's example ids; the last checkpoint on disk was written before this step, so it is a good
-    one. This .item() is the one host-device sync per step, the price of never training on NaN."""
+    one (`last_checkpoint()` names it, or says there is none). With the clip norm finite and positive (its flag's
+    type), the clipped gradient is finite exactly when this norm is: the check sees what the optimizer would apply.
+    This .item() is the one host-device sync per step, the price of never training on NaN."""
     if math.isfinite(grad_norm.item()):
         return True
     if skipped < allowed:
@@ -149,8 +296,68 @@ def check_finite(grad_norm, step, example_ids, skipped, allowed, output_dir):
               f"example ids {example_ids}", file=sys.stderr)
         return False
     raise SystemExit(f"error: step {step}: non-finite loss or gradient (norm {grad_norm.item()}) on examples "
-                     f"{example_ids}; nothing was applied. Resume from {output_dir}/checkpoint with a lower "
-                     f"--lr, fix those rows, or allow skips with --skip_nonfinite N.")
+                     f"{example_ids}; nothing was applied. {last_checkpoint()}; lower --lr, fix those rows, or allow "
+                     f"skips with --skip_nonfinite N.")
+
+
+def nonfinite_weights(model):
+    """How many of the model's weights are NaN or inf, summed over ranks (FSDP shards); save checks it, so that
+    no checkpoint holds a non-finite policy."""
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
+    n = sum((~torch.isfinite(local(p).detach())).sum() for p in model.parameters())
+    if dist.is_initialized():
+        dist.all_reduce(n, op=dist.ReduceOp.SUM)
+    return int(n.item())
+
+
+HELD = []  # the lock files of the run this process is in; launch releases them when it ends
+
+
+def take_folder(output_dir, d: Dist, recheck):
+    """Make output_dir this run's before its first write: rank 0 creates it and takes an exclusive lock on
+    output_dir/.lock (its pid inside), then calls recheck() under the lock (the checks made before it, for a run
+    that ended meanwhile, and what --overwrite or --resume do to the folder); every rank learns the outcome. A
+    second run into the folder is refused in one line while the first holds it; the kernel drops the lock when its
+    holder exits, however it exits (SIGKILL included), so a lock is never stale."""
+    import fcntl
+    error = None
+    barrier()  # every rank has read its checkpoint files before rank 0 may move them (recheck)
+    if d.master:
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            f = open(os.path.join(output_dir, ".lock"), "a+")
+        except OSError as e:
+            error = f"cannot write into --output_dir {output_dir} ({e.strerror or e})"
+        else:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                error = (f"{output_dir} is in use by another run (pid {f.read().strip() or '?'}); wait for it to "
+                         f"end, or choose another --output_dir")
+                f.close()
+            except OSError as e:  # a file system without locks (some NFS and Lustre mounts)
+                print(f"warning: cannot lock {output_dir} ({e.strerror}): make sure no other run writes there")
+            if error is None:
+                HELD.append(f)
+                f.seek(0)
+                f.truncate()
+                f.write(f"{os.getpid()}\n")
+                f.flush()
+                try:
+                    recheck()
+                except InputError as e:
+                    error = str(e)
+    if d.world_size > 1:  # every rank leaves together
+        failed = torch.tensor([float(error is not None)], device=d.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        error = error or ("rank 0 could not take --output_dir (its message says why)" if failed.item() else None)
+    need(error is None, error)
+
+
+def release_folders():
+    while HELD:
+        HELD.pop().close()  # closing the file drops its lock
 
 
 @contextmanager

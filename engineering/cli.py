@@ -1,9 +1,10 @@
 """
-The command line: the flags the training scripts share (add_common_args) and their checks (check_args,
-check_paths), InputError (a mistake in what the user gave) and exit_on_bad_input, which turns it into one `error:`
-line on stderr and exit code 2 instead of a traceback, and the scripts' ArgumentParser (--help shows each flag's
-default; a bad flag is an InputError too). Each script adds its method's own flags (--beta, ...) next to its loss.
-A reader needs this file to see every shared flag at once, or to change how a bad input is reported.
+The command line: the flags the training scripts share (add_common_args), each with its range as its argparse type
+(positive, count, ...: one line naming the flag for a value outside it), the checks across flags and of the paths
+(check_args, check_paths), InputError (a mistake in what the user gave) and exit_on_bad_input, which turns it into
+one `error:` line on stderr and exit code 2 instead of a traceback, and the scripts' ArgumentParser (--help shows
+each flag's default; a bad flag is an InputError too). Each script adds its method's own flags (--beta, ...) next to
+its loss. A reader needs this file to see every shared flag at once, or to change how a bad input is reported.
 """
 import argparse
 import math
@@ -24,18 +25,38 @@ class DataError(InputError):
     """A bad file or row; the message names the file, the row and the field (engineering/data.py)."""
 
 
+def first_line(e):
+    """An exception's message cut to its first line, for a one-line error (a library's message can run for pages)."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:300] if lines else type(e).__name__
+
+
 def need(ok, msg):
     """An InputError with `msg` unless `ok`; the message says what to change."""
     if not ok:
         raise InputError(msg)
 
 
-def positive(text):
-    """An argparse type: a finite number > 0 (a method's beta: a negative one would train it backwards)."""
-    x = float(text)
-    if not (math.isfinite(x) and x > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return x
+def ranged(parse, ok, rule):
+    """An argparse type: `parse` the text (a ValueError is argparse's "invalid float value: 'abc'"), then refuse a
+    value outside `rule` in one line ("argument --lr: must be a finite number >= 0, got nan")."""
+    def check(text):
+        x = parse(text)
+        if not ok(x):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return x
+    check.__name__ = parse.__name__
+    return check
+
+
+# the ranges of the flags, declared where each flag is added; a flag's type is its whole check
+positive = ranged(float, lambda x: math.isfinite(x) and x > 0, "a positive number")  # a beta, a clip norm
+nonnegative = ranged(float, lambda x: math.isfinite(x) and x >= 0, "a finite number >= 0")  # lr, weight decay
+fraction = ranged(float, lambda x: 0 < x <= 1, "in (0, 1]")  # alpha, top_p
+count = ranged(int, lambda x: x >= 1, "an integer >= 1")  # sizes, intervals that must act
+natural = ranged(int, lambda x: x >= 0, "an integer >= 0")  # intervals and limits where 0 means "off"
+seed = ranged(int, lambda x: 0 <= x < 2 ** 32, "an integer in [0, 2**32)")  # what torch.manual_seed takes
+seconds = ranged(int, lambda x: 1 <= x <= 10 ** 8, "a whole number of seconds in [1, 10**8]")  # a timedelta fits
 
 # -----------------------------------------------------------------------------
 # the flags every training script shares
@@ -55,68 +76,66 @@ def add_common_args(p, name, reference=True, pairs=True):
     g.add_argument("--trust_remote_code", action="store_true", help="allow a hub model to run its own Python code (off: that code is unreviewed)")
     g.add_argument("--fsdp", action="store_true", help="shard the policy%s per transformer block with FSDP2 (fully_shard) instead of DDP" % (" and reference" if reference else ""))
     g = p.add_argument_group("LoRA (docs/lora.md; needs peft): a frozen base, a trainable adapter%s" % (", the reference an adapter too" if reference else ""))
-    g.add_argument("--lora_r", type=int, default=0, help="LoRA rank of the policy adapter; 0 = full fine-tuning (all weights train)")
-    g.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha: the adapter's scale is alpha / r; None = 2 x --lora_r")
+    g.add_argument("--lora_r", type=natural, default=0, help="LoRA rank of the policy adapter; 0 = full fine-tuning (all weights train)")
+    g.add_argument("--lora_alpha", type=count, default=None, help="LoRA alpha: the adapter's scale is alpha / r; None = 2 x --lora_r")
     g.add_argument("--lora_targets", default="all-linear", help="'all-linear' (every linear layer of the blocks, not the LM head), 'all-linear+head' (the head too: for a random-init model such as the demo's), or module names, e.g. q_proj,v_proj")
     g.add_argument("--base_dtype", default="float32", choices=["float32", "bfloat16"], help="dtype the frozen base is stored in; bfloat16 needs --dtype bfloat16 (adapters stay float32)")
     g.add_argument("--save_merged", action="store_true", help="also write policy_merged/: base + policy adapter as plain weights")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="toy", help="'toy', 'hh', 'hh:<subset>' (e.g. hh:helpful-base), 'tldr', a hub dataset id (org/name), or a local .json/.jsonl/.jsonl.gz file or dataset folder")
-    g.add_argument("--eval_size", type=int, default=64, help="held-out rows: the first N of the hub test split, or the last N rows of a local/toy set")
-    g.add_argument("--max_length", type=int, default=128, help="max tokens of prompt + response")
-    g.add_argument("--max_prompt_length", type=int, default=64, help="prompt tokens kept (from the end) when prompt + response is too long")
+    g.add_argument("--eval_size", type=count, default=64, help="held-out rows: the first N of the hub test split, or the last N rows of a local/toy set")
+    g.add_argument("--max_length", type=count, default=128, help="max tokens of prompt + response")
+    g.add_argument("--max_prompt_length", type=count, default=64, help="prompt tokens kept (from the end) when prompt + response is too long")
     g.add_argument("--skip_bad_rows", action="store_true", help="skip malformed rows (and report how many) instead of stopping")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch_size", type=int, default=16, help=f"{unit} per optimizer step, global across ranks")
-    g.add_argument("--micro_batch_size", type=int, default=8, help=f"{unit} per forward pass on one rank")
-    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (the paper: 1e-6 for Pythia)")
-    g.add_argument("--warmup_steps", type=int, default=10, help="optimizer steps over which the learning rate rises linearly to --lr")
+    g.add_argument("--batch_size", type=count, default=16, help=f"{unit} per optimizer step, global across ranks")
+    g.add_argument("--micro_batch_size", type=count, default=8, help=f"{unit} per forward pass on one rank")
+    g.add_argument("--lr", type=nonnegative, default=1e-3, help="peak learning rate (the paper: 1e-6 for Pythia)")
+    g.add_argument("--warmup_steps", type=natural, default=10, help="optimizer steps over which the learning rate rises linearly to --lr")
     g.add_argument("--lr_schedule", default="constant", choices=["constant", "cosine"], help="after linear warmup")
-    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
-    g.add_argument("--max_grad_norm", type=float, default=2.0, help="clip the global gradient norm to this before each optimizer step (the paper: 2)")
-    g.add_argument("--epochs", type=int, default=1, help="passes over the training data, used when --max_steps is 0")
-    g.add_argument("--max_steps", type=int, default=250, help="optimizer steps; 0 = run --epochs over the data")
-    g.add_argument("--seed", type=int, default=0, help="seeds the built-in models' initialisation (the same on every rank), the toy data, the data order, and rank r's torch RNG (seed + r)")
+    g.add_argument("--weight_decay", type=nonnegative, default=0.0, help="AdamW's decoupled weight decay")
+    g.add_argument("--max_grad_norm", type=positive, default=2.0, help="clip the global gradient norm to this before each optimizer step (the paper: 2)")
+    g.add_argument("--epochs", type=count, default=1, help="passes over the training data, used when --max_steps is 0")
+    g.add_argument("--max_steps", type=natural, default=250, help="optimizer steps; 0 = run --epochs over the data")
+    g.add_argument("--seed", type=seed, default=0, help="seeds the built-in models' initialisation (the same on every rank), the toy data, the data order, and rank r's torch RNG (seed + r)")
     g = p.add_argument_group("speed (bench.py measures each)")
     if pairs:
         g.add_argument("--share_prompt", action="store_true", help="run each prompt once and reuse its KV cache for chosen and rejected (same log-probs up to float rounding; not with --gradient_checkpointing)")
     g.add_argument("--group_by_length", action="store_true", help="less padding: sort by length inside random chunks of 64 global batches, then shuffle the batches (order still a function of --seed only)")
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = 1 for a model of under 10M parameters on a CPU (the built-in tiny and small; their matrices are too small to split, and a second busy core would stall them), else PyTorch's default")
+    g.add_argument("--threads", type=natural, default=0, help="torch CPU threads; 0 = 1 for a model of under 10M parameters on a CPU (the built-in tiny and small; their matrices are too small to split, and a second busy core would stall them), else PyTorch's default")
     if reference:
         g = p.add_argument_group("trust region: theta_ref <- alpha*theta + (1-alpha)*theta_ref every tau steps")
         g.add_argument("--ref_update", default="soft", choices=["soft", "hard", "none"], help="none = the plain method with a frozen reference")
-        g.add_argument("--alpha", type=float, default=0.6, help="soft-update weight of the policy (hard uses 1)")
-        g.add_argument("--tau", type=int, default=100, help="update the reference after every tau-th optimizer step")
+        g.add_argument("--alpha", type=fraction, default=0.6, help="soft-update weight of the policy (hard uses 1)")
+        g.add_argument("--tau", type=count, default=100, help="update the reference after every tau-th optimizer step")
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--output_dir", default=f"out/{name}", help="where metrics.jsonl, policy/%s and checkpoint/ are written" % (", reference/" if reference else ""))
-    g.add_argument("--overwrite", action="store_true", help="start a fresh run in an --output_dir that holds one (policy/ or checkpoint/); its files are replaced as this run writes its own")
-    g.add_argument("--log_every", type=int, default=10, help="write a metrics.jsonl record (means over the last N optimizer steps) every N steps")
-    g.add_argument("--eval_every", type=int, default=50, help="evaluate on the held-out set every N optimizer steps (0 = only at the end)")
-    g.add_argument("--save_every", type=int, default=0, help="write checkpoint/ every N steps (0 = never)")
-    g.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="start a fresh run in an --output_dir that holds one (policy/ or checkpoint/): once every check has passed, the files a run writes there (checkpoint/, policy/, reference/, metrics.jsonl, curves.png) are removed")
+    g.add_argument("--log_every", type=count, default=10, help="write a metrics.jsonl record (means over the last N optimizer steps) every N steps")
+    g.add_argument("--eval_every", type=natural, default=50, help="evaluate on the held-out set every N optimizer steps (0 = only at the end)")
+    g.add_argument("--save_every", type=natural, default=0, help="write checkpoint/ every N steps (0 = never)")
+    g.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint, with the flags it was written with; only the schedule and limits (--lr, --max_steps, --epochs, --max_grad_norm, --skip_nonfinite), the intervals, --micro_batch_size and the parallelism may change (docs/faults.md)")
     g = p.add_argument_group("faults")
-    g.add_argument("--skip_nonfinite", type=int, default=0, help="skip up to N steps whose gradients are not finite (0 = stop at the first)")
-    g.add_argument("--dist_timeout", type=int, default=600, help="seconds a rank waits for a lost peer before it exits with an error")
+    g.add_argument("--skip_nonfinite", type=natural, default=0, help="skip up to N steps whose gradients are not finite (0 = stop at the first)")
+    g.add_argument("--dist_timeout", type=seconds, default=600, help="seconds a rank waits for a lost peer before it exits with an error")
+    p.set_defaults(script=f"{name}.py")  # not a flag: the script a checkpoint was written by (--resume checks it)
     return p
 
 
 def check_args(args, world_size):
-    """Check the shared flags before any model or data is loaded; each message says what to change. A script's own
-    flags are checked by their argparse type (positive) or in its get_args."""
-    if hasattr(args, "ref_update"):
-        need(0 < args.alpha <= 1, f"--alpha must be in (0, 1], got {args.alpha}")
-        need(args.tau >= 1, f"--tau must be >= 1, got {args.tau}")
+    """Check what the flags' types cannot see alone (each flag's own range is its argparse type above) before any
+    model or data is loaded; each message says what to change. A script's own flags are checked by their argparse
+    type (positive) or in its get_args."""
     need(args.batch_size % (world_size * args.micro_batch_size) == 0,
          f"--batch_size {args.batch_size} must be divisible by world size {world_size} x --micro_batch_size {args.micro_batch_size}")
-    need(0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be positive and below --max_length")
-    need(args.max_steps >= 0 and args.epochs >= 1, "--max_steps must be >= 0 and --epochs >= 1")
-    need(args.eval_size >= 1, "--eval_size must be >= 1")
+    need(args.max_prompt_length < args.max_length, "--max_prompt_length must be positive and below --max_length")
+    need(args.dataset != "toy" or args.eval_size <= TOY_EVAL, f"--eval_size must be <= {TOY_EVAL} with --dataset toy")
     need(not (getattr(args, "share_prompt", False) and args.gradient_checkpointing),
          "--share_prompt and --gradient_checkpointing exclude each other (checkpointed layers drop the KV cache); pick one")
-    need(args.skip_nonfinite >= 0 and args.dist_timeout >= 1, "--skip_nonfinite must be >= 0 and --dist_timeout >= 1")
-    need(args.threads >= 0, f"--threads must be >= 0, got {args.threads}")
     need(not args.fsdp or hasattr(torch.distributed.fsdp, "fully_shard"),
          "--fsdp needs PyTorch >= 2.6 (torch.distributed.fsdp.fully_shard)")
+    need(not (args.resume and args.overwrite), "--resume continues the run in --output_dir and --overwrite replaces "
+                                               "it: pass one of them")
     from engineering import adapters  # here, not at the top: adapters.py imports this module
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and torch.cuda.is_available())  # as models.autocast
     adapters.check_args(args.lora_r, args.lora_alpha, args.lora_targets, args.base_dtype, args.save_merged, args.fsdp,
@@ -124,24 +143,59 @@ def check_args(args, world_size):
     check_paths(args.model, args.dataset, args.output_dir, args.resume, args.overwrite)
 
 
-def check_paths(model, dataset, output_dir, resume, overwrite):
-    """The flags that name things outside the run (check_args calls this): --model and --dataset are a
-    built-in name, an existing path or a hub id, and a run already in output_dir is resumed or replaced only when
-    asked (--resume, --overwrite)."""
-    need(os.path.isdir(model) or (not model.startswith((".", "/")) and model.count("/") <= 1),
-         f"--model {model!r}: not a built-in name, an existing folder or a hub id (org/name)")
-    d = dataset
+TOY_EVAL = 100_000  # toy rows are generated: a typo like --eval_size 100000000 would build them for minutes
+
+
+def inside(path, folder):
+    """Whether `path` is `folder` or lies below it, links resolved (neither has to exist)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def check_model_name(model, flag="--model"):
+    """A built-in name, an existing folder or a hub id (org/name); evaluate.py checks each of its models so."""
+    need(model and (os.path.isdir(model) or (not model.startswith((".", "/")) and model.count("/") <= 1)),
+         f"{flag} {model!r}: not a built-in name, an existing folder or a hub id (org/name)")
+
+
+def check_dataset_name(d):
     hub_id = not d.startswith((".", "/")) and d.count("/") == 1 and not d.endswith((".json", ".jsonl", ".gz"))
-    need(d in ("toy", "hh", "tldr") or d.startswith("hh:") or os.path.exists(d) or hub_id,
+    need(d in ("toy", "hh", "tldr") or d.startswith("hh:") or (d and os.path.exists(d)) or hub_id,
          f"unknown --dataset {d!r}: use toy, hh, hh:<subset>, tldr, a hub dataset id (org/name), or an existing "
          f".json/.jsonl/.jsonl.gz file or dataset folder")
+
+
+def check_output_dir(output_dir, flag="--output_dir"):
+    """A folder this process can create or write into: not empty, not a file, nor below one."""
+    need(output_dir, f"{flag} is empty; name a folder")
+    need(not os.path.exists(output_dir) or os.path.isdir(output_dir), f"{flag} {output_dir} is a file, not a folder")
+    parent = os.path.abspath(output_dir)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    need(os.path.isdir(parent), f"{flag} {output_dir}: {parent} is a file, not a folder")
+    need(os.access(parent, os.W_OK | os.X_OK), f"{flag} {output_dir}: {parent} is not writable")
+
+
+def check_paths(model, dataset, output_dir, resume, overwrite):
+    """The flags that name things outside the run (check_args calls this): --model and --dataset are a
+    built-in name, an existing path or a hub id and do not lie inside --output_dir (the run would write over
+    them), --output_dir is a folder one can write to, and a run already in it is resumed or replaced only when
+    asked (--resume, --overwrite; checkpoint.check_resume checks what --resume would continue)."""
+    check_model_name(model)
+    check_dataset_name(dataset)
+    check_output_dir(output_dir)
+    for flag, path in (("--model", model), ("--dataset", dataset)):
+        need(not (os.path.exists(path) and inside(path, output_dir)),
+             f"{flag} {path} lies inside --output_dir {output_dir}, which the run writes (and --overwrite clears); "
+             f"move it or choose another --output_dir")
     has = lambda sub: os.path.isdir(os.path.join(output_dir, sub))  # noqa: E731
-    need(not resume or has("checkpoint"),
-         f"--resume: no checkpoint in {output_dir}; drop --resume or point --output_dir at a run with --save_every")
-    previous = [sub + "/" for sub in ("policy", "checkpoint") if has(sub)]
+    need(not has("metrics.jsonl"), f"{output_dir}/metrics.jsonl is a folder; the run writes its metrics there: "
+                                   f"move it or choose another --output_dir")
+    previous = [sub + "/" for sub in ("policy", "checkpoint", "checkpoint.tmp", "checkpoint.old") if has(sub)]
     need(not previous or resume or overwrite,
          f"{output_dir} holds a run ({', '.join(previous)}): pass --overwrite to replace it, "
-         + ("--resume to continue it, " if has("checkpoint") else "") + "or choose another --output_dir")
+         + ("--resume to continue it, " if any(p.startswith("checkpoint") for p in previous) else "")
+         + "or choose another --output_dir")
 
 
 @contextmanager

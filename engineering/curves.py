@@ -30,16 +30,18 @@ KINDS = {"train": "train", "eval": "eval", "eval_init": "eval vs initial referen
 # from records to series (pure: test_curves.py feeds literal records)
 
 
-def read_metrics(path):
-    """The records of a metrics.jsonl, in file order."""
+def read_metrics(path, skip_bad=False):
+    """The records of a metrics.jsonl, in file order. A line that is not JSON raises ValueError naming it, or with
+    skip_bad is left out (a line torn by a kill mid-write: --resume trims the file with this)."""
     records = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace" if skip_bad else "strict") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+                    if not skip_bad:
+                        raise ValueError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
     return records
 
 
@@ -115,7 +117,8 @@ def plot_curves(metrics_path, png_path=None):
     handles = {label: h for ax in axes[:len(curves)] for h, label in zip(*ax.get_legend_handles_labels())}
     fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=len(handles), fontsize="small")
     fig.suptitle(f"{metrics_path}: {len(updates)} reference update(s)", fontsize="medium")
-    fig.savefig(png_path, dpi=100)
+    fig.savefig(png_path + ".tmp", dpi=100, format="png")
+    os.replace(png_path + ".tmp", png_path)  # whole or not at all, like the run's other outputs
     return png_path
 
 

@@ -11,13 +11,14 @@ what a hub set is turned into; the prompt boundary of HH dialogues itself is com
 conversations chat.split_chat.
 """
 import gzip
+import hashlib
 import json
 import os
 from contextlib import nullcontext
 
 from common import split_hh
 from engineering.chat import chat_row, is_chat
-from engineering.cli import DataError
+from engineering.cli import DataError, InputError, first_line
 from engineering.hub import fetching
 from engineering.toy import toy_preferences, toy_sft_rows
 
@@ -110,8 +111,13 @@ def read_dataset(name):
     import datasets
     datasets.disable_progress_bars()
     hub = fetching(name, "dataset", f"dataset {name!r}", "a local .jsonl file or dataset folder as --dataset")
-    with nullcontext() if os.path.isdir(name) else hub:
-        splits = datasets.load_dataset(name)
+    try:
+        with nullcontext() if os.path.isdir(name) else hub:
+            splits = datasets.load_dataset(name)
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - an empty folder, a corrupt parquet, ...: the folder is unusable as data
+        raise DataError(f"{name}: cannot be read as a dataset ({type(e).__name__}: {first_line(e)})") from None
     train, test = ("train_prefs", "test_prefs") if "train_prefs" in splits else ("train", "test")
     if train not in splits:
         raise DataError(f"{name}: no split named train_prefs or train (it has {', '.join(splits)})")
@@ -123,23 +129,45 @@ def read_rows(name, skip_bad_rows=False):
     return (read_json_rows(name, skip_bad_rows), None) if os.path.isfile(name) else read_dataset(name)
 
 
+def fingerprint(name):
+    """A sha256 of what a local --dataset holds (the file, or every file of the folder by name and bytes; hidden ones
+    skipped), or None for the built-in sets and hub ids, which their name (and --seed, for toy) fixes. A checkpoint
+    records it, so that --resume refuses data edited since."""
+    if not os.path.exists(name):
+        return None
+    files = [name]
+    if os.path.isdir(name):
+        files = []
+        for d, dirs, fs in os.walk(name):
+            dirs[:] = sorted(x for x in dirs if not x.startswith("."))  # not .git, .cache
+            files += [os.path.join(d, f) for f in sorted(fs) if not f.startswith(".")]
+    h = hashlib.sha256()
+    for path in files:
+        h.update(os.path.relpath(path, name).encode() + b"\0")
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def is_builtin(name):
     return name in ("toy", "hh", "tldr") or name.startswith("hh:")
 
 
-def checked_splits(name, rows, test, fields, eval_size, skip_bad_rows, hh_fields=None):
+def checked_splits(name, rows, test, fields, eval_size, skip_bad_rows, hh_fields=None, size_flag="--eval_size"):
     """(train_rows, eval_rows), each checked by check_rows: eval is the first eval_size rows of the test split, or
-    when there is none (test None) the last eval_size rows, held out."""
+    when there is none (test None) the last eval_size rows, held out (size_flag names eval_size in a message)."""
     check = lambda rows, source=name: check_rows(rows, source, fields, skip_bad_rows, hh_fields)  # noqa: E731
     if test is not None:
         return check(rows), check(test[:eval_size], f"{name} (test split)")
     rows = check(rows)
     if len(rows) <= eval_size:
-        raise DataError(f"{name}: {len(rows)} rows leave nothing to train on after --eval_size {eval_size}; lower it")
+        raise DataError(f"{name}: {len(rows)} rows leave nothing to train on after {size_flag} {eval_size} held out "
+                        f"(the last rows of a file are its eval split); lower it")
     return rows[:-eval_size], rows[-eval_size:]
 
 
-def load_preferences(name, eval_size=64, seed=0, skip_bad_rows=False):
+def load_preferences(name, eval_size=64, seed=0, skip_bad_rows=False, size_flag="--eval_size"):
     """(train_rows, eval_rows) of {"prompt", "chosen", "rejected"} for 'toy', 'hh[:subset]', 'tldr', a hub id, a
     dataset folder or a file.
 
@@ -156,7 +184,7 @@ def load_preferences(name, eval_size=64, seed=0, skip_bad_rows=False):
             rows, test = (datasets.load_dataset(repo, data_dir=sub, split=s).to_list() for s in ("train", "test"))
     else:
         rows, test = read_rows(name, skip_bad_rows)
-    return checked_splits(name, rows, test, PAIRED, eval_size, skip_bad_rows, HH)
+    return checked_splits(name, rows, test, PAIRED, eval_size, skip_bad_rows, HH, size_flag)
 
 
 def unpair(rows):

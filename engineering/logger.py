@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from engineering.curves import read_metrics
+
 
 def count_tokens(examples, keys, device):
     """Prompt + response tokens of the sequences a micro-batch runs (one per example and key), for tokens/s: the
@@ -32,13 +34,17 @@ class Logger:
         self.master, self.output_dir = master, output_dir
         self.bar = tqdm(total=num_steps, initial=start_step, disable=not master, dynamic_ncols=True)
         self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.latest, self.shown = {}, {}  # the last value of every key; of those the bar shows
         if master and os.path.exists(self.path):  # a fresh run starts a new file; a resumed one keeps its past
-            keep = [line for line in open(self.path) if start_step and json.loads(line)["step"] <= start_step]
-            with open(self.path, "w") as f:
-                f.writelines(keep)
+            keep = [r for r in read_metrics(self.path, skip_bad=True)  # a line torn by a kill is left out
+                    if isinstance(r, dict) and r.get("step", start_step + 1) <= start_step] if start_step else []
+            for r in keep:
+                self.latest.update(r)
+            with open(self.path + ".tmp", "w") as f:  # whole or not at all: a kill here keeps the old file
+                f.writelines(json.dumps(r) + "\n" for r in keep)
+            os.replace(self.path + ".tmp", self.path)
         self.t0 = self.started = time.time()
         self.last_step = start_step
-        self.latest, self.shown = {}, {}  # the last value of every key; of those the bar shows
 
     def log(self, step, record):
         """Append the record; the bar keeps showing the last value of each key of SHOW ever logged."""

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from engineering import adapters
-from engineering.cli import InputError
+from engineering.cli import InputError, first_line
 from engineering.hub import fetching
 from engineering.logits import choose_logps_path
 
@@ -90,10 +90,7 @@ def load_model(name, seed=0, trust_remote_code=False, gradient_checkpointing=Fal
         model.hf_quantizer = None  # the GGUF weights are de-quantized to fp32 on load: plain weights from here on
         model.config.__dict__.pop("quantization_config", None)
     else:  # a local folder, or a hub id
-        hub = fetching(name, "model", f"model {name!r}", "a local folder as --model")
-        with nullcontext() if os.path.isdir(name) else hub:
-            tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        model, tok = from_pretrained(name, trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # safe: padding is masked by position (attention_mask/labels), never by id
     model.config.use_cache = False
@@ -107,6 +104,39 @@ def load_model(name, seed=0, trust_remote_code=False, gradient_checkpointing=Fal
     line = choose_logps_path(model)  # the fast log-prob path where it is exact, else the model's own forward
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(line)
+    return model, tok
+
+
+def from_pretrained(name, trust_remote_code=False):
+    """(model, tokenizer) of a local folder or a hub id (inside hub.fetching), in float32. Every way the folder can
+    be unusable is one line (InputError) instead of a traceback: no config.json, a broken or unknown config, missing
+    or truncated weights, a broken tokenizer; so are the two that load without an error and would train on
+    nonsense: weights the config does not describe (a BERT config beside GPT-NeoX weights: every weight newly
+    initialised) and no tokenizer files (transformers then builds a 2-token tokenizer that encodes every text to
+    nothing)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    local = os.path.isdir(name)
+    what = f"--model {name}"
+    if local and not os.path.isfile(os.path.join(name, "config.json")):
+        raise InputError(f"{what}: no config.json in the folder; pass a folder written by save_pretrained (a run's "
+                         f"policy/) or a hub id")
+    try:
+        with nullcontext() if local else fetching(name, "model", f"model {name!r}", "a local folder as --model"):
+            tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+            model, info = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, output_loading_info=True,
+                                                               trust_remote_code=trust_remote_code)
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - OSError, ValueError, SafetensorError, JSONDecodeError, ...
+        raise InputError(f"cannot load {what} ({type(e).__name__}: {first_line(e)})") from None
+    missing = info["missing_keys"]
+    if missing:
+        raise InputError(f"{what}: {len(missing)} weight(s) the config asks for are not in its files (e.g. "
+                         f"{sorted(missing)[0]}), so they would train from random values: the config does not match "
+                         f"the weights")
+    if not tok("The quick brown fox.", add_special_tokens=False)["input_ids"]:
+        raise InputError(f"{what}: its tokenizer turns text into no tokens (no tokenizer files in the folder?); "
+                         f"save the tokenizer beside the weights (tokenizer.save_pretrained)")
     return model, tok
 
 

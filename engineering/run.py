@@ -8,13 +8,15 @@ Nothing here changes what a step computes. A reader learning the methods can ski
 what is logged or saved, or how a run stops and resumes.
 """
 import os
+import shutil
 
 import torch
 
 from common import cleanup_distributed, setup_distributed, update_alpha
-from engineering.checkpoint import (Preemption, check_finite, exit_on_lost_rank, load_checkpoint, save_checkpoint,
-                                    save_final)
-from engineering.cli import InputError, check_args, exit_on_bad_input
+from engineering.checkpoint import (CHANGEABLE, Preemption, check_finite, check_resume, clear_run, exit_on_lost_rank,
+                                    find_checkpoint, load_checkpoint, nonfinite_weights, release_folders, run_flags,
+                                    run_record, save_checkpoint, save_final, swap_in, take_folder)
+from engineering.cli import InputError, check_args, check_paths, exit_on_bad_input, need
 from engineering.curves import plot_curves
 from engineering.logger import Logger
 
@@ -31,18 +33,25 @@ def launch(train_loop, get_args, argv=None):
         args = get_args(argv)
         d = setup_distributed(args.dist_timeout)
         check_args(args, d.world_size)
+        if args.resume:  # the checkpoint was written by this script, with these flags, on this data
+            check_resume(args)
         torch.manual_seed(args.seed + d.rank)
         try:
             with exit_on_lost_rank(d):
                 train_loop(args, d)
         finally:
             torch.set_num_threads(threads)
+            release_folders()  # the output folder's lock (Run took it): the next run in this process may take it
     cleanup_distributed()
 
 
 class Run:
     """One run's folder and bookkeeping (rank 0 writes, every rank takes part in saves). With --resume it starts
-    from checkpoint/: `start` is the number of optimizer steps already done. ref=None: SFT, no reference."""
+    from checkpoint/: `start` is the number of optimizer steps already done. ref=None: SFT, no reference.
+
+    Everything that can refuse the run is checked before its first write; then the run takes its folder (a lock:
+    one run per folder), --overwrite clears the earlier run's files, and --resume moves the checkpoint it loaded
+    into checkpoint/ when a save was killed before doing so."""
 
     def __init__(self, args, d, model, ref, opt, sched, num_steps):
         self.args, self.d, self.model, self.ref, self.opt, self.sched = args, d, model, ref, opt, sched
@@ -50,11 +59,52 @@ class Run:
         small = d.device.type == "cpu" and sum(p.numel() for p in model.parameters()) < SMALL
         if args.threads or small:  # a small model's matrices are too small to split; a busy core would stall it
             torch.set_num_threads(args.threads or 1)
-        os.makedirs(self.out, exist_ok=True)
         self.start, self.state = 0, {"skipped_steps": 0}  # state: what checkpoints keep besides the weights
+        self.saved, self.record, loaded = None, None, None  # the step checkpoint/ holds; run.json's fields
         if args.resume:
-            self.start, self.state = load_checkpoint(self.out, d, model, ref, opt, sched)
+            loaded = self.resume()
+        take_folder(self.out, d, lambda: self.own_folder(loaded))
         self.logger, self.preemption = Logger(self.out, d.master, self.start, num_steps), Preemption(d)
+
+    def resume(self):
+        """Load the checkpoint (checked against the flags in launch); a new --lr takes effect from here, the
+        schedule's factor at this step times the new peak. Returns (path, record)."""
+        path, rec = find_checkpoint(self.out)
+        need(self.num_steps >= rec["step"], f"--resume: {path} is at step {rec['step']}, beyond this run's "
+                                            f"{self.num_steps} steps; raise --max_steps (or --epochs) to continue it")
+        peaks = [g["initial_lr"] for g in self.opt.param_groups]  # this run's --lr
+        self.start, self.state = load_checkpoint(path, self.d, self.model, self.ref, self.opt, self.sched)
+        self.sched.base_lrs = peaks  # what LambdaLR multiplies by its factor at every step from here on
+        for g, peak, factor in zip(self.opt.param_groups, peaks, self.sched.lr_lambdas):
+            g["initial_lr"], g["lr"] = peak, peak * factor(self.sched.last_epoch)  # as LambdaLR.step sets it
+        self.saved = self.start
+        if self.d.master:
+            was, now = rec["flags"], run_flags(self.args)
+            changed = [f"--{k} {was[k]} -> {now[k]}" for k in sorted(CHANGEABLE - {"resume", "output_dir"})
+                       if k in was and k in now and was[k] != now[k]]
+            if rec["world_size"] != self.d.world_size:  # ranks the checkpoint has no RNG state of start theirs fresh
+                changed.append(f"{rec['world_size']} -> {self.d.world_size} processes")
+            print(f"resume: {path} at step {self.start}" + "".join(f"; {c}" for c in changed))
+        return path, rec
+
+    def own_folder(self, loaded):
+        """Under the folder's lock (rank 0): the checks of check_paths again, for a run that ended while this one
+        was loading; the checkpoint resumed is still the latest, and becomes checkpoint/ if it was not; or, with
+        --overwrite, the earlier run's files are removed."""
+        a = self.args
+        check_paths(a.model, a.dataset, a.output_dir, a.resume, a.overwrite)
+        if loaded:
+            path, rec = find_checkpoint(self.out)
+            need((path, rec["step"]) == (loaded[0], loaded[1]["step"]),
+                 f"--resume: {path} changed while this run was starting (another run?); resume again")
+            final = os.path.join(self.out, "checkpoint")
+            if path.endswith(".tmp"):  # a save killed between its renames: finish the swap
+                swap_in(final)
+            elif path != final:  # checkpoint.old/: checkpoint/ is missing or incomplete
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(path, final)
+        if a.overwrite:
+            clear_run(self.out)
 
     def initial(self, name, compute):
         """A value fixed at step 0 and kept in checkpoints (the initial reference's eval log-probs): compute() on a
@@ -74,7 +124,7 @@ class Run:
         stops."""
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
-        if check_finite(norm, step, example_ids, self.state["skipped_steps"], self.args.skip_nonfinite, self.out):
+        if check_finite(norm, step, example_ids, self.state["skipped_steps"], self.args.skip_nonfinite, self.kept):
             metrics.mean(grad_norm=norm)
             return True
         self.state["skipped_steps"] += 1
@@ -96,8 +146,25 @@ class Run:
         self.logger.log(step, record)
 
     def save(self, step):
-        """checkpoint/, atomically: weights, optimizer, schedule, RNG states, self.state."""
-        save_checkpoint(self.out, self.d, self.model, self.ref, self.opt, self.sched, step, self.state)
+        """checkpoint/, atomically: weights, optimizer, schedule, RNG states, self.state, and run.json, what --resume
+        checks. A policy with a NaN or inf weight is never saved; a save that fails (a full disk) is one line."""
+        if nonfinite_weights(self.model):
+            raise SystemExit(f"error: step {step}: the policy holds non-finite weights, so no checkpoint is written; "
+                             f"{self.kept()}; lower --lr")
+        if self.d.master and self.record is None:  # rank 0 writes run.json; the data hashed once per run
+            self.record = run_record(self.args, self.d.world_size)
+        try:
+            save_checkpoint(self.out, self.d, self.model, self.ref, self.opt, self.sched, step, self.state, self.record)
+        except OSError as e:
+            shutil.rmtree(os.path.join(self.out, "checkpoint.tmp"), ignore_errors=True)
+            raise SystemExit(f"error: step {step}: cannot write the checkpoint ({e}); {self.kept()}") from None
+        self.saved = step
+
+    def kept(self):
+        """What a stop leaves to resume from, for its message."""
+        if self.saved is None:
+            return "no checkpoint was written (--save_every N writes one every N steps)"
+        return f"{self.out}/checkpoint (step {self.saved}) is intact: --resume continues from it"
 
     def stopped_after(self, step):
         """The end of every step: the progress bar; True after SIGTERM/SIGINT, once checkpoint/ is written."""
@@ -114,6 +181,9 @@ class Run:
         policy_merged/ with --save_merged), curves.png, and the summary on stdout with the last train and eval
         values of `keys`."""
         self.logger.close()
-        written = save_final(self.out, self.d, self.model, self.ref, tokenizer, self.args.save_merged)
+        try:
+            written = save_final(self.out, self.d, self.model, self.ref, tokenizer, self.args.save_merged)
+        except OSError as e:
+            raise SystemExit(f"error: cannot write the final weights into {self.out} ({e}); {self.kept()}") from None
         png = plot_curves(os.path.join(self.out, "metrics.jsonl")) if self.d.master else None  # None: no matplotlib
         self.logger.summary(keys, tuple(written) + ("metrics.jsonl",) + (("curves.png",) if png else ()))

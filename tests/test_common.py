@@ -1,21 +1,26 @@
 """The conventions of common.py, pinned: prompt boundary, masking, truncation, log-probs, data loading, batching."""
-import argparse
 import gzip
+import importlib
 import json
+import math
 import os
+import tempfile
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from common import (Dist, Metrics, collate_pairs, global_batch, rank_micro_batches, sequence_logps, split_hh,
                     tokenize_rows, truncate)
 from conftest import FIXTURES, naive_logp
-from engineering.cli import DataError, InputError, add_common_args, check_args
+from engineering.cli import ArgumentParser, DataError, InputError, add_common_args, check_args
 from engineering.data import load_preferences
 from engineering.logger import count_tokens
 from engineering.models import byte_tokenizer, load_model
 
 HH, TLDR = (os.path.join(FIXTURES, f) for f in ("hh.jsonl", "tldr.jsonl"))
+ROOT_TMP = tempfile.mkdtemp(prefix="flags_")  # output folders that are never created
 
 
 # -----------------------------------------------------------------------------
@@ -185,19 +190,91 @@ def test_global_batch_is_the_seeded_permutation_split_across_ranks():
 # flag validation
 
 @pytest.mark.parametrize("flags, message", [
-    (["--alpha", "0"], "--alpha must be in (0, 1]"),
-    (["--alpha", "1.5"], "--alpha must be in (0, 1]"),
-    (["--tau", "0"], "--tau must be >= 1"),
+    (["--alpha", "0"], "argument --alpha: must be in (0, 1], got 0"),
+    (["--alpha", "1.5"], "argument --alpha: must be in (0, 1], got 1.5"),
+    (["--tau", "0"], "argument --tau: must be an integer >= 1, got 0"),
+    (["--max_grad_norm=-1"], "argument --max_grad_norm: must be a positive number, got -1"),  # clipping flips it
+    (["--max_grad_norm", "nan"], "argument --max_grad_norm: must be a positive number, got nan"),
+    (["--lr", "inf"], "argument --lr: must be a finite number >= 0, got inf"),
+    (["--batch_size=-4"], "argument --batch_size: must be an integer >= 1, got -4"),
+    (["--save_every=-1"], "argument --save_every: must be an integer >= 0, got -1"),
+    (["--seed", str(2 ** 32)], f"argument --seed: must be an integer in [0, 2**32), got {2 ** 32}"),
+    (["--dist_timeout", str(10 ** 14)], "argument --dist_timeout: must be a whole number of seconds in [1, 10**8]"),
     (["--batch_size", "12", "--micro_batch_size", "8"], "must be divisible by world size 1 x --micro_batch_size 8"),
     (["--max_prompt_length", "128"], "--max_prompt_length must be positive and below --max_length"),
+    (["--eval_size", "100000000"], "--eval_size must be <= 100000 with --dataset toy"),
     (["--dataset", "nope.jsonl"], "unknown --dataset 'nope.jsonl'"),
-    (["--resume", "--output_dir", "/nonexistent"], "--resume: no checkpoint"),
+    (["--resume", "--overwrite"], "--resume continues the run in --output_dir and --overwrite replaces it"),
+    (["--model", ""], "--model '': not a built-in name"),
+    (["--output_dir", ""], "--output_dir is empty"),
 ])
-def test_check_args_messages(flags, message):
-    args = add_common_args(argparse.ArgumentParser(), "run").parse_args(flags)
+def test_check_args_messages(flags, message, tmp_path):
     with pytest.raises(InputError) as e:
+        args = add_common_args(ArgumentParser(""), "run").parse_args(["--output_dir", str(tmp_path / "o"), *flags])
         check_args(args, world_size=1)
     assert message in str(e.value)
+
+
+# every numeric flag of every training script, against its range written out here again (not read from cli.py)
+INT, FLOAT = int, float
+RANGES = {"eval_size": (INT, 1, None), "max_length": (INT, 1, None), "max_prompt_length": (INT, 1, None),
+          "batch_size": (INT, 1, None), "micro_batch_size": (INT, 1, None), "warmup_steps": (INT, 0, None),
+          "epochs": (INT, 1, None), "max_steps": (INT, 0, None), "seed": (INT, 0, 2 ** 32 - 1),
+          "threads": (INT, 0, None), "tau": (INT, 1, None), "log_every": (INT, 1, None), "eval_every": (INT, 0, None),
+          "save_every": (INT, 0, None), "skip_nonfinite": (INT, 0, None), "dist_timeout": (INT, 1, 10 ** 8),
+          "lr": (FLOAT, 0, None), "weight_decay": (FLOAT, 0, None), "max_grad_norm": (FLOAT, "> 0", None),
+          "alpha": (FLOAT, "> 0", 1), "beta": (FLOAT, "> 0", None), "desirable_weight": (FLOAT, "> 0", None),
+          "undesirable_weight": (FLOAT, "> 0", None), "lora_r": (INT, 0, None), "lora_alpha": (INT, 1, None)}
+
+
+def allowed(flag, text):
+    kind, low, high = RANGES[flag]
+    try:
+        x = kind(text)
+    except ValueError:
+        return False
+    if not math.isfinite(x) or (high is not None and x > high):
+        return False
+    return x > 0 if low == "> 0" else x >= low
+
+
+def edges(flag):
+    """The values at the ends of a flag's range and just outside them."""
+    kind, low, high = RANGES[flag]
+    low = 0 if low == "> 0" else low
+    near = [low - 1, low, low + 1] + ([high - 1, high, high + 1] if high is not None else [])
+    return [str(kind(x)) for x in near] + ([str(math.nextafter(low, 1)), str(math.nextafter(high, 2))]
+                                           if kind is FLOAT and high else [])
+
+
+@settings(max_examples=400, deadline=None)
+@given(script=st.sampled_from(["tr_dpo", "tr_ipo", "tr_kto", "sft"]), flag=st.sampled_from(sorted(RANGES)),
+       data=st.data())
+def test_every_numeric_flag_is_refused_outside_its_range_in_one_line(script, flag, data):
+    """A value is accepted exactly when it is in the flag's range; otherwise InputError names the flag, in one
+    line. Never another exception."""
+    value = data.draw(st.one_of(st.sampled_from(edges(flag)), st.integers(-2 ** 70, 2 ** 70), st.floats(),
+                                st.sampled_from(["nan", "inf", "-inf", "1e3", "0.5"])))
+    module, text = importlib.import_module(script), str(value)
+    out = ["--output_dir", os.path.join(ROOT_TMP, script)]
+    if flag not in vars(module.get_args(out)):  # a flag this script does not have (sft: no --tau)
+        return
+    ok = allowed(flag, text)
+    # the partner flags set so that only the flag under test can be wrong
+    n = int(text) if ok and RANGES[flag][0] is INT else 2
+    partners = {"batch_size": ["--micro_batch_size", "1"], "micro_batch_size": ["--batch_size", str(2 * n)],
+                "max_length": ["--max_prompt_length", "1"], "max_prompt_length": ["--max_length", str(n + 1)],
+                "eval_size": ["--dataset", HH], "lora_alpha": ["--lora_r", "4"]}
+    if script == "tr_kto" and flag == "batch_size" or flag == "max_length":
+        ok = ok and n >= 2  # KTO pairs each example with another; a prompt token leaves one for the response
+    try:
+        check_args(module.get_args([f"--{flag}={text}", *partners.get(flag, []), *out]), world_size=1)
+        refused = None
+    except InputError as e:
+        refused = str(e)
+    assert (refused is None) == ok, (script, flag, text, refused)
+    if refused:
+        assert f"--{flag}" in refused and "\n" not in refused, refused
 
 
 # -----------------------------------------------------------------------------

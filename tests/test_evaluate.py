@@ -14,6 +14,7 @@ import torch
 import evaluate as ev
 from common import Dist
 from conftest import naive_logp, torchrun
+from engineering.cli import InputError
 from engineering.data import load_preferences
 from engineering.models import load_model
 
@@ -195,9 +196,9 @@ def test_resume_generates_only_missing_prompts(tmp_path, monkeypatch):
     seen.clear()
     assert ev.generate(model, tok, prompts, path, args, CPU) == full and seen == []  # complete: nothing generated
     # other settings, or another model, never reuse these rows
-    with pytest.raises(SystemExit, match="another model, with other settings"):
+    with pytest.raises(InputError, match="another model, with other settings"):
         ev.generate(model, tok, prompts, path, ev.get_args(["--models", "tiny", "--max_new_tokens", "4"]), CPU)
-    with pytest.raises(SystemExit, match="another model, with other settings"):
+    with pytest.raises(InputError, match="another model, with other settings"):
         ev.generate(load_model("tiny", seed=1)[0], tok, prompts, path, args, CPU)
 
 # -----------------------------------------------------------------------------
@@ -219,7 +220,18 @@ class Stub(BaseHTTPRequestHandler):
 
     def do_POST(self):
         s = self.server
-        text = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][0]["content"]
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        text, route = body["messages"][0]["content"], self.path.split("/")[1]
+        if route == "status":  # /status/<code>/v1: that HTTP status for everything
+            return self.reply(int(self.path.split("/")[2]), {"error": {"message": "as asked"}})
+        if route == "notjson":
+            return self.reply(200, b"<html>gateway</html>")
+        if route == "probeonly":  # the probe (one token) passes; every judgement fails
+            return self.chat("A") if body["max_tokens"] == 1 else self.reply(500, {"error": "down"})
+        if route in ("echo401", "echo200"):  # the Authorization header echoed where a 200-character cut falls
+            pad = b'{"error": "' + b"x" * (190 - len('{"error": "') - len("Bearer ")) + b"Bearer "
+            return self.reply(401 if route == "echo401" else 200, pad + self.headers["Authorization"][7:].encode()
+                              + b'"}')
         case = (re.search(r"CASE:(\w+)", text) or [None, "judge"])[1]
         with s.lock:
             s.calls[case] = s.calls.get(case, 0) + 1
@@ -314,9 +326,108 @@ def test_api_judge_against_stub(stub, secret_env, tmp_path, capsys):
 
 def test_api_key_that_cannot_be_sent_is_refused_without_showing_it(monkeypatch):
     monkeypatch.setenv("STUB_KEY", SECRET[:10] + "\n" + SECRET[10:])  # http.client would echo it in its error
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(InputError) as e:
         ev.ApiJudge("http://127.0.0.1:9/v1", "m", "STUB_KEY")
     assert "STUB_KEY" in str(e.value) and SECRET[:10] not in str(e.value) and SECRET[10:] not in str(e.value)
+
+
+def test_the_key_is_scrubbed_before_a_body_is_cut(stub, secret_env):
+    """A server that echoes the Authorization header where the message is cut at 200 characters: neither the error
+    path nor the malformed-reply path shows any 8 characters of the key."""
+    for route in ("echo401", "echo200"):
+        judge = ev.ApiJudge(f"http://127.0.0.1:{stub.server_port}/{route}/v1", "m", "STUB_KEY", retries=0)
+        answer, error = judge.ask("hello")
+        assert answer is None and "[API key]" in error, error
+        assert not any(SECRET[i:i + 8] in error for i in range(len(SECRET) - 7)), error
+
+
+@pytest.mark.parametrize("route, message", [
+    ("status/401", "the judge API at --api_base {base} refused the key in $STUB_KEY (HTTP 401: "),
+    ("status/403", "refused the key in $STUB_KEY (HTTP 403: "),
+    ("status/404", "--judge_model stub-model: not found at --api_base {base} (HTTP 404: "),
+    ("status/500", "the judge API at --api_base {base} did not answer a test request (HTTP 500: "),
+    ("status/400", "did not answer a test request (HTTP 400: "),
+    ("notjson", "does not answer like an OpenAI-compatible chat-completions API (malformed reply"),
+    ("closed", "cannot reach --api_base {base} (URLError: "),
+])
+def test_the_probe_says_which_judge_setting_is_wrong(stub, secret_env, route, message):
+    port = closed_port() if route == "closed" else stub.server_port
+    base = f"http://127.0.0.1:{port}/{route}/v1"
+    judge = ev.ApiJudge(base, "stub-model", "STUB_KEY", retries=1, backoff=0.01)
+    with pytest.raises(InputError) as e:
+        judge.probe()
+    assert message.format(base=base) in str(e.value) and SECRET not in str(e.value)
+
+
+def closed_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--models", "tiny", "small", "--labels", "x", "x"], "--models/--labels: x names two models"),
+    (["--models", "tiny", "small", "--labels", "a/b", "a_b"], "--models/--labels: a_b names two models"),  # 1 file
+    (["--models", "tiny", "tiny"], "--models/--labels: tiny names two models"),  # no --labels: the names
+    (["--models", "tiny", "--baseline", "tiny"], "tiny names two models (or a model and --baseline)"),
+    (["--models", "/nope/policy"], "--models '/nope/policy': not a built-in name, an existing folder"),
+    (["--reference", "/nope"], "--reference '/nope': not a built-in name"),
+    (["--judge", "local", "--judge_model", "/nope"], "--judge_model '/nope': not a built-in name"),
+    (["--reward_model", "/nope"], "--reward_model '/nope': not a built-in name"),
+    (["--dataset", "/nope.jsonl"], "unknown --dataset '/nope.jsonl'"),
+    (["--top_p", "0"], "argument --top_p: must be in (0, 1], got 0"),
+    (["--top_p", "1.5"], "argument --top_p: must be in (0, 1], got 1.5"),
+    (["--temperature", "0"], "argument --temperature: must be a positive number, got 0"),
+    (["--max_new_tokens", "0"], "argument --max_new_tokens: must be an integer >= 1, got 0"),
+    (["--max_prompt_length", "0"], "argument --max_prompt_length: must be an integer >= 1, got 0"),  # 0: all of it
+    (["--n_prompts", "0"], "argument --n_prompts: must be an integer >= 1, got 0"),
+    (["--api_retries=-1"], "argument --api_retries: must be an integer >= 0, got -1"),
+    (["--api_concurrency", "0"], "argument --api_concurrency: must be an integer >= 1, got 0"),
+    (["--api_timeout", "0"], "argument --api_timeout: must be a positive number, got 0"),
+    (["--api_backoff=-1"], "argument --api_backoff: must be a finite number >= 0, got -1"),
+    (["--judge", "api", "--judge_model", "m", "--api_key_env", "UNSET_KEY_18"],
+     "--judge api reads the key from $UNSET_KEY_18, which is not set"),
+    (["--judge", "api", "--judge_model", "m", "--api_key_env", "SPACE_KEY_18"],
+     "$SPACE_KEY_18 holds a character an HTTP header cannot carry"),
+    (["--judge", "api", "--judge_model", "m", "--api_key_env", "STUB_KEY", "--api_base", "127.0.0.1:9/v1"],
+     "--api_base 127.0.0.1:9/v1: not an http:// or https:// URL"),
+    (["--n_prompts", "1000", "--dataset", "ROWS40"], "40 rows leave nothing to train on after --n_prompts 1000"),
+])
+def test_bad_input_is_one_line_before_anything_is_written(tmp_path, secret_env, monkeypatch, capsys, flags, message):
+    monkeypatch.setenv("SPACE_KEY_18", "sk-has space")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"Q{i}", "chosen": " a", "rejected": " b"}) + "\n" for i in range(40)))
+    out = tmp_path / "eval"
+    argv = ["--models", "tiny", "--judge", "none", "--output_dir", str(out)]
+    with pytest.raises(SystemExit) as e:
+        ev.main(argv + [str(rows) if f == "ROWS40" else f for f in flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert not out.exists()
+
+
+def test_a_wrong_key_is_found_before_generation(stub, secret_env, tmp_path, capsys):
+    out = tmp_path / "eval"
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--models", "tiny", "--judge", "api", "--judge_model", "m", "--api_key_env", "STUB_KEY",
+                 "--api_base", f"http://127.0.0.1:{stub.server_port}/status/401/v1", "--output_dir", str(out)])
+    assert e.value.code == 2 and "refused the key in $STUB_KEY" in capsys.readouterr().err
+    assert not out.exists()  # nothing generated
+
+
+@pytest.mark.slow
+def test_a_run_where_every_judgement_failed_exits_non_zero(stub, secret_env, tmp_path):
+    out = str(tmp_path / "eval")
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--models", "tiny", "--labels", "policy", "--n_prompts", "2", "--max_new_tokens", "2",
+                 "--skip_criteria", "--judge", "api", "--judge_model", "m", "--api_key_env", "STUB_KEY",
+                 "--api_retries", "0", "--api_base", f"http://127.0.0.1:{stub.server_port}/probeonly/v1",
+                 "--output_dir", out])
+    assert str(e.value).startswith("error: all 4 judge requests failed, so every judgement above is invalid "
+                                   "(the first: HTTP 500: ")  # 2 prompts x 2 orders; SystemExit(str): exit code 1
+    report = json.load(open(os.path.join(out, "summary.json")))  # written first
+    assert report["models"][0]["win_rate"]["invalid"] == 4
 
 
 def test_pairwise_orders_map_to_the_policy():
@@ -454,13 +565,13 @@ def test_end_to_end_api_judge_cancels_position_bias(stub, secret_env, tmp_path, 
     assert (w["wins"], w["ties"], w["losses"], w["invalid"], w["rate"], w["ci"]) == (3, 0, 3, 0, 0.5, 0.0)
     assert pol["criteria"]["coherence"] == {"mean": 7.0, "ci": 0.0, "n": 3}
     assert chosen["criteria"]["harmlessness"]["mean"] == 9.0 and pol["ratings_invalid"] == 0
-    assert stub.calls["judge"] == 2 * 3 + 3 + 3
+    assert stub.calls["judge"] == 1 + 2 * 3 + 3 + 3  # the probe, both orders of 3 prompts, 3 + 3 ratings
     out_text = capsys.readouterr()
     assert SECRET not in all_text(out) + out_text.out + out_text.err + json.dumps(res)
     # rerun: every answer comes from the cache, the server is not asked again
     ev.main(["--models", "tiny", "--labels", "policy", "--n_prompts", "3", "--judge", "api", "--judge_model", "stub",
              "--api_base", f"http://127.0.0.1:{stub.server_port}/v1", "--api_key_env", "STUB_KEY", "--output_dir", out])
-    assert stub.calls["judge"] == 12
+    assert stub.calls["judge"] == 14  # the probe again; every answer from the cache
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 non-finite steps, a rank that dies, and property-based tests of the data path."""
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,13 +14,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import sft
 import tr_dpo
-from common import global_batch, tokenize_rows
-from conftest import ENV, FAST, ROOT, torchrun, weights
+import tr_kto
+from common import Dist, global_batch, tokenize_rows
+from conftest import ENV, FAST, ROOT, metrics, torchrun, weights
 from engineering import checkpoint
-from engineering.cli import DataError
+from engineering.cli import DataError, InputError, check_paths
 from engineering.data import load_preferences
-from engineering.models import byte_tokenizer
+from engineering.models import byte_tokenizer, load_model
 
 # two micro-batches of 2 per rank under two processes, a reference update every 2 steps
 FLAGS = FAST + ["--micro_batch_size", "2", "--tau", "2", "--alpha", "0.5"]
@@ -97,11 +100,13 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         return real_save(obj, path, *a, **k)
 
     monkeypatch.setattr(checkpoint.torch, "save", failing_save)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(SystemExit) as e:  # one line, exit code 1: not a bad input
         tr_dpo.main(flags + ["--save_every", "2", "--output_dir", crashed])
+    assert str(e.value) == (f"error: step 4: cannot write the checkpoint (disk full (simulated)); {crashed}/checkpoint "
+                            f"(step 2) is intact: --resume continues from it")
     monkeypatch.undo()
     ck = torch.load(os.path.join(crashed, "checkpoint", "state.pt"), weights_only=False)
-    assert ck["step"] == 2  # the half-written one stayed in checkpoint.tmp
+    assert ck["step"] == 2 and not os.path.exists(os.path.join(crashed, "checkpoint.tmp"))  # the half one removed
     tr_dpo.main(flags + ["--resume", "--output_dir", crashed])
     a, b = weights(straight), weights(crashed)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -250,3 +255,356 @@ def test_truncation_invariants(prompt, chosen, rejected, max_length, frac):
         assert len(ex[k]) >= 1  # a response keeps at least one token (its EOS when it was empty)
     assert ex["prompt"] == full_prompt[-len(ex["prompt"]):]  # the end of the prompt is what stays
     assert ex["chosen"] == (list(chosen.encode()) + [TOK.eos_token_id])[:len(ex["chosen"])]  # cut from the right
+
+
+# -----------------------------------------------------------------------------
+# a checkpoint knows its run: --resume continues only the run it was written by, before anything is written
+
+def snapshot(root):
+    """{relative path: bytes} of every file under root: what "nothing was written" compares."""
+    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(root) for f in files}
+
+
+def refused(script, argv, capfd):
+    """(exit code, stderr) of script.main(argv) run in this process, which must end in SystemExit."""
+    with pytest.raises(SystemExit) as e:
+        script.main(argv)
+    return e.value.code, capfd.readouterr().err
+
+
+RUN = FAST + ["--eval_size", "8"]  # a TR-DPO run of the tiny model: checkpoint/ at step 4
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("dpo") / "run")
+    tr_dpo.main(RUN + ["--max_steps", "4", "--save_every", "4", "--output_dir", out])
+    return out
+
+
+def copy_of(run, tmp_path):
+    shutil.copytree(run, tmp_path / "run")
+    return str(tmp_path / "run")
+
+
+@slow
+@pytest.mark.parametrize("script, change, message", [
+    (tr_dpo, ["--tau", "1"], "was written with --tau 100, not 1; pass --tau 100 to continue that run"),
+    (tr_dpo, ["--batch_size", "16"], "was written with --batch_size 8, not 16"),
+    (tr_dpo, ["--eval_size", "16"], "was written with --eval_size 8, not 16"),  # found before it overwrites
+    (tr_dpo, ["--model", "small"], "was written with --model tiny, not small"),
+    (tr_dpo, ["--beta", "0.5"], "was written with --beta 0.05, not 0.5"),
+    (tr_dpo, ["--group_by_length"], "was written without --group_by_length; drop it"),
+    (tr_dpo, ["--dataset", "DATA"], "was written with --dataset toy, not "),
+    (tr_dpo, ["--max_steps", "3"], "is at step 4, beyond this run's 3 steps; raise --max_steps"),
+    (tr_kto, [], "was written by tr_dpo.py, not tr_kto.py; run tr_dpo.py to continue it"),
+    (sft, [], "was written by tr_dpo.py, not sft.py"),
+    (tr_dpo, ["--overwrite"], "--resume continues the run in --output_dir and --overwrite replaces it"),
+])
+def test_resume_refuses_another_run_in_one_line(dpo_run, tmp_path, script, change, message, capfd):
+    data = str(tmp_path / "data.jsonl")
+    with open(data, "w") as f:
+        f.writelines(json.dumps({"prompt": f"Q{i}", "chosen": " a", "rejected": " b"}) + "\n" for i in range(40))
+    before = snapshot(dpo_run)
+    change = [data if c == "DATA" else c for c in change]
+    code, err = refused(script, RUN + ["--max_steps", "6", "--resume", "--output_dir", dpo_run, *change], capfd)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: --resume") and message in err, err
+    assert snapshot(dpo_run) == before  # the checkpoint, metrics and outputs untouched
+
+
+@slow
+def test_resume_refuses_edited_data_and_an_old_checkpoint(tmp_path, capfd):
+    data, out = tmp_path / "data.jsonl", str(tmp_path / "run")
+    rows = [json.dumps({"prompt": f"Q{i}", "chosen": " a", "rejected": " b"}) + "\n" for i in range(40)]
+    data.write_text("".join(rows))
+    flags = RUN + ["--dataset", str(data), "--save_every", "2"]
+    tr_dpo.main(flags + ["--max_steps", "2", "--output_dir", out])
+    data.write_text("".join(rows[:-1] + [rows[-1].replace("Q39", "Q39?")]))  # the same name, one row edited
+    code, err = refused(tr_dpo, flags + ["--max_steps", "4", "--resume", "--output_dir", out], capfd)
+    assert code == 2 and f"--dataset {data} has changed since {out}/checkpoint was written" in err
+    # a checkpoint of the code before run records: one line, not a guess
+    os.remove(os.path.join(out, "checkpoint", "run.json"))
+    data.write_text("".join(rows))
+    code, err = refused(tr_dpo, flags + ["--max_steps", "4", "--resume", "--output_dir", out], capfd)
+    assert code == 2 and err == (f"error: --resume: {out}/checkpoint was written by an older version of this code, "
+                                 f"without the record of its run (run.json) that --resume checks; start a new run "
+                                 f"(--overwrite), or finish it with the commit that wrote it\n")
+
+
+@slow
+def test_resume_without_the_initial_reference_logps_is_one_line(dpo_run, tmp_path, capfd):
+    """A checkpoint without init_ref_logps (written before issue 17, its record then added by hand): Run.initial
+    says so instead of a KeyError."""
+    out = copy_of(dpo_run, tmp_path)
+    path = os.path.join(out, "checkpoint", "state.pt")
+    state = torch.load(path, weights_only=False)
+    del state["extra"]["init_ref_logps"]
+    torch.save(state, path)
+    record = json.load(open(os.path.join(out, "checkpoint", "run.json")))
+    record["files"]["state.pt"] = os.path.getsize(path)
+    json.dump(record, open(os.path.join(out, "checkpoint", "run.json"), "w"))
+    code, err = refused(tr_dpo, RUN + ["--max_steps", "6", "--resume", "--output_dir", out], capfd)
+    assert code == 2 and err.split("\r")[-1].split("]")[-1] == (  # after the progress bar, drawn by then
+        f"error: {out}/checkpoint holds no init_ref_logps (it was written by an older version of this code); start "
+        f"a fresh run without --resume, or use that version to finish it\n")
+
+
+@slow
+def test_a_new_lr_on_resume_takes_effect(dpo_run, tmp_path, capfd):
+    """--lr 0 from step 4 on: AdamW then moves no weight (no weight decay), so the final policy is the checkpoint's
+    bit for bit; had the checkpoint's lr 1e-3 been kept, it would have moved."""
+    out = copy_of(dpo_run, tmp_path)
+    saved = torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=False)["policy"]
+    tr_dpo.main(RUN + ["--max_steps", "6", "--lr", "0", "--resume", "--output_dir", out])
+    assert f"resume: {out}/checkpoint at step 4; --lr 0.001 -> 0.0; --max_steps 4 -> 6" in capfd.readouterr().out
+    final = weights(out)
+    assert all(torch.equal(final[k], saved[k]) for k in saved)
+    # warmup 10: step s is logged with lr * (s + 1) / 11, the schedule's factor after s steps
+    assert [(m["step"], m["lr"]) for m in metrics(out, "lr")] == [
+        (1, round(1e-3 * 2 / 11, 6)), (2, round(1e-3 * 3 / 11, 6)), (3, round(1e-3 * 4 / 11, 6)),
+        (4, round(1e-3 * 5 / 11, 6)), (5, 0.0), (6, 0.0)]
+
+
+# -----------------------------------------------------------------------------
+# one run owns its folder; a save killed at any moment leaves a checkpoint to resume from
+
+@slow
+def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path, capfd):
+    import fcntl
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "w") as holder:  # what a live run holds (another open file: another owner)
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        holder.write("4242\n")
+        holder.flush()
+        code, err = refused(tr_dpo, RUN + ["--max_steps", "1", "--output_dir", str(out)], capfd)
+        assert (code, err) == (2, f"error: {out} is in use by another run (pid 4242); wait for it to end, or "
+                                  f"choose another --output_dir\n")
+        assert os.listdir(out) == [".lock"]
+    tr_dpo.main(RUN + ["--max_steps", "1", "--output_dir", str(out)])  # the holder gone: the folder is free
+    assert metrics(out, "loss")[0]["step"] == 1
+
+
+def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, capsys):
+    import fcntl
+
+    def no_locks(f, how):
+        raise OSError(37, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    checks = []
+    try:
+        checkpoint.take_folder(str(tmp_path / "run"), Dist(0, 0, 1, torch.device("cpu")), lambda: checks.append(1))
+    finally:
+        checkpoint.release_folders()
+    assert checks == [1] and capsys.readouterr().out == (
+        f"warning: cannot lock {tmp_path / 'run'} (No locks available): make sure no other run writes there\n")
+
+
+@slow
+def test_overwrite_clears_the_old_run_before_training(dpo_run, tmp_path, monkeypatch, capfd):
+    """--overwrite, then the new run dies at its first step: no old checkpoint is left for --resume to mix in."""
+    out = copy_of(dpo_run, tmp_path)
+    nan_at_step(monkeypatch, bad_step=1)
+    stop, _ = refused(tr_dpo, RUN + ["--micro_batch_size", "2", "--max_steps", "4", "--seed", "1", "--overwrite",
+                                     "--output_dir", out], capfd)
+    assert stop.startswith("error: step 1: non-finite loss")  # and the message knows there is no checkpoint
+    assert "nothing was applied. no checkpoint was written (--save_every N writes one every N steps)" in stop
+    assert os.listdir(out) == [".lock"]  # no checkpoint/, policy/, reference/ nor metrics of the old run
+    monkeypatch.undo()
+    code, err = refused(tr_dpo, RUN + ["--max_steps", "6", "--resume", "--output_dir", out], capfd)
+    assert code == 2 and f"--resume: no checkpoint in {out}" in err
+
+
+def fake_checkpoint(path, step, files=None, record=True):
+    """A checkpoint folder as find_checkpoint sees it: files of given sizes and, if record, run.json listing them
+    (files: {name: (size written, size listed)})."""
+    os.makedirs(path)
+    files = files or {"state.pt": (10, 10), "rng_0.pt": (3, 3)}
+    for name, (size, _) in files.items():
+        with open(os.path.join(path, name), "wb") as f:
+            f.write(b"x" * size)
+    if record:
+        with open(os.path.join(path, "run.json"), "w") as f:
+            json.dump({"format": checkpoint.FORMAT, "step": step, "files": {n: s for n, (_, s) in files.items()}}, f)
+
+
+@pytest.mark.parametrize("layout, found", [
+    ({"checkpoint": 4}, "checkpoint"),
+    ({"checkpoint.old": 2, "checkpoint.tmp": 4}, "checkpoint.tmp"),  # killed between the renames
+    ({"checkpoint.old": 2, "checkpoint.tmp": "half"}, "checkpoint.old"),  # killed between them, tmp unfinished
+    ({"checkpoint": 4, "checkpoint.tmp": "half"}, "checkpoint"),  # killed while writing the next one
+    ({"checkpoint": 2, "checkpoint.tmp": 4}, "checkpoint.tmp"),  # killed after writing it, before any rename
+    ({"checkpoint": 4, "checkpoint.old": 2}, "checkpoint"),  # killed before removing .old
+    ({"checkpoint": "short", "checkpoint.old": 2}, "checkpoint.old"),
+])
+def test_resume_finds_the_latest_complete_checkpoint(tmp_path, layout, found):
+    for name, what in layout.items():
+        if what == "half":  # no run.json yet: written last
+            fake_checkpoint(str(tmp_path / name), 0, record=False)
+        elif what == "short":  # a file shorter than written (a damaged disk, a copy cut off)
+            fake_checkpoint(str(tmp_path / name), 6, {"state.pt": (5, 10)})
+        else:
+            fake_checkpoint(str(tmp_path / name), what)
+    path, record = checkpoint.find_checkpoint(str(tmp_path))
+    assert path == str(tmp_path / found) and record["step"] == layout[found]
+
+
+@pytest.mark.parametrize("damage, why", [
+    ("no rng file", "checkpoint/: rng_0.pt is missing"),
+    ("garbage state.pt", "checkpoint/: state.pt has 7 bytes, 10 were written"),  # also a truncated one
+    ("broken run.json", "checkpoint/: run.json unreadable (Expecting property name enclosed in double quotes: line 1 "
+                        "column 2 (char 1))"),
+    ("empty folder", "checkpoint/: no run.json"),
+])
+def test_a_damaged_checkpoint_is_named_before_it_is_read(tmp_path, damage, why):
+    path = tmp_path / "checkpoint"
+    fake_checkpoint(str(path), 4)
+    if damage == "no rng file":
+        os.remove(path / "rng_0.pt")
+    elif damage == "garbage state.pt":
+        (path / "state.pt").write_bytes(b"garbage")
+    elif damage == "broken run.json":
+        (path / "run.json").write_text("{")
+    else:
+        shutil.rmtree(path)
+        path.mkdir()
+    with pytest.raises(InputError) as e:
+        checkpoint.find_checkpoint(str(tmp_path))
+    assert str(e.value) == f"--resume: no complete checkpoint in {tmp_path} ({why}); start a new run (--overwrite)"
+
+
+def test_a_checkpoint_file_that_does_not_load_is_one_line(tmp_path):
+    path = tmp_path / "state.pt"
+    path.write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(InputError, match=rf"--resume: cannot read {path} \(.*\); start a new run"):
+        checkpoint.read(str(path))
+
+
+@slow
+def test_resume_after_a_kill_between_the_renames_and_a_torn_metrics_line(dpo_run, tmp_path):
+    """checkpoint/ gone, checkpoint.tmp/ (step 4) complete, checkpoint.old/ (step 4 too, here) and a metrics line
+    cut in the middle: --resume takes the .tmp, moves it into place and continues; the torn line is dropped."""
+    out = copy_of(dpo_run, tmp_path)
+    shutil.copytree(os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.old"))
+    os.rename(os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.tmp"))
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 5, "loss": 0.69')
+    tr_dpo.main(RUN + ["--max_steps", "6", "--save_every", "6", "--resume", "--output_dir", out])
+    assert [m["step"] for m in metrics(out, "loss")] == [1, 2, 3, 4, 5, 6]
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint"]
+    assert json.load(open(os.path.join(out, "checkpoint", "run.json")))["step"] == 6
+
+
+@slow
+def test_a_full_disk_at_the_final_save_is_one_line_and_leaves_no_half_folder(tmp_path, monkeypatch, capfd):
+    import transformers.modeling_utils as hf
+    real, calls = hf.safe_save_file, []
+
+    def save_file(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:  # reference/'s weights, after policy/'s
+            open(filename, "wb").write(b"\0" * 100)
+            raise OSError(28, "No space left on device (simulated)", filename)
+        return real(tensors, filename, metadata=metadata)
+    monkeypatch.setattr(hf, "safe_save_file", save_file)
+    out = str(tmp_path / "run")
+    stop, _ = refused(tr_dpo, RUN + ["--max_steps", "2", "--save_every", "2", "--output_dir", out], capfd)
+    assert stop == (f"error: cannot write the final weights into {out} ([Errno 28] No space left on device "
+                    f"(simulated): '{out}/reference.tmp/model.safetensors'); {out}/checkpoint (step 2) is intact: "
+                    f"--resume continues from it")  # SystemExit(str): printed, exit code 1
+    assert sorted(os.listdir(out)) == [".lock", "checkpoint", "metrics.jsonl"]  # no policy/, no half reference/
+
+
+def test_a_policy_with_a_nan_weight_is_never_checkpointed(tmp_path):
+    from engineering.run import Run
+    model, _ = load_model("tiny")
+    args = tr_dpo.get_args(["--output_dir", str(tmp_path / "run")])
+    opt = torch.optim.AdamW(model.parameters())
+    run = Run(args, Dist(0, 0, 1, torch.device("cpu")), model, None, opt, torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 1.0), 1)
+    try:
+        with torch.no_grad():
+            next(model.parameters())[0, 0] = float("nan")
+        assert checkpoint.nonfinite_weights(model) == 1
+        with pytest.raises(SystemExit, match="step 3: the policy holds non-finite weights, so no checkpoint is "
+                                             "written; no checkpoint was written"):
+            run.save(3)
+        assert not os.path.exists(tmp_path / "run" / "checkpoint")
+    finally:
+        run.logger.close()
+        checkpoint.release_folders()
+
+
+def test_inputs_inside_the_output_folder_are_refused(tmp_path):
+    out = tmp_path / "run"
+    (out / "policy").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text("{}\n")
+    for model, dataset, flag in [(str(out / "policy"), "toy", "--model"),
+                                 ("tiny", str(out / "metrics.jsonl"), "--dataset")]:
+        with pytest.raises(InputError) as e:
+            check_paths(model, dataset, str(out), resume=False, overwrite=True)
+        assert str(e.value).startswith(f"{flag} {out}/") and "lies inside --output_dir" in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# model and dataset folders that cannot be used: one line each
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    model, tok = load_model("tiny")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def damaged(saved, tmp_path, keep=None, write=None):
+    path = tmp_path / "model"
+    shutil.copytree(saved, path)
+    for name in os.listdir(path):
+        if keep is not None and name not in keep:
+            os.remove(path / name)
+    for name, text in (write or {}).items():
+        (path / name).write_text(text)
+    return str(path)
+
+
+BERT = json.dumps({"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                   "intermediate_size": 64, "vocab_size": 300})
+
+
+@pytest.mark.parametrize("keep, write, message", [
+    ([], None, "no config.json in the folder"),
+    (None, {"config.json": '{"model_type": "gpt_ne'}, "cannot load --model"),
+    (["config.json"], None, "cannot load --model"),  # no weights
+    (None, {"config.json": json.dumps({"model_type": "no_such_arch"})}, "cannot load --model"),
+    (None, {"tokenizer.json": "{garbage"}, "cannot load --model"),
+    (None, {"config.json": BERT}, "weight(s) the config asks for are not in its files"),  # loads: all weights new
+    (["config.json", "model.safetensors", "generation_config.json"], None,
+     "its tokenizer turns text into no tokens"),  # loads: a 2-token tokenizer that encodes text to []
+])
+def test_an_unusable_model_folder_is_one_line(saved_tiny, tmp_path, keep, write, message):
+    path = damaged(saved_tiny, tmp_path, keep, write)
+    with pytest.raises(InputError) as e:
+        load_model(path)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_truncated_weights_are_one_line(saved_tiny, tmp_path):
+    path = damaged(saved_tiny, tmp_path)
+    weights_file = os.path.join(path, "model.safetensors")
+    with open(weights_file, "r+b") as f:
+        f.truncate(os.path.getsize(weights_file) // 3)
+    with pytest.raises(InputError, match=r"cannot load --model .*SafetensorError"):
+        load_model(path)
+
+
+def test_an_unusable_dataset_folder_is_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    corrupt = tmp_path / "corrupt" / "data"
+    corrupt.mkdir(parents=True)
+    (corrupt / "train-00000-of-00001.parquet").write_bytes(b"PAR1" + bytes(2000) + b"PAR1")
+    for folder in (tmp_path / "empty", tmp_path / "corrupt"):
+        with pytest.raises(DataError, match=rf"{folder}: cannot be read as a dataset \("):
+            load_preferences(str(folder), eval_size=1)

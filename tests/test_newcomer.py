@@ -152,7 +152,7 @@ def test_bad_flags_and_rows_are_one_line_each(tmp_path, capfd):
     missing = write_lines(tmp_path / "missing.jsonl", [GOOD_ROW, no_rejected] + [GOOD_ROW] * 4)
     for argv, message in [
         (["--bogus", "1"], "unrecognized arguments: --bogus 1 (--help lists the flags)"),
-        (["--alpha", "2"], "--alpha must be in (0, 1], got 2.0"),
+        (["--alpha", "2"], "argument --alpha: must be in (0, 1], got 2 (--help lists the flags)"),
         (["--batch_size", "12"], "--batch_size 12 must be divisible by world size 1 x --micro_batch_size 8"),
         (["--dataset", "nope.jsonl"], "unknown --dataset 'nope.jsonl': use toy, hh, hh:<subset>, tldr, a hub dataset "
                                       "id (org/name), or an existing .json/.jsonl/.jsonl.gz file or dataset folder"),
@@ -200,7 +200,8 @@ def test_command_line_errors_are_one_line_without_a_traceback(tmp_path):
     out = str(tmp_path / "out")
     assert run(["tr_kto.py", "--dataset", bad, "--output_dir", out], ENV)[:3] == (
         2, "", f"error: {bad}: line 57: not valid JSON (Extra data); fix it or pass --skip_bad_rows\n")
-    assert run(["tr_ipo.py", "--tau", "0", "--output_dir", out], ENV)[:3] == (2, "", "error: --tau must be >= 1, got 0\n")
+    assert run(["tr_ipo.py", "--tau", "0", "--output_dir", out], ENV)[:3] == (
+        2, "", "error: argument --tau: must be an integer >= 1, got 0 (--help lists the flags)\n")
     assert not os.path.exists(out)
 
 
