@@ -112,28 +112,6 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@slow
-def test_resume_from_a_checkpoint_older_than_the_initial_reference_logps(tmp_path, capfd):
-    """A checkpoint written before the scripts kept the initial reference's eval log-probs (its state holds no
-    init_ref_logps; --resume ended in a KeyError): one line saying what to do, exit code 2, the run's files as they
-    were."""
-    out = str(tmp_path)
-    tr_dpo.main(FLAGS + ["--max_steps", "2", "--save_every", "2", "--output_dir", out])
-    state = os.path.join(out, "checkpoint", "state.pt")
-    old = torch.load(state, weights_only=False)
-    del old["extra"]["init_ref_logps"]
-    torch.save(old, state)
-    files = {p: open(p, "rb").read() for p in (state, os.path.join(out, "metrics.jsonl"))}
-    capfd.readouterr()
-    with pytest.raises(SystemExit) as e:
-        tr_dpo.main(FLAGS + ["--max_steps", "4", "--resume", "--output_dir", out])
-    shown = [line.split("\r")[-1] for line in capfd.readouterr().err.split("\n")]  # what a terminal shows
-    assert (e.value.code, [line for line in shown if line.strip()]) == (2, [
-        f"error: {out}/checkpoint holds no init_ref_logps (it was written by an older version of this code); start a "
-        f"fresh run without --resume, or use that version to finish it"])
-    assert files == {p: open(p, "rb").read() for p in files}
-
-
 # -----------------------------------------------------------------------------
 # non-finite loss: never applied; stop naming step and examples, or skip within a limit
 
@@ -334,8 +312,9 @@ def test_resume_refuses_edited_data_and_an_old_checkpoint(tmp_path, capfd):
 
 @slow
 def test_resume_without_the_initial_reference_logps_is_one_line(dpo_run, tmp_path, capfd):
-    """A checkpoint without init_ref_logps (written before issue 17, its record then added by hand): Run.initial
-    says so instead of a KeyError."""
+    """A checkpoint without init_ref_logps (written before issue 17, its record then added by hand; --resume ended
+    in a KeyError): Run.initial says so in one line, the progress bar erased before it, exit code 2, the run's files
+    as they were."""
     out = copy_of(dpo_run, tmp_path)
     path = os.path.join(out, "checkpoint", "state.pt")
     state = torch.load(path, weights_only=False)
@@ -344,10 +323,13 @@ def test_resume_without_the_initial_reference_logps_is_one_line(dpo_run, tmp_pat
     record = json.load(open(os.path.join(out, "checkpoint", "run.json")))
     record["files"]["state.pt"] = os.path.getsize(path)
     json.dump(record, open(os.path.join(out, "checkpoint", "run.json"), "w"))
+    before = snapshot(out)
     code, err = refused(tr_dpo, RUN + ["--max_steps", "6", "--resume", "--output_dir", out], capfd)
-    assert code == 2 and err.split("\r")[-1].split("]")[-1] == (  # after the progress bar, drawn by then
+    shown = [line.split("\r")[-1] for line in err.split("\n")]  # what a terminal shows
+    assert (code, [line for line in shown if line.strip()]) == (2, [
         f"error: {out}/checkpoint holds no init_ref_logps (it was written by an older version of this code); start "
-        f"a fresh run without --resume, or use that version to finish it\n")
+        f"a fresh run without --resume, or use that version to finish it"])
+    assert snapshot(out) == before
 
 
 @slow
