@@ -27,7 +27,11 @@ letters: the model sees the real length distribution, and TRL tokenises the same
 
 Components (--components): 'update' times update_reference (GB/s, fp32 and bf16 reference) against TRL's sync
 loop and a plain copy of as many values; 'head' compares sequence_logps (LM head on response positions only) with full-vocabulary logits, time and
-extra memory; 'compile' times sequence_logps forward+backward with and without torch.compile.
+extra memory; 'compile' times sequence_logps forward+backward with and without torch.compile; 'logps' runs
+sequence_logps forward+backward by each of engineering/logits.py's paths on the same model (the fast path 'head',
+the fallbacks 'forward_keep' and 'forward'): time per step with the paths taking turns in one process (CPU time
+too, which other jobs on the machine do not inflate), and each path's peak memory of a step in its own process.
+--configs none runs the components alone.
 
 With --data, the padding share of a whole epoch is also computed for each layout from the lengths alone.
 
@@ -37,6 +41,8 @@ Examples (CPU; the README's tables come from the commands listed there):
         --micro_batch_size 2 --configs plain,share_prompt,group_by_length,share_prompt+group_by_length
     python bench.py --model pythia-1b --lengths 448:63 --batch_size 8 --micro_batch_size 8 --dtype bfloat16 \
         --configs plain,share_prompt,trl,trl_ckpt   (one GPU)
+    python bench.py --model pythia-160m --configs none --components logps --lengths 64:64 --micro_batch_size 2 \
+        --threads 1                                 (the exact fallbacks against the fast path: docs/performance.md)
 """
 import argparse
 import importlib
@@ -78,7 +84,8 @@ def get_args(argv=None):
     p.add_argument("--model", default="tiny", help="tiny, small, pythia-160m|410m|1b (random init), or a path")
     p.add_argument("--methods", default="dpo", help="comma list of dpo, ipo, kto")
     p.add_argument("--configs", default="plain,share_prompt,group_by_length,trl",
-                   help=f"comma list of {', '.join(CONFIGS)}; trl configs are skipped when trl is not installed")
+                   help=f"comma list of {', '.join(CONFIGS)}, or 'none'; trl configs are skipped when trl is not "
+                   "installed")
     g = p.add_argument_group("data")
     g.add_argument("--lengths", default="96:32", help="P:R fixed prompt and response tokens (ignored with --data)")
     g.add_argument("--data", default=None, help="a preference file (HH or TL;DR rows) to draw lengths from")
@@ -93,14 +100,14 @@ def get_args(argv=None):
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     g.add_argument("--tau", type=int, default=1, help="reference update every tau steps (1: every step)")
     g.add_argument("--alpha", type=float, default=0.6)
-    g.add_argument("--steps", type=int, default=5, help="timed steps per run")
+    g.add_argument("--steps", type=int, default=5, help="timed steps per run (and per path in the 'logps' component)")
     g.add_argument("--warmup", type=int, default=2, help="steps run and dropped before timing")
     g.add_argument("--repeats", type=int, default=2, help="interleaved repeats of every run")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads per run (0: torch's default); 1 is "
                    "steadier on a machine shared with other jobs")
     g = p.add_argument_group("output")
-    g.add_argument("--components", default="update", help="comma list of update, head, compile, or 'none'")
+    g.add_argument("--components", default="update", help="comma list of update, head, compile, logps, or 'none'")
     g.add_argument("--no_trl", action="store_true", help="skip TRL even when installed")
     g.add_argument("--out", default="bench.json")
     g.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one run, as JSON
@@ -543,6 +550,61 @@ def bench_compile(spec):
     return {"first_ms": 1e3 * first, "ms": 1e3 * median_time(step, spec.get("k", 3), cuda)}
 
 
+LOGPS_PATHS = ("head", "forward_keep", "forward")
+
+
+def bench_logps(spec):
+    """sequence_logps forward + backward on one micro-batch, by each log-prob path of engineering/logits.py, on the
+    same model (set as model.logps_path: load_model's choice is overridden, whichever it was).
+    variant "time": every path in this process, taking turns step by step in a rotating order, so that other jobs
+    slow them alike; the median wall and CPU seconds of --steps steps each. Any other variant is a path, alone in its
+    process: the peak memory of one step above what is allocated once the gradients exist (CUDA: allocated bytes;
+    CPU: resident memory, glibc made to return freed blocks over 64 KiB, spawn's env)."""
+    import torch
+
+    from common import sequence_logps, to_device
+    from engineering.models import load_model
+    cuda = torch.cuda.is_available()
+    model, tok = load_model(spec["model"])
+    model.to("cuda" if cuda else "cpu").train()
+    chosen = model.logps_path
+    batch = to_device(head_batch(spec, tok), "cuda" if cuda else "cpu")
+
+    def step(path):
+        model.logps_path = path
+        model.zero_grad(set_to_none=False)  # the gradients stay allocated: the peak is the step's own
+        sequence_logps(model, **batch)[0].sum().backward()
+        if cuda:
+            torch.cuda.synchronize()
+    if spec["variant"] != "time":
+        step(spec["variant"])  # warm-up; allocates the gradients
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            base = rss_kib("VmRSS")
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets the peak (VmHWM) to the resident size now
+        step(spec["variant"])
+        peak = torch.cuda.max_memory_allocated() - base if cuda else (rss_kib("VmHWM") - base) * 1024
+        return {"peak_mb": peak / 2**20, "chosen_at_load": chosen}
+    step(LOGPS_PATHS[0])  # warm-up
+    wall, cpu = ({p: [] for p in LOGPS_PATHS} for _ in range(2))
+    for r in range(spec["steps"]):
+        for path in LOGPS_PATHS[r % 3:] + LOGPS_PATHS[:r % 3]:
+            t, c = time.perf_counter(), time.process_time()
+            step(path)
+            wall[path].append(time.perf_counter() - t)
+            cpu[path].append(time.process_time() - c)
+    return {p: {"ms": 1e3 * statistics.median(wall[p]), "cpu_ms": 1e3 * statistics.median(cpu[p]),
+                "cpu_ms_all": [round(1e3 * x) for x in cpu[p]]} for p in LOGPS_PATHS} | {"chosen_at_load": chosen}
+
+
+def rss_kib(field):
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith(field)).split()[1])
+
+
 # the shapes of the on-paper GPU memory table (lora_memory): (config class, config), built on the meta device
 MEMORY_SHAPES = {
     "pythia-1b": ("GPTNeoXConfig", dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=8,
@@ -589,7 +651,10 @@ def lora_memory(spec, r=16, soft_updates=4, tokens=4 * 1024, gpus=8):
     return rows
 
 
-COMPONENTS = {"update": bench_update, "head": bench_head, "compile": bench_compile, "lora_memory": lora_memory}
+COMPONENTS = {"update": bench_update, "head": bench_head, "compile": bench_compile, "logps": bench_logps,
+              "lora_memory": lora_memory}
+VARIANTS = {"head": ("response_only", "full_logits"), "compile": ("eager", "compiled"),
+            "logps": ("time",) + LOGPS_PATHS}
 
 # -----------------------------------------------------------------------------
 # the parent: write the data, run everything interleaved, summarise
@@ -599,6 +664,8 @@ def spawn(spec):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if spec["threads"]:
         env["OMP_NUM_THREADS"] = str(spec["threads"])
+    if spec["kind"] == "logps":  # freed blocks over 64 KiB go back to the OS: resident memory follows the tensors
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     r = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
                        capture_output=True, text=True, env=env)
     for line in r.stdout.splitlines()[::-1]:
@@ -642,6 +709,21 @@ def table(rows, cols):
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
     lines += [" | ".join(fmt(r.get(c)) for c in cols) for r in rows]
     return "\n".join(lines)
+
+
+def logps_table(c):
+    """The 'logps' component as a table: each path's step against the fast path's, measured in the same run."""
+    time_, rows = c["time"], [["path", "wall ms / step", "CPU ms / step", "CPU vs head", "peak MiB / step",
+                               "memory vs head"], ["---"] * 6]
+    if "error" in time_:
+        return "logps component failed:\n" + time_["error"]
+    for p in LOGPS_PATHS:
+        mem = c[p].get("peak_mb")
+        rows.append([p + (" (chosen at load)" if p == time_["chosen_at_load"] else ""), f"{time_[p]['ms']:.0f}",
+                     f"{time_[p]['cpu_ms']:.0f}", f"{time_[p]['cpu_ms'] / time_['head']['cpu_ms']:.2f}x",
+                     "-" if mem is None else f"{mem:.0f}",
+                     "-" if mem is None else f"{mem / c['head']['peak_mb']:.2f}x"])
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
 
 def main(argv=None):
@@ -695,8 +777,7 @@ def main(argv=None):
         if comp in ("update", "lora_memory"):
             components[comp] = spawn({**spec, "kind": comp})
         else:
-            variants = ("response_only", "full_logits") if comp == "head" else ("eager", "compiled")
-            components[comp] = {v: spawn({**spec, "kind": comp, "variant": v}) for v in variants}
+            components[comp] = {v: spawn({**spec, "kind": comp, "variant": v}) for v in VARIANTS[comp]}
     update = components.get("update", {})
     for row in summary:  # our update's share of a step: the component's time, once every tau steps
         kind = "bfloat16" if row["config"] == "ref_bf16" else "lora16" if row["config"].startswith("lora") else "float32"
@@ -714,7 +795,8 @@ def main(argv=None):
     cols = ["method", "config", "tokens_per_s", "ms_per_step", "cpu_ms_per_step", "peak_mem_mb", "ref_update_share",
             "padding_share", "speed_vs_plain", "cpu_vs_plain", "mem_vs_plain", "speed_vs_trl", "mem_vs_trl",
             "speed_vs_trl_ckpt", "mem_vs_trl_ckpt"]
-    print(table(summary, [c for c in cols if any(c in r for r in summary)]))
+    if summary:
+        print(table(summary, [c for c in cols if any(c in r for r in summary)]))
     for r in summary:
         if "error" in r:
             print(f"\n{r['method']} {r['config']} failed:\n{r['error']}")
@@ -734,6 +816,8 @@ def main(argv=None):
                         ["shape", "N", "P", "activations", *cols]))
             continue
         print(f"\ncomponent {name}: {json.dumps(c)}")
+    if "logps" in components:
+        print("\n" + logps_table(components["logps"]))
     print(f"\nwrote {args.out}")
 
 

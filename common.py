@@ -17,7 +17,8 @@ Conventions (stated here once, pinned by tests/test_common.py):
   max_prompt_length tokens (the end holds the question being answered), then every response is cut from
   the right to fit. Decided per example on its longest response, so chosen and rejected share one prompt.
 - Log-probs. sequence_logps() returns per-sequence SUMS of response-token log-probs and the token counts;
-  a loss that wants averages divides (IPO does by default; DPO and KTO use sums).
+  a loss that wants averages divides (IPO does by default; DPO and KTO use sums). They are the model's own:
+  log_softmax(model(...).logits) up to float rounding, whatever its forward does after the LM head.
 - Reference dtype. The reference is kept in float32 unless --ref_dtype bfloat16; update_reference() then
   computes the lerp in float32 and rounds once, and the reference's forward runs in bfloat16 too (its
   log-probs are still summed in float32). With --lora_r the reference is an adapter (engineering/adapters.py).
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from engineering import adapters
 from engineering.chat import is_chat, render_chat
 from engineering.cli import DataError, InputError
+from engineering.logits import own_logits
 
 # -----------------------------------------------------------------------------
 # distributed set-up: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain `python` is one process
@@ -216,28 +218,37 @@ def to_device(batch, device):
 # sequence log-probs
 
 
-def response_logps_sum(model, hidden, targets, rows, n):
-    """The LM head on the M hidden states (M, H) that predict response tokens, and nothing else: per-token
-    log-probs of targets (M,), summed per sequence into (n,) float32 by rows (M,)."""
-    logits = model.get_output_embeddings()(hidden)  # (M, V): no full-vocabulary logits over prompts or padding
+def response_logits(model, input_ids, attention_mask, positions):
+    """(M, V) logits at the M flat positions n * T + t (ascending) that predict a response token: the model's body,
+    then its LM head on those M hidden states only, never full-vocabulary logits over prompts and padding. That is
+    the model's own computation only if its forward does nothing after the head: load_model checks that once per
+    model (engineering/logits.py), and any other model (Gemma-2's soft-cap, Granite's scaling, ...) gets its own
+    forward instead."""
+    if getattr(model, "logps_path", None) != "head":
+        return own_logits(model, input_ids, attention_mask, positions)  # exact for any model
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return model.get_output_embeddings()(hidden.flatten(0, 1).index_select(0, positions))
+
+
+def summed_logps(logits, targets, rows, n):
+    """Per-token log-probs of targets (M,) under logits (M, V), summed per sequence into (n,) float32 by rows (M,)."""
     token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")
-    return torch.zeros(n, device=hidden.device).index_add_(0, rows, token_logps)
+    return torch.zeros(n, device=logits.device).index_add_(0, rows, token_logps)
 
 
 def sequence_logps(model, input_ids, attention_mask, labels, positions=None):
     """Per-sequence sum of log pi(y_t | x, y_<t) over response tokens, and the number of those tokens.
 
     Shapes: input_ids, attention_mask, labels (N, T) -> logps (N,) float32, n_tokens (N,) long.
-    The LM head runs only where a response token is predicted (labels[:, 1:] != -100): the full-vocabulary
-    log-softmax over prompt and padding positions is never materialised. `positions` (from pad_sequences) are
-    those places as flat indices n * T + t; without them they are found here, a host-device sync on CUDA.
+    Logits are made only where a response token is predicted (labels[:, 1:] != -100), and they are the model's own
+    (response_logits). `positions` (from pad_sequences) are those places as flat indices n * T + t; without them
+    they are found here, a host-device sync on CUDA.
     """
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     N, T = labels.shape
     if positions is None:
         positions = F.pad(labels[:, 1:] != -100, (0, 1)).flatten().nonzero().squeeze(1)
-    h = hidden.flatten(0, 1).index_select(0, positions)  # position n*T + t predicts token n*T + t + 1
-    logps = response_logps_sum(model, h, labels.flatten().index_select(0, positions + 1), positions // T, N)
+    logits = response_logits(model, input_ids, attention_mask, positions)  # position n*T + t predicts token n*T + t + 1
+    logps = summed_logps(logits, labels.flatten().index_select(0, positions + 1), positions // T, N)
     return logps, (labels[:, 1:] != -100).sum(1)
 
 # -----------------------------------------------------------------------------

@@ -92,7 +92,7 @@ def train_loop(args, d):
     model.to(d.device).train()
     ref = make_reference(model, getattr(torch, args.ref_dtype))
     # common.collate_pairs and common.sequence_logps, or with --share_prompt each prompt run once for both responses
-    collate, logps_fn = speed.pair_layout(args.share_prompt)
+    collate, logps_fn = speed.pair_layout(args.share_prompt, model)
     policy, policy_lm, ref_lm = parallel.wrap_models(model, ref, d, args.fsdp, logps_fn)
     opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.warmup_steps, args.lr_schedule, num_steps)
     amp = lambda: models.autocast(args.dtype, d.device)  # noqa: E731  (--dtype)

@@ -6,6 +6,7 @@ Engineering a reader learning the methods can skip: each module opens with a par
     chat.py        chat-format rows, split into prompt and responses and rendered with the chat template
     hub.py         a hub model or dataset that cannot be fetched: one line within seconds
     models.py      the built-in models, SmolLM2 from its GGUF file, hub models; --dtype autocast
+    logits.py      which computation gives a model's exact log-probs: checked once at load, stated in one line
     toy.py         the toy task (digit puzzles) and its exact gold score
     parallel.py    DDP and FSDP2 around the policy; log-probs of a data set across ranks
     speed.py       --share_prompt (each prompt once, its KV cache reused) and --group_by_length's sort keys

@@ -2,8 +2,9 @@
 Models and tokenizers: the built-in random-init shapes ('tiny', 'small', the Pythia sizes), SmolLM2 from its GGUF
 file, or anything from_pretrained loads.
 
-Every script calls load_model(--model) once and gets an ordinary Hugging Face causal LM in float32 and its tokenizer;
-autocast(--dtype) is the precision its forward passes run in.
+Every script calls load_model(--model) once and gets an ordinary Hugging Face causal LM in float32 and its tokenizer,
+marked with how its log-probs are computed exactly (engineering/logits.py, one line of output); autocast(--dtype)
+is the precision its forward passes run in.
 A reader needs this file only to add a model family or to see where the offline demo's 'tiny' model comes from; the
 training step never depends on which branch built the model.
 """
@@ -12,10 +13,12 @@ import os
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 
 from engineering import adapters
 from engineering.cli import InputError, first_line
 from engineering.hub import fetching
+from engineering.logits import choose_logps_path
 
 # Pythia-architecture shapes (GPT-NeoX); "tiny" trains on a laptop CPU in seconds, "small" in minutes.
 MODEL_SHAPES = {
@@ -54,7 +57,10 @@ def load_model(name, seed=0, trust_remote_code=False, gradient_checkpointing=Fal
     lora_r > 0 (--lora_r, --lora_alpha, --lora_targets, --base_dtype): the model comes back frozen with a trainable
     LoRA adapter and a reference adapter inside (engineering/adapters.py). A peft adapter folder as `name` (an SFT
     LoRA, a run's policy/ or reference/) loads its base through this function, then the adapter: continued with
-    lora_r, else merged into plain weights (evaluate.py's models; full fine-tuning of base + adapter)."""
+    lora_r, else merged into plain weights (evaluate.py's models; full fine-tuning of base + adapter).
+    Last, the model is probed once for how its log-probs are computed exactly (engineering/logits.py), and the one
+    line saying so is printed (rank 0); a model no path here computes exactly is an InputError. (An adapter folder's
+    base is probed; the adapter, merged or injected into the same modules, keeps the decision.)"""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
     base = adapters.adapter_base(name)
     if base is not None:
@@ -95,6 +101,9 @@ def load_model(name, seed=0, trust_remote_code=False, gradient_checkpointing=Fal
         built = name in MODEL_SHAPES or name == "smollm2"
         adapters.add_lora(model, lora_r, lora_alpha, lora_targets, base_dtype=getattr(torch, base_dtype),
                           base_name=None if built else os.path.abspath(name) if os.path.isdir(name) else name)
+    line = choose_logps_path(model)  # the fast log-prob path where it is exact, else the model's own forward
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(line)
     return model, tok
 
 

@@ -111,6 +111,8 @@ class Run:
         fresh start, read back on --resume."""
         if name not in self.state:
             if self.args.resume:
+                self.logger.bar.leave = False  # the progress bar is erased: the error is the run's one line
+                self.logger.close()
                 raise InputError(f"{self.out}/checkpoint holds no {name} (it was written by an older version of "
                                  f"this code); start a fresh run without --resume, or use that version to finish it")
             self.state[name] = compute()

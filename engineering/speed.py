@@ -12,15 +12,20 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from common import collate_pairs, response_logps_sum, sequence_logps
+from common import collate_pairs, sequence_logps, summed_logps
+from engineering.cli import InputError
+from engineering.logits import keep_mask
 
 # -----------------------------------------------------------------------------
 # --share_prompt: each prompt once, its KV cache reused for every response
 
 
-def pair_layout(share_prompt):
+def pair_layout(share_prompt, model=None):
     """(collate, logps) of the preference-pair scripts: common.collate_pairs and common.sequence_logps, or with
-    --share_prompt collate_shared_prompt and shared_prompt_logps below."""
+    --share_prompt collate_shared_prompt and shared_prompt_logps below, once check_share_prompt(model) has passed
+    (the scripts pass their model; a model whose cache cannot be shared exactly is refused in one line)."""
+    if share_prompt and model is not None:
+        check_share_prompt(model)
     return (collate_shared_prompt, shared_prompt_logps) if share_prompt else (collate_pairs, sequence_logps)
 
 
@@ -66,31 +71,79 @@ def shared_prompt_logps(model, prompt_ids, prompt_mask, response_ids, response_m
     rotary positions of the plain forward of prompt + response, so the log-probs agree up to float rounding
     (test_perf.py). The cache stays in the autograd graph, so gradients reach the prompt through its keys and
     values. Not under gradient checkpointing: transformers drops the cache inside checkpointed layers.
+    Both passes run the model's body and the LM head follows at the rows the loss reads, or, for a model whose fast
+    path is not its own computation (model.logps_path, engineering/logits.py), its own forward, logits and all.
     """
     from transformers import DynamicCache
     checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     if checkpointed and model.training and torch.is_grad_enabled():
         raise ValueError("shared_prompt_logps: the KV cache is dropped under gradient checkpointing; use one or the other")
-    lm, K, R = model.base_model, len(response_ids) // len(prompt_ids), response_ids.shape[1]
+    path = getattr(model, "logps_path", "forward")
+    lm = model.base_model if path == "head" else model
+    K, R = len(response_ids) // len(prompt_ids), response_ids.shape[1]
     name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+    N = len(response_ids)
+    if positions is None:
+        positions = F.pad(response_mask[:, 1:] == 1, (0, 1)).flatten().nonzero().squeeze(1)
+
+    keep = path == "forward_keep"  # then logits only at the rows read below: each prompt's last column (left
+    # padding puts every prompt's last token in column P - 1) and the response positions
+    P = prompt_ids.shape[1]
+    last_column = (torch.arange(P, device=prompt_ids.device) == P - 1).repeat(len(prompt_ids), 1) if keep else None
+
+    def run(ids, mask, position_ids, cache, rows):
+        """The body's hidden states (n, T, H) or the model's logits (n, T, V), or the logits at `rows` only, an
+        (n, T) boolean mask: (M, V)."""
+        extra = {} if rows is None else {"logits_to_keep": rows}
+        out = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, **{name: cache},
+                 **extra)
+        return out.last_hidden_state if path == "head" else out.logits
+
     cache = DynamicCache()
-    out = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0),
-             use_cache=True, **{name: cache})
-    last = out.last_hidden_state[:, -1]  # (B, H): left padding puts every prompt's last token in column P - 1
+    last = run(prompt_ids, prompt_mask, (prompt_mask.cumsum(1) - 1).clamp(min=0), cache, last_column)
     shared = DynamicCache()
     for i, (k, v) in enumerate(_kv_per_layer(cache)):
         shared.update(k.repeat(K, 1, 1, 1), v.repeat(K, 1, 1, 1), i)
     position_ids = prompt_mask.sum(1, keepdim=True).repeat(K, 1) + torch.arange(R, device=response_ids.device)
-    hidden = lm(input_ids=response_ids, attention_mask=torch.cat([prompt_mask.repeat(K, 1), response_mask], 1),
-                position_ids=position_ids, use_cache=True, **{name: shared}).last_hidden_state
-    N = len(response_ids)
-    if positions is None:
-        positions = F.pad(response_mask[:, 1:] == 1, (0, 1)).flatten().nonzero().squeeze(1)
+    rest = run(response_ids, torch.cat([prompt_mask.repeat(K, 1), response_mask], 1), position_ids, shared,
+               keep_mask(positions, response_ids.shape) if keep else None)
+    if not keep:  # (B, H or V) at the last column; the M rows at `positions`
+        last, rest = last[:, -1], rest.flatten(0, 1).index_select(0, positions)
     # token 0 of every response is predicted by its prompt's last position, token t + 1 by response position t
-    h = torch.cat([last.repeat(K, 1), hidden.flatten(0, 1).index_select(0, positions)])
+    h = torch.cat([last.repeat(K, 1), rest])
+    logits = model.get_output_embeddings()(h) if path == "head" else h
     targets = torch.cat([response_ids[:, 0], response_ids.flatten().index_select(0, positions + 1)])
     rows = torch.cat([torch.arange(N, device=h.device), positions // R])
-    return response_logps_sum(model, h, targets, rows, N), response_mask.sum(1)
+    return summed_logps(logits, targets, rows, N), response_mask.sum(1)
+
+
+@torch.no_grad()
+def check_share_prompt(model):
+    """InputError unless shared_prompt_logps gives sequence_logps's log-probs on a probe batch (pair_layout calls it
+    once, with --share_prompt). A model whose cache is not a plain per-layer KV cache (RWKV, Mamba,
+    RecurrentGemma, ...) cannot share its prompts: it fails, or its numbers differ."""
+    g, vocab = torch.Generator().manual_seed(0), model.get_input_embeddings().num_embeddings
+    ids = lambda n: torch.randint(vocab, (n,), generator=g).tolist()  # noqa: E731
+    examples = [{"prompt": ids(3), "chosen": ids(2), "rejected": ids(4)},
+                {"prompt": ids(5), "chosen": ids(3), "rejected": ids(1)}]
+    device = next(model.parameters()).device
+    to = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
+    was_training, problem = model.training, None
+    model.eval()
+    try:
+        plain = sequence_logps(model, **to(collate_pairs(examples, 0)))[0]
+        try:
+            shared = shared_prompt_logps(model, **to(collate_shared_prompt(examples, 0)))[0]
+            if not torch.allclose(shared, plain, rtol=1e-4, atol=1e-4):
+                worst = (shared - plain).abs().max()
+                problem = f"its log-probs differ from the plain forward's by up to {worst:.2g} nats"
+        except Exception as e:  # noqa: BLE001  (a cache of another kind fails somewhere inside the model)
+            problem = f"it fails ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
+    finally:
+        model.train(was_training)
+    if problem:
+        raise InputError(f"--share_prompt cannot reuse {type(model).__name__}'s cache exactly: {problem}; run without "
+                         "--share_prompt")
 
 # -----------------------------------------------------------------------------
 # --group_by_length: the sort keys (common.global_batch does the grouping)

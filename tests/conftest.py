@@ -23,6 +23,8 @@ FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 FAST = ["--batch_size", "8", "--micro_batch_size", "4", "--eval_size", "16", "--log_every", "1", "--eval_every", "0"]
 # one thread per child process: two of them share the 2 CPU cores of CI
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# what loading a built-in model prints (engineering/logits.py: the fast log-prob path is exact for GPT-NeoX)
+LOGPS_LINE = "log-probs: LM head at response positions only (checked against GPTNeoXForCausalLM's own forward)"
 
 
 def metrics(out, key=None):

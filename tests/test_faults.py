@@ -312,8 +312,9 @@ def test_resume_refuses_edited_data_and_an_old_checkpoint(tmp_path, capfd):
 
 @slow
 def test_resume_without_the_initial_reference_logps_is_one_line(dpo_run, tmp_path, capfd):
-    """A checkpoint without init_ref_logps (written before issue 17, its record then added by hand): Run.initial
-    says so instead of a KeyError."""
+    """A checkpoint without init_ref_logps (written before issue 17, its record then added by hand; --resume ended
+    in a KeyError): Run.initial says so in one line, the progress bar erased before it, exit code 2, the run's files
+    as they were."""
     out = copy_of(dpo_run, tmp_path)
     path = os.path.join(out, "checkpoint", "state.pt")
     state = torch.load(path, weights_only=False)
@@ -322,10 +323,13 @@ def test_resume_without_the_initial_reference_logps_is_one_line(dpo_run, tmp_pat
     record = json.load(open(os.path.join(out, "checkpoint", "run.json")))
     record["files"]["state.pt"] = os.path.getsize(path)
     json.dump(record, open(os.path.join(out, "checkpoint", "run.json"), "w"))
+    before = snapshot(out)
     code, err = refused(tr_dpo, RUN + ["--max_steps", "6", "--resume", "--output_dir", out], capfd)
-    assert code == 2 and err.split("\r")[-1].split("]")[-1] == (  # after the progress bar, drawn by then
+    shown = [line.split("\r")[-1] for line in err.split("\n")]  # what a terminal shows
+    assert (code, [line for line in shown if line.strip()]) == (2, [
         f"error: {out}/checkpoint holds no init_ref_logps (it was written by an older version of this code); start "
-        f"a fresh run without --resume, or use that version to finish it\n")
+        f"a fresh run without --resume, or use that version to finish it"])
+    assert snapshot(out) == before
 
 
 @slow

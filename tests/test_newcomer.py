@@ -20,7 +20,7 @@ import sft
 import tr_dpo
 import tr_ipo
 import tr_kto
-from conftest import ENV, FAST, ROOT, metrics, torchrun
+from conftest import ENV, FAST, LOGPS_LINE, ROOT, metrics, torchrun
 from engineering.cli import InputError, exit_on_bad_input
 from engineering.hub import fetching
 from engineering.models import load_model
@@ -318,4 +318,5 @@ def test_gradient_checkpointing_without_a_deprecation_warning():
 def test_two_processes_print_no_deprecation_warning_or_shard_bars(tmp_path):
     r = torchrun("tr_dpo.py", *FAST, "--max_steps", "2", "--output_dir", str(tmp_path))
     assert "Warning" not in r.stderr and "Writing model shards" not in r.stderr, r.stderr[-2000:]
-    assert r.stdout.startswith("done: step 2, ")  # rank 0 alone prints the summary
+    lines = r.stdout.splitlines()  # rank 0 alone prints the model's log-probs line and the summary
+    assert lines[0] == LOGPS_LINE and lines[1].startswith("done: step 2, ")

@@ -217,6 +217,23 @@ def test_bench_update_component():
     assert res["ours_lora16"]["ref_rank_after"] == 64
 
 
+def test_bench_logps_component():
+    """The 'logps' component on one model: every path timed in one process (the model's own attribute set, the
+    choice at load reported), one path's memory alone, and the table's ratios from those figures."""
+    spec = {"model": "tiny", "micro_batch_size": 2, "P": 16, "R": 8, "steps": 2}
+    timed = bench.bench_logps({**spec, "variant": "time"})
+    assert timed["chosen_at_load"] == "head"
+    for path in bench.LOGPS_PATHS:
+        assert len(timed[path]["cpu_ms_all"]) == 2 and timed[path]["ms"] > 0
+    memory = {path: {"peak_mb": 10.0 * (i + 1)} for i, path in enumerate(bench.LOGPS_PATHS)}  # given, for the table
+    assert bench.bench_logps({**spec, "variant": "forward"})["peak_mb"] >= 0
+    rows = bench.logps_table({"time": timed, **memory}).splitlines()
+    assert rows[2].startswith("| head (chosen at load) |") and rows[2].endswith("| 1.00x | 10 | 1.00x |")
+    cpu = timed["forward"]["cpu_ms"] / timed["head"]["cpu_ms"]
+    assert rows[4] == (f"| forward | {timed['forward']['ms']:.0f} | {timed['forward']['cpu_ms']:.0f} | {cpu:.2f}x | "
+                       f"30 | 3.00x |")
+
+
 def test_bench_epoch_padding_by_hand(tmp_path):
     # byte tokenizer: one token per character, + EOS on each response. Rows A, B, A, B (+ one eval row held out):
     # A: prompt 4, chosen 1+1 = 2, rejected 2+1 = 3 -> sequences of 6 and 7; B: prompt 1, chosen 0+1, rejected 1+1
