@@ -19,7 +19,6 @@ import transformers as tf
 import evaluate
 import sft
 import tr_dpo
-import tr_ipo
 from common import Dist, collate_pairs, make_reference, sequence_logps, tokenize_rows
 from conftest import FAST, checkpoint, metrics, naive_logp, torchrun
 from engineering.cli import InputError
