@@ -54,8 +54,8 @@ def require_peft():
 
 
 def check_args(r, alpha, targets, base_dtype, save_merged, fsdp, ref_dtype, autocast_bf16):
-    """The LoRA flags together, before anything is loaded (cli.check_args calls this; each flag's range is its
-    argparse type); each message says what to do."""
+    """The LoRA flags together, before anything is loaded (launch calls this after cli.check_args; each flag's
+    range is its argparse type); each message says what to do."""
     need(r or (alpha is None and targets == "all-linear" and base_dtype == "float32" and not save_merged),
          "--lora_alpha, --lora_targets, --base_dtype and --save_merged need --lora_r R (0 trains all weights)")
     if r:

@@ -136,10 +136,6 @@ def check_args(args, world_size):
          "--fsdp needs PyTorch >= 2.6 (torch.distributed.fsdp.fully_shard)")
     need(not (args.resume and args.overwrite), "--resume continues the run in --output_dir and --overwrite replaces "
                                                "it: pass one of them")
-    from engineering import adapters  # here, not at the top: adapters.py imports this module
-    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and torch.cuda.is_available())  # as models.autocast
-    adapters.check_args(args.lora_r, args.lora_alpha, args.lora_targets, args.base_dtype, args.save_merged, args.fsdp,
-                        getattr(args, "ref_dtype", "float32"), bf16)
     check_paths(args.model, args.dataset, args.output_dir, args.resume, args.overwrite)
 
 

@@ -13,6 +13,7 @@ import shutil
 import torch
 
 from common import cleanup_distributed, setup_distributed, update_alpha
+from engineering import adapters
 from engineering.checkpoint import (CHANGEABLE, Preemption, check_finite, check_resume, clear_run, exit_on_lost_rank,
                                     find_checkpoint, load_checkpoint, nonfinite_weights, release_folders, run_flags,
                                     run_record, save_checkpoint, save_final, swap_in, take_folder)
@@ -33,6 +34,9 @@ def launch(train_loop, get_args, argv=None):
         args = get_args(argv)
         d = setup_distributed(args.dist_timeout)
         check_args(args, d.world_size)
+        bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and torch.cuda.is_available())  # as models.autocast
+        adapters.check_args(args.lora_r, args.lora_alpha, args.lora_targets, args.base_dtype, args.save_merged,
+                            args.fsdp, getattr(args, "ref_dtype", "float32"), bf16)
         if args.resume:  # the checkpoint was written by this script, with these flags, on this data
             check_resume(args)
         torch.manual_seed(args.seed + d.rank)
