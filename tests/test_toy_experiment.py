@@ -262,6 +262,17 @@ def test_experiment1_report_reproduces_the_seed_level_intervals(tmp_path):
     assert ipo in text
     assert open(tmp_path / "results.md").read() == text
 
+def test_experiment2_report_reproduces_from_the_committed_files(tmp_path):
+    """From the committed results/toy2/results.json and per_prompt.json.gz alone: the report is the committed
+    results.md, byte for byte (every interval in README and docs/experiment.md is quoted from it)."""
+    committed = os.path.join(os.path.dirname(te.__file__), "results", "toy2")
+    for name in ("results.json", "per_prompt.json.gz"):
+        shutil.copy(os.path.join(committed, name), tmp_path)
+    text = te.report_experiment2(str(tmp_path))
+    assert text == open(os.path.join(committed, "results.md")).read() == open(tmp_path / "results.md").read()
+    assert ("| IPO | end of budget, beta tuned on validation | 0.3 / 0.3 / 0.3 / 0.1 | -0.406 [-0.466, -0.346]; "
+            "t [-0.493, -0.320] **worse** | -0.390 [-0.456, -0.326]; t [-0.501, -0.280] **worse** |") in text
+
 # -----------------------------------------------------------------------------
 # the data
 
