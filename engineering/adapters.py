@@ -41,7 +41,7 @@ from contextlib import contextmanager
 
 import torch
 
-from engineering.cli import InputError, need
+from engineering.cli import InputError, first_line, need
 
 POLICY, REFERENCE = "default", "reference"  # peft's adapter names; a saved policy adapter loads as "default"
 
@@ -112,7 +112,7 @@ def add_lora(model, r, alpha=None, targets="all-linear", adapter=None, base_dtyp
             try:
                 pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha or 2 * r, target_modules=modules))
             except ValueError as e:  # peft: no module matched the targets
-                raise InputError(f"--lora_targets {targets}: {str(e).splitlines()[0]}") from None
+                raise InputError(f"--lora_targets {targets}: {first_line(e)}") from None
         else:
             pm = PeftModel.from_pretrained(model, adapter, is_trainable=True)
             cfg = pm.peft_config[POLICY]

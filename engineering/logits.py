@@ -32,7 +32,7 @@ see why a model was refused.
 import torch
 import torch.nn.functional as F
 
-from engineering.cli import InputError
+from engineering.cli import InputError, first_line
 
 # config attributes by which known families change the logits after the body, or the hidden states before the head
 # (Gemma-2/3, RecurrentGemma, xLSTM, Granite, Cohere, Falcon-H1, Inkling), with the values that change nothing
@@ -139,7 +139,7 @@ def choose_logps_path(model):
         try:
             problem = head_path_problem(model, ids, mask, positions, g)
         except Exception as e:  # noqa: BLE001  (a body that needs inputs the probe does not give, say)
-            problem = f"the fast path fails on it ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
+            problem = f"the fast path fails on it ({type(e).__name__}: {first_line(e)})"
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         known = [f"{k}={getattr(config, k)}" for k, neutral in KNOWN_POSTPROCESSING.items()
                  if getattr(config, k, None) not in neutral]

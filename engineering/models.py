@@ -140,8 +140,14 @@ def from_pretrained(name, trust_remote_code=False):
     return model, tok
 
 
+def autocast_dtype(dtype, device):
+    """The --dtype flag's autocast dtype: None for "float32" (off), bfloat16 for "bfloat16", and for "auto" bfloat16
+    on CUDA only."""
+    auto = torch.bfloat16 if device.type == "cuda" else None
+    return {"auto": auto, "float32": None, "bfloat16": torch.bfloat16}[dtype]
+
+
 def autocast(dtype, device):
-    """The --dtype flag as an autocast context: "float32" (off), "bfloat16", or "auto" = bfloat16 on CUDA only."""
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None,
-             "float32": None, "bfloat16": torch.bfloat16}[dtype]
+    """The --dtype flag as an autocast context (autocast_dtype)."""
+    dtype = autocast_dtype(dtype, device)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)

@@ -20,6 +20,7 @@ from engineering.checkpoint import (CHANGEABLE, Preemption, check_finite, check_
 from engineering.cli import InputError, check_args, check_paths, exit_on_bad_input, need
 from engineering.curves import plot_curves
 from engineering.logger import Logger
+from engineering.models import autocast_dtype
 
 SMALL = 10_000_000  # parameters: on a CPU, such a model trains on one thread (--threads 0)
 
@@ -34,9 +35,9 @@ def launch(train_loop, get_args, argv=None):
         args = get_args(argv)
         d = setup_distributed(args.dist_timeout)
         check_args(args, d.world_size)
-        bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and torch.cuda.is_available())  # as models.autocast
         adapters.check_args(args.lora_r, args.lora_alpha, args.lora_targets, args.base_dtype, args.save_merged,
-                            args.fsdp, getattr(args, "ref_dtype", "float32"), bf16)
+                            args.fsdp, getattr(args, "ref_dtype", "float32"),
+                            autocast_dtype(args.dtype, d.device) == torch.bfloat16)
         if args.resume:  # the checkpoint was written by this script, with these flags, on this data
             check_resume(args)
         torch.manual_seed(args.seed + d.rank)

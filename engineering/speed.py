@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from common import collate_pairs, sequence_logps, summed_logps
-from engineering.cli import InputError
+from engineering.cli import InputError, first_line
 from engineering.logits import keep_mask
 
 # -----------------------------------------------------------------------------
@@ -138,7 +138,7 @@ def check_share_prompt(model):
                 worst = (shared - plain).abs().max()
                 problem = f"its log-probs differ from the plain forward's by up to {worst:.2g} nats"
         except Exception as e:  # noqa: BLE001  (a cache of another kind fails somewhere inside the model)
-            problem = f"it fails ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
+            problem = f"it fails ({type(e).__name__}: {first_line(e)})"
     finally:
         model.train(was_training)
     if problem:
