@@ -43,11 +43,11 @@ tau 16 (updates after steps 16, 32, ..., 112), betas DPO 0.05 / 0.3 / 1, IPO 0.1
 schedules none, hard, soft, ema (alpha 0.1 every step) and soft_every_step, 3-5 seeds. Its pre-registered rule: the
 test gold at each run's best-on-validation checkpoint, TR minus frozen at a verdict beta (DPO 0.3, IPO 0.5, KTO 3; 5
 seeds) with a bootstrap CI over seeds and test prompts, and a power check on the frozen anchor. Its verdict: "no
-detectable difference" for all three. Corrections (issue 20), all in results/toy/results.md:
+detectable difference" for all three. Corrections from a re-analysis, all in results/toy/results.md:
 - Only TWO reference updates act before the frozen baseline's peak at step 48 (after steps 16 and 32; the step-48
   update acts from step 49 on), not three as its design said.
 - The per-prompt gold was not committed, so its bootstrap CIs cannot be recomputed; every interval in its report is
-  now a seed-level t interval (mean +- t(n-1) sd/sqrt(n) over seeds, paired by seed, test prompts fixed), from
+  a seed-level t interval (mean +- t(n-1) sd/sqrt(n) over seeds, paired by seed, test prompts fixed), from
   results.json. With them KTO hard - none = -0.0185, t [-0.0333, -0.0038] (the committed bootstrap CI's upper
   bound, +0.001, was a near miss), IPO soft - none = -0.0016, t [-0.0030, -0.0002].
 - Every beta's cells are reported, including those that cut both ways: IPO beta 2, TR above frozen at the best
@@ -58,7 +58,7 @@ detectable difference" for all three. Corrections (issue 20), all in results/toy
   was close to guaranteed, since picking the best checkpoint on validation does the anchor's job. For IPO the t
   interval alone separates them (-0.0045, t [-0.0089, -0.0001]; without the prompts' noise, a bound 0.0001 from 0).
 
-EXPERIMENT 2 (results/toy2/; designed and pre-registered here before its full run, issue 20)
+EXPERIMENT 2 (results/toy2/; designed and pre-registered here before its full run)
 Questions: (a) does the paper's protocol (a fixed budget, no early stopping, beta tuned on validation) favour TR?
 (b) in the regime of the later version's claim, KL of 4 nats and more from the SFT model, does TR give more gold
 at the same KL? (c) is TR at beta b just a frozen reference at a smaller beta? And for each endpoint: can it see
@@ -76,10 +76,10 @@ Design
 Pilots (frozen reference only, seed 0; printed in results/toy2/pilots.md; what was looked at: validation gold, KL
 to the SFT model and the anchor at each checkpoint, and four sampled answers to test prompts at each run's last
 checkpoint; no test gold, and no experiment-2 run with a moving reference was started before this design was
-fixed). The SFT model this machine trains from experiment 1's recipe scores 0.653 on validation, not experiment
-1's 0.710: experiment 1 ran on an Intel Xeon with AMX, this machine is an AMD EPYC; here commit 4299a3f's code and
-today's train bit-identical SFT weights, judged alike, so the difference is the CPU's float kernels, carried
-through 1,200 steps. Trained twice here it came out identical: the pilots' SFT model is the full run's.
+fixed). The SFT model experiment 2's machine trains from experiment 1's recipe scores 0.653 on validation, not
+experiment 1's 0.710: experiment 1 ran on an Intel Xeon with AMX, experiment 2 on an AMD EPYC; there commit 4299a3f's
+code and this file's train bit-identical SFT weights, judged alike, so the difference is the CPU's float kernels, carried
+through 1,200 steps. Trained twice there it came out identical: the pilots' SFT model is the full run's.
 - Learning rate and length, frozen DPO (validation gold / KL at the checkpoints):
     lr 1e-4, 120 steps (1,920 pairs), KL at steps 24 / 48 / 120: beta 0.1 0.35 / 1.33 / 2.92, beta 0.3 0.32 / 1.25
       / 2.36, beta 1 0.25 / 0.78 / 1.30, beta 3 0.14 / 0.29 / 0.39; validation gold peaks at step 24 (0.77).
@@ -873,8 +873,8 @@ def report_experiment1(results):
     for title, f in (("best-on-validation test gold (the primary endpoint)", e1_best),
                      ("end-of-budget test gold (step 120; a secondary view in this experiment)", e1_end)):
         L += [f"## The verdict betas with seed-level intervals and the positive control (after the fact): {title}\n",
-              "Schedule minus none at the verdict beta, paired by seed. The positive control (issue 20, after this "
-              "experiment): an endpoint can give a verdict on TR only if it tells the no-anchor control "
+              "Schedule minus none at the verdict beta, paired by seed. The positive control (experiment 2's, applied "
+              "after the fact): an endpoint can give a verdict on TR only if it tells the no-anchor control "
               "(soft_every_step) from the frozen reference.\n",
               "| method (verdict beta) | seeds | control − none | hard − none | soft − none | ema − none | "
               "calls by t: control; hard, soft | the rule with the positive control, by t |",

@@ -312,8 +312,8 @@ def test_resume_refuses_edited_data_and_an_old_checkpoint(tmp_path, capfd):
 
 @slow
 def test_resume_without_the_initial_reference_logps_is_one_line(dpo_run, tmp_path, capfd):
-    """A checkpoint without init_ref_logps (written before issue 17, its record then added by hand; --resume ended
-    in a KeyError): Run.initial says so in one line, the progress bar erased before it, exit code 2, the run's files
+    """A checkpoint without init_ref_logps (one made by hand or by other code; unchecked, --resume would end in a
+    KeyError): Run.initial says so in one line, the progress bar erased before it, exit code 2, the run's files
     as they were."""
     out = copy_of(dpo_run, tmp_path)
     path = os.path.join(out, "checkpoint", "state.pt")

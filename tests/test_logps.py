@@ -3,7 +3,7 @@ alone and unpadded, in float64 (conftest.naive_logp), on tiny models of 18 archi
 Gemma-3 with and without its optional soft-cap). Their LM heads are scaled to logits of standard deviation ~10 (up
 to ~40): a soft-cap of 30 or a logit scale of 1/8 then changes the summed log-probs by hundreds of nats (at the
 models' initial logits of O(1), a soft-cap of 30 changes them by 5e-6 and no test could see it).
-test_fast_path_is_wrong_where_postprocessed shows that the fast path, which was the only path before issue 17,
+test_fast_path_is_wrong_where_postprocessed shows that the fast path (the LM head at response positions only)
 fails these comparisons on exactly the post-processed architectures.
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_logps.py
 """
@@ -137,7 +137,7 @@ def test_every_path_equals_naive(name):
 
 @pytest.mark.parametrize("name", POSTPROCESSED)
 def test_fast_path_is_wrong_where_postprocessed(name):
-    """The same comparison with the fast path forced, the only path before issue 17: off by more than 10 nats on
+    """The same comparison with the fast path forced on every architecture: off by more than 10 nats on
     every post-processed architecture (hundreds at these logits). So the test above can fail."""
     model, _, want = checked(name)
     try:

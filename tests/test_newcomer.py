@@ -1,4 +1,4 @@
-"""What a new user meets first (issue 13): --help with every default, one line and exit code 2 for every bad input
+"""What a new user meets first: --help with every default, one line and exit code 2 for every bad input
 (a flag, a malformed file, a finished run in --output_dir, a hub model or dataset that cannot be fetched), the summary
 at the end of a run, and no deprecation warnings or extra progress bars. Offline: the hub tests give the child
 process an empty Hugging Face cache and point the hub at a closed port, or a stub server, on this machine."""

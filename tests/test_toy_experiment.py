@@ -22,7 +22,7 @@ def test_dpo_anchor_weight_by_hand():
     assert te.dpo_anchor_weight([0.0, 2.0, 4.0], 0.5) == pytest.approx(0.2960481145, abs=1e-9)
     # policy = reference: h = 0 everywhere, the weight of an untouched pair, 0.5
     assert te.dpo_anchor_weight(torch.zeros(5), 0.05) == 0.5
-    # beta 0.05 and a margin of 0.3 nats (the old experiment's regime): sigmoid(-0.015) = 1/(1 + e^0.015) = 1/2.0151130646 = 0.4962500703,
+    # beta 0.05 and a margin of 0.3 nats (experiment 1's regime): sigmoid(-0.015) = 1/(1 + e^0.015) = 1/2.0151130646 = 0.4962500703,
     # inert
     assert te.dpo_anchor_weight([0.3], 0.05) == pytest.approx(0.4962500703, abs=1e-9)
 
@@ -253,8 +253,8 @@ def test_endpoints_apply_the_positive_control():
 
 
 def test_experiment1_report_reproduces_the_seed_level_intervals(tmp_path):
-    """From the committed results/toy/results.json alone: issue 20's independent re-analysis found KTO hard - none
-    = -0.019, seed-level 95% CI [-0.033, -0.004] (t, 4 df), and IPO soft - none [-0.003, -0.000]."""
+    """From the committed results/toy/results.json alone: an independent re-analysis of that file gives KTO hard -
+    none = -0.019, seed-level 95% CI [-0.033, -0.004] (t, 4 df), and IPO soft - none [-0.003, -0.000]."""
     shutil.copy(os.path.join(os.path.dirname(te.__file__), "results", "toy", "results.json"), tmp_path)
     text = te.report_experiment1(str(tmp_path))
     assert "| KTO | 3 (verdict) | hard | 5 | 0.804; t [0.789, 0.819] | -0.0185; t [-0.0333, -0.0038] | worse |" in text
