@@ -1,4 +1,4 @@
-"""
+r"""
 Evaluation as in the TR paper (arXiv 2404.09656, Sec. 5): side-by-side win rates from a judge, ratings on
 human-centric criteria, and how far each policy moved from its reference (KL).
 

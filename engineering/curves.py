@@ -77,6 +77,14 @@ def reference_updates(records):
             n0, s0 = n, s
     return steps
 
+
+def title(metrics_path, records):
+    """The figure's title: the file, and the number of reference updates where the run has a reference (its train
+    records log ref_updates; SFT's do not)."""
+    if not any("ref_updates" in r for r in records):
+        return metrics_path
+    return f"{metrics_path}: {len(reference_updates(records))} reference update(s)"
+
 # -----------------------------------------------------------------------------
 # the figure
 
@@ -116,7 +124,7 @@ def plot_curves(metrics_path, png_path=None):
         ax.set_visible(False)
     handles = {label: h for ax in axes[:len(curves)] for h, label in zip(*ax.get_legend_handles_labels())}
     fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=len(handles), fontsize="small")
-    fig.suptitle(f"{metrics_path}: {len(updates)} reference update(s)", fontsize="medium")
+    fig.suptitle(title(metrics_path, records), fontsize="medium")
     fig.savefig(png_path + ".tmp", dpi=100, format="png")
     os.replace(png_path + ".tmp", png_path)  # whole or not at all, like the run's other outputs
     return png_path

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import FAST
 from engineering import curves
-from engineering.curves import plot_curves, read_metrics, reference_updates, series
+from engineering.curves import plot_curves, read_metrics, reference_updates, series, title
 
 # the records Logger writes for a DPO run with --log_every 50 --eval_every 100 --tau 100 (values made up), the
 # eval records also against the initial reference (eval_init_*)
@@ -68,6 +68,14 @@ def test_reference_updates():
 def write(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return str(path)
+
+
+def test_title_counts_updates_only_where_there_is_a_reference():
+    assert title("out/tr_dpo/metrics.jsonl", DPO) == "out/tr_dpo/metrics.jsonl: 2 reference update(s)"
+    frozen = [dict(r, ref_updates=0) if "loss" in r else r for r in DPO]  # --ref_update none: a reference, no update
+    assert title("m.jsonl", frozen) == "m.jsonl: 0 reference update(s)"
+    sft = [{k: v for k, v in r.items() if k not in ("ref_updates", "steps_since_ref_update")} for r in DPO]
+    assert title("out/sft/metrics.jsonl", sft) == "out/sft/metrics.jsonl"
 
 
 def test_read_metrics_names_a_bad_line(tmp_path):
