@@ -120,6 +120,15 @@ def test_seed_and_threads_are_what_the_help_says(tmp_path):
     launch(train_loop, tr_dpo.get_args, ["--seed", "7", "--threads", "2", "--output_dir", str(tmp_path / "out")])
     assert seen == [True, 1, True, 2] and torch.get_num_threads() == before
 
+def test_ci_runs_the_readme_test_line():
+    """The README's two set-up lines (demo, tests) each start with the same venv step; .ci/run makes its own venv
+    (in a temporary folder) and then runs the rest of the test line as written."""
+    venv = "python3 -m venv .venv && . .venv/bin/activate && "
+    readme = open(os.path.join(ROOT, "README.md")).read().splitlines()
+    demo, tests = [line for line in readme if line.startswith(venv)]
+    assert demo.endswith(" && python tr_dpo.py") and tests.endswith(" && python -m pytest -q")
+    assert tests[len(venv):] in open(os.path.join(ROOT, ".ci", "run")).read().splitlines()
+
 # -----------------------------------------------------------------------------
 # bad input: one line on stderr, exit code 2, nothing written
 
