@@ -15,7 +15,8 @@ batch is split into micro-batches and ranks.
 Data (--dataset): 'toy' = digit puzzles whose SFT answers are wrong 30% of the time on purpose, 'hh[:subset]' = the
 chosen dialogues, 'tldr' = the reference summaries of CarperAI/openai_summarize_tldr, or demonstrations, KTO rows or
 preference pairs (the chosen response) from a file, folder or hub id, text or chat (docs/data.md). The flags and the
-step are the TR scripts' without a reference model. The output is policy/, the --model of every TR run:
+step are the TR scripts' without a reference model (no --ref_update, --alpha, --tau, --ref_dtype), pairs
+(--share_prompt) or --beta. The output is policy/, the --model of every TR run:
 
     python sft.py --model small --max_steps 1200 --lr 3e-3 --lr_schedule cosine --warmup_steps 20 \
         --batch_size 32 --micro_batch_size 32 --output_dir out/sft      # toy_experiment.py's SFT: ~2 min, 2 cores
