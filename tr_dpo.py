@@ -14,7 +14,7 @@ arXiv 2404.09656) moves it: after every tau-th optimizer step
 
 so the policy is held close to a recent version of itself (a trust region) instead of to the SFT model.
 
-Offline demo (a tiny model built in code, toy digit puzzles, 250 steps; about 10 s on a CPU):
+Offline demo (a tiny model built in code, toy digit puzzles, 250 steps; about 20 s on an idle CPU core):
     python tr_dpo.py                        # soft update, alpha 0.6 every 100 steps
     python tr_dpo.py --ref_update none      # plain DPO
     python tr_dpo.py --lora_r 8 --lora_targets all-linear+head   # LoRA: the reference an adapter too, docs/lora.md

@@ -15,7 +15,7 @@ Log-probs (--logps): by default the MEAN over response tokens, as the IPO author
 HALOs do; --logps sum gives sums, as the TR authors' library does. With means, beta 0.5 (the default) asks for a
 gap of 1/(2*beta) = 1 nat per token, which the demo reaches within a reference period; TRL and HALOs ship 0.1.
 
-Offline demo (tiny model, toy digit puzzles, 250 steps; about 10 s on a CPU):
+Offline demo (tiny model, toy digit puzzles, 250 steps; about 20 s on an idle CPU core):
     python tr_ipo.py                        # the loss starts at 1/(4*beta^2) = 1 and falls
     python tr_ipo.py --ref_update none      # plain IPO
     python tr_ipo.py --lora_r 8 --lora_targets all-linear+head   # LoRA: the reference an adapter too, docs/lora.md

@@ -18,7 +18,7 @@ extra no_grad forward of policy and reference per example. Paired data gives one
 undesirable (rejected) example per pair; {"prompt", "completion", "label": true/false} rows are read as they are.
 We warn when lambda_D * n_D / (lambda_U * n_U) is outside [1, 4/3] (the KTO paper's Eq. 8).
 
-Offline demo (tiny model, toy digit puzzles, 250 steps; about 15 s on a CPU):
+Offline demo (tiny model, toy digit puzzles, 250 steps; about 30 s on an idle CPU core):
     python tr_kto.py                        # --batch_size counts examples: 32 = the 16 pairs of tr_dpo.py
     python tr_kto.py --ref_update none      # plain KTO
     python tr_kto.py --lora_r 8 --lora_targets all-linear+head   # LoRA: the reference an adapter too, docs/lora.md
