@@ -1,7 +1,8 @@
 """
 Engineering a reader learning the methods can skip: each module opens with a paragraph saying when it is needed.
 
-    cli.py         the command line: shared flags and their checks, one-line errors (exit code 2), launching a run
+    run.py         around the step: launch() (flags, torch.distributed, threads) and Run (output folder, clip, resume)
+    cli.py         the command line: shared flags and their checks, one-line errors (exit code 2)
     data.py        loading and validating rows: hub sets, local files and folders, the toy task
     chat.py        chat-format rows, split into prompt and responses and rendered with the chat template
     hub.py         a hub model or dataset that cannot be fetched: one line within seconds
