@@ -196,3 +196,19 @@ class Trackers:
             print(f"warning: --report_to {name} failed ({type(e).__name__}: {first_line(e)}); it is off for the rest "
                   f"of the run, metrics.jsonl stays the record", file=sys.stderr)
             return None
+
+
+def report_summary(names, output_dir, run_name, project, config, report):
+    """evaluate.py's report sent once to the trackers of --report_to: its flags as config, and every number of
+    `report` ({model: row}, nested dicts) as a summary value named by its path: policy/win_rate/rate, ..."""
+    def numbers(d, path):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from numbers(v, f"{path}{k}/")
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                yield f"{path}{k}", v
+    trackers = Trackers(names, output_dir, run_name, project, config)
+    if trackers:
+        trackers.start()
+        trackers.summary(dict(numbers(report, "")))
+        trackers.close()
