@@ -198,4 +198,5 @@ class Run:
         except OSError as e:
             raise SystemExit(f"error: cannot write the final weights into {self.out} ({e}); {self.kept()}") from None
         png = plot_curves(os.path.join(self.out, "metrics.jsonl")) if self.d.master else None  # None: no matplotlib
-        self.logger.summary(keys, tuple(written) + ("metrics.jsonl",) + (("curves.png",) if png else ()))
+        tb = ("tensorboard/",) if "tensorboard" in self.args.report_to else ()
+        self.logger.summary(keys, tuple(written) + ("metrics.jsonl",) + (("curves.png",) if png else ()) + tb)
