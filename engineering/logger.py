@@ -143,12 +143,12 @@ class Trackers:
         """Open each tracker; start_step: the checkpoint's step on --resume (0: a fresh run); sent: the last step
         the run resumed logged, which W&B holds already."""
         self.sent = sent
-        for name in self.names:
-            tracker = self.attempt(name, getattr(self, "start_" + name), start_step)
+        for name, start in (("wandb", self.start_wandb), ("tensorboard", lambda: self.start_tensorboard(start_step))):
+            tracker = self.attempt(name, start) if name in self.names else None
             if tracker is not None:
                 self.live[name] = tracker
 
-    def start_wandb(self, start_step):
+    def start_wandb(self):
         import wandb
         return wandb.init(project=self.project, name=self.run_name, id=self.run_id, resume="allow",
                           config=self.config)
@@ -187,10 +187,10 @@ class Trackers:
             self.attempt("tensorboard", lambda: self.live["tensorboard"].close())
         self.live = {}
 
-    def attempt(self, name, call, *args):
-        """call(*args) and its result; on an exception one warning, the tracker is dropped, and None."""
+    def attempt(self, name, call):
+        """call() and its result; on an exception one warning, the tracker is dropped, and None."""
         try:
-            return call(*args)
+            return call()
         except Exception as e:  # noqa: BLE001 - a network, disk or service failure must not end a run of hours
             self.live.pop(name, None)
             print(f"warning: --report_to {name} failed ({type(e).__name__}: {first_line(e)}); it is off for the rest "
