@@ -59,6 +59,7 @@ from engineering import cli
 from engineering.chat import is_chat, render_chat
 from engineering.cli import InputError, need
 from engineering.data import load_preferences
+from engineering.logger import report_summary
 from engineering.models import autocast, load_model
 from engineering.toy import toy_gold_score, toy_malformed
 
@@ -650,7 +651,9 @@ def get_args(argv=None):
     g.add_argument("--judge_batch_size", type=cli.count, default=8, help="local judge: prompts per generate call")
     g.add_argument("--skip_criteria", action="store_true", help="no 1-10 criteria ratings (halves the judge's work)")
     g.add_argument("--reward_model", help="also score responses with this AutoModelForSequenceClassification")
-    p.add_argument("--output_dir", default="out/eval")
+    g = p.add_argument_group("output")
+    g.add_argument("--output_dir", default="out/eval")
+    cli.add_tracker_args(g)
     args = p.parse_args(argv)
     check_args(args)
     args.labels = args.labels or args.models
@@ -690,6 +693,7 @@ def check_args(args):
             cli.check_model_name(name, flag)
     cli.check_dataset_name(args.dataset)
     cli.check_output_dir(args.output_dir)
+    cli.check_trackers(args.report_to)
 
 # -----------------------------------------------------------------------------
 # main
@@ -795,6 +799,8 @@ def evaluate(args):
               f"baseline {args.baseline}, KL reference {args.reference}, {sampling}, "
               f"max {args.max_new_tokens} new tokens, seed {args.seed}")
     table = write_report(report, args.output_dir, args.baseline, header, vars(args))
+    report_summary(args.report_to, args.output_dir, args.run_name, args.project, vars(args),
+                   {r["model"]: r for r in report})  # --report_to: every number of the table, to W&B / TensorBoard
     print(header + "\n\n" + table)
     for r in report:  # the toy task: a model with no well-formed answer (random-init or untrained) tells nothing
         if r["criteria"].get("invalid output", {}).get("mean") == 1.0:

@@ -156,7 +156,8 @@ RECORD, FORMAT = "run.json", 1  # the record, written last into a checkpoint; it
 # later version adds) must be the checkpoint's, so that a resumed run computes what the run it continues would have
 CHANGEABLE = frozenset({"lr", "max_steps", "epochs", "max_grad_norm", "skip_nonfinite", "log_every", "eval_every",
                         "save_every", "micro_batch_size", "gradient_checkpointing", "fsdp", "dist_timeout", "threads",
-                        "trust_remote_code", "save_merged", "output_dir", "resume", "overwrite"})
+                        "trust_remote_code", "save_merged", "output_dir", "resume", "overwrite",
+                        "report_to", "run_name", "project"})  # the trackers: watching a run does not change it
 
 
 def run_flags(args):
@@ -253,7 +254,7 @@ def clear_run(output_dir):
 
 RUN_FILES = ("checkpoint", "checkpoint.tmp", "checkpoint.old", "policy", "policy.tmp", "policy.old", "reference",
              "reference.tmp", "reference.old", "base", "policy_merged",  # LoRA: adapters.save_final
-             "metrics.jsonl", "metrics.jsonl.tmp", "curves.png", "curves.png.tmp")
+             "metrics.jsonl", "metrics.jsonl.tmp", "curves.png", "curves.png.tmp", "tensorboard")
 
 # -----------------------------------------------------------------------------
 # faults: preemption, non-finite steps, lost ranks

@@ -58,6 +58,42 @@ natural = ranged(int, lambda x: x >= 0, "an integer >= 0")  # intervals and limi
 seed = ranged(int, lambda x: 0 <= x < 2 ** 32, "an integer in [0, 2**32)")  # what torch.manual_seed takes
 seconds = ranged(int, lambda x: 1 <= x <= 10 ** 8, "a whole number of seconds in [1, 10**8]")  # a timedelta fits
 
+TRACKERS = ("wandb", "tensorboard")  # --report_to's choices; each is also the package `pip install` names
+
+
+def trackers(text):
+    """An argparse type: "wandb,tensorboard" -> ["wandb", "tensorboard"]; "none" -> []."""
+    names = [n.strip() for n in text.split(",")]
+    for n in names:
+        if n not in TRACKERS + ("none",):
+            raise argparse.ArgumentTypeError(f"unknown tracker {n!r}: choose none, {', '.join(TRACKERS)}")
+    return [n for n in names if n != "none"]
+
+
+class Trackers(argparse.Action):
+    """--report_to wandb tensorboard or --report_to wandb,tensorboard: one list of names, each once."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, list(dict.fromkeys(n for v in values for n in v)))
+
+
+def add_tracker_args(g):
+    """--report_to, --run_name, --project (the training scripts and evaluate.py)."""
+    g.add_argument("--report_to", nargs="+", type=trackers, action=Trackers, default=[], metavar="TRACKER",
+                   help="also send metrics.jsonl's records live to wandb, tensorboard or both (docs/metrics.md)")
+    g.add_argument("--run_name", help="the run's name in the tracker (default: --output_dir's folder name)")
+    g.add_argument("--project", default="trust-region", help="the W&B project the run is logged to")
+
+
+def check_trackers(names):
+    """Each tracker of --report_to imports; else one line naming its install, before anything is written."""
+    import importlib
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise InputError(f"--report_to {name} needs the {name} package ({first_line(e)}): pip install {name}")
+
 # -----------------------------------------------------------------------------
 # the flags every training script shares
 
@@ -114,6 +150,7 @@ def add_common_args(p, name, reference=True, pairs=True):
     g.add_argument("--log_every", type=count, default=10, help="write a metrics.jsonl record (means over the last N optimizer steps) every N steps")
     g.add_argument("--eval_every", type=natural, default=50, help="evaluate on the held-out set every N optimizer steps (0 = only at the end)")
     g.add_argument("--save_every", type=natural, default=0, help="write checkpoint/ every N steps (0 = never)")
+    add_tracker_args(g)
     g.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint with its flags; only limits, intervals and parallelism may change (docs/faults.md)")
     g = p.add_argument_group("faults")
     g.add_argument("--skip_nonfinite", type=natural, default=0, help="skip up to N steps whose gradients are not finite (0 = stop at the first)")
@@ -137,6 +174,7 @@ def check_args(args, world_size):
     need(not (args.resume and args.overwrite), "--resume continues the run in --output_dir and --overwrite replaces "
                                                "it: pass one of them")
     check_paths(args.model, args.dataset, args.output_dir, args.resume, args.overwrite)
+    check_trackers(args.report_to)
 
 
 TOY_EVAL = 100_000  # toy rows are generated: a typo like --eval_size 100000000 would build them for minutes

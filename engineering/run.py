@@ -19,7 +19,7 @@ from engineering.checkpoint import (CHANGEABLE, Preemption, check_finite, check_
                                     run_record, save_checkpoint, save_final, swap_in, take_folder)
 from engineering.cli import InputError, check_args, check_paths, exit_on_bad_input, need
 from engineering.curves import plot_curves
-from engineering.logger import Logger
+from engineering.logger import Logger, Trackers
 from engineering.models import autocast_dtype
 
 SMALL = 10_000_000  # parameters: on a CPU, such a model trains on one thread (--threads 0)
@@ -69,7 +69,10 @@ class Run:
         if args.resume:
             loaded = self.resume()
         take_folder(self.out, d, lambda: self.own_folder(loaded))
-        self.logger, self.preemption = Logger(self.out, d.master, self.start, num_steps), Preemption(d)
+        # --report_to: the records go on to W&B / TensorBoard too; a resumed run continues its W&B run by its id
+        trackers = Trackers(args.report_to, self.out, args.run_name, args.project, run_flags(args),
+                            loaded[1].get("tracker_id") if loaded else None)
+        self.logger, self.preemption = Logger(self.out, d.master, self.start, num_steps, trackers), Preemption(d)
 
     def resume(self):
         """Load the checkpoint (checked against the flags in launch); a new --lr takes effect from here, the
@@ -157,7 +160,7 @@ class Run:
             raise SystemExit(f"error: step {step}: the policy holds non-finite weights, so no checkpoint is written; "
                              f"{self.kept()}; lower --lr")
         if self.d.master and self.record is None:  # rank 0 writes run.json; the data hashed once per run
-            self.record = run_record(self.args, self.d.world_size)
+            self.record = {**run_record(self.args, self.d.world_size), "tracker_id": self.logger.trackers.run_id}
         try:
             save_checkpoint(self.out, self.d, self.model, self.ref, self.opt, self.sched, step, self.state, self.record)
         except OSError as e:
@@ -172,8 +175,12 @@ class Run:
         return f"{self.out}/checkpoint (step {self.saved}) is intact: --resume continues from it"
 
     def stopped_after(self, step):
-        """The end of every step: the progress bar; True after SIGTERM/SIGINT, once checkpoint/ is written."""
+        """The end of every step: the progress bar, a reference update as a tracker event (its alpha at its step);
+        True after SIGTERM/SIGINT, once checkpoint/ is written."""
         self.logger.bar.update(1)
+        alpha = self.ref is not None and update_alpha(step, self.args.ref_update, self.args.alpha, self.args.tau)
+        if alpha:
+            self.logger.event(step, "ref_update", alpha)
         if step == self.num_steps or not self.preemption.stop_requested():
             return False
         self.save(step)
@@ -191,4 +198,5 @@ class Run:
         except OSError as e:
             raise SystemExit(f"error: cannot write the final weights into {self.out} ({e}); {self.kept()}") from None
         png = plot_curves(os.path.join(self.out, "metrics.jsonl")) if self.d.master else None  # None: no matplotlib
-        self.logger.summary(keys, tuple(written) + ("metrics.jsonl",) + (("curves.png",) if png else ()))
+        tb = ("tensorboard/",) if "tensorboard" in self.args.report_to else ()
+        self.logger.summary(keys, tuple(written) + ("metrics.jsonl",) + (("curves.png",) if png else ()) + tb)
