@@ -18,9 +18,10 @@ paragraphs); then, per model:
 - Length (response tokens, EOS excluded), distinct-n (unique n-grams / all n-grams) and Self-BLEU (BLEU-4 of each
   response against the others; 1 = all alike), counted on the model's own tokens, so they work for prose and digit
   strings alike; compare them between models that share a tokenizer. Optional: --reward_model scores.
-Judges: api (an OpenAI-compatible chat-completions endpoint), local (a Hugging Face causal LM, greedy) and gold (toy
-task only: the higher toy.toy_gold_score wins, equal scores tie). On the toy task the gold score, gold accuracy
-(exact answers) and invalid-output rate (malformed answers) are reported whatever the judge.
+Judges: api (an OpenAI-compatible chat-completions server, through the openai package: engineering/api_judge.py),
+local (a Hugging Face causal LM, greedy) and gold (toy task only: the higher toy.toy_gold_score wins, equal scores
+tie). On the toy task the gold score, gold accuracy (exact answers) and invalid-output rate (malformed answers) are
+reported whatever the judge.
 Generations go to output_dir/generations/<model>.jsonl batch by batch and judge answers to judge_cache.jsonl, so a
 rerun after a crash does only what is missing. Under torchrun generation is sharded; scoring runs on rank 0.
 
@@ -572,7 +573,7 @@ def get_args(argv=None):
     g.add_argument("--judge_model", help="api: the model id (e.g. gpt-4o); local: anything load_model takes")
     g.add_argument("--api_base", default="https://api.openai.com/v1", help="base URL of an OpenAI-compatible API")
     g.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key (set it empty for a server without one)")
-    g.add_argument("--api_timeout", type=api_judge.timeout_s, default=60.0, help="seconds a request may take, in all (connect, wait, read the reply)")
+    g.add_argument("--api_timeout", type=api_judge.timeout_s, default=60.0, help="seconds: the longest wait for the server (connect, send, each read), and the longest a reply may take from the request's start to its last byte")
     g.add_argument("--api_retries", type=api_judge.retries, default=5, help="retries on 408, 409, 429, 5xx, dropped connections and timeouts, after the server's Retry-After or openai's back-off (0.5 s doubling to 8 s)")
     g.add_argument("--api_concurrency", type=api_judge.concurrency, default=8, help="requests in flight at once")
     g.add_argument("--judge_max_new_tokens", type=cli.count, default=256, help="tokens of each judge answer, at most")

@@ -40,6 +40,10 @@ concurrency = ranged(int, lambda x: 1 <= x <= 256, "an integer in [1, 256]")
 class BadReply(Exception):
     """A reply refused while it is read (too long, compressed): not retried, since it would come back the same."""
 
+    def __init__(self, message, status):
+        super().__init__(message)
+        self.status = status
+
 
 def import_client():
     """(openai, httpx2), or InputError naming the install."""
@@ -91,7 +95,6 @@ def shown_url(url):
 def check_api_base(url, key):
     """InputError unless `url` is an http(s) URL with a host and nothing that could be a credential (a user name or
     password, a query such as ?api-key=, the key in any form): what a message or results.md shows of it is safe."""
-    url = url.strip()
     pattern = key_pattern(key) if key else None
     safe = pattern.sub("[API key]", shown_url(url)) if pattern else shown_url(url)
     try:
@@ -103,8 +106,9 @@ def check_api_base(url, key):
     need(parts.scheme in ("http", "https") and parts.hostname, f"--api_base {safe}: not an http:// or https:// URL")
     need("@" not in parts.netloc, f"--api_base {safe}: a user name or password in the URL would be sent and shown; "
                                   f"the judge sends the key, from the variable --api_key_env names, in a header")
-    need(not parts.query and not parts.fragment, f"--api_base {safe}?...: a query or fragment is refused (it can hold a "
-                                                 f"credential, such as api-key=); give the server's URL only")
+    need(not parts.query and not parts.fragment,
+         f"--api_base {safe}?...: a query or fragment is refused (it can hold a credential, such as api-key=); give "
+         f"the server's URL only")
     need(not (pattern and pattern.search(url)), f"--api_base {safe} holds the API key; give the server's URL only "
                                                 f"(the key is sent in a header)")
     _, httpx2 = import_client()
@@ -128,7 +132,8 @@ class ApiJudge:
         self.max_tokens, self.name = max_tokens, f"api:{base_url}:{model}:{max_tokens}"
         self.errors, self.answered = [], 0  # the failed requests' messages; how many got an answer
         self.openai, self.httpx2 = openai, httpx2
-        http = openai.DefaultHttpxClient(timeout=timeout, follow_redirects=False, headers={"Accept-Encoding": "identity"},
+        http = openai.DefaultHttpxClient(timeout=timeout, follow_redirects=False,
+                                         headers={"Accept-Encoding": "identity"},
                                          event_hooks={"request": [self.start], "response": [self.guard]})
         # openai needs some key; a keyless server ignores the placeholder its docs use (vLLM: "EMPTY")
         self.client = openai.OpenAI(api_key=self.key or "EMPTY", base_url=base_url, max_retries=retries,
@@ -143,8 +148,9 @@ class ApiJudge:
     def guard(self, response):
         encoding = response.headers.get("content-encoding", "identity").lower()
         if encoding != "identity":
-            raise BadReply(f"the reply is compressed ({encoding}) though the judge asked for none")
-        response.stream = capped(response.stream, response.request.extensions["judge_deadline"], self.httpx2)
+            raise BadReply(f"the reply is compressed ({encoding}) though the judge asked for none",
+                           response.status_code)
+        response.stream = capped(response, response.request.extensions["judge_deadline"], self.httpx2)
 
     # -------------------------------------------------------------------------
 
@@ -175,7 +181,7 @@ class ApiJudge:
         except openai.APIConnectionError as e:
             return None, f"{type(e.__cause__ or e).__name__}: {self.scrub(first_line(e.__cause__ or e))}", None
         except BadReply as e:
-            return None, str(e), None
+            return None, str(e), e.status
         body = raw.http_response.text
         try:
             answer = json.loads(body)["choices"][0]["message"]["content"]
@@ -214,9 +220,11 @@ class ApiJudge:
                 yield futures[fut], answer
 
 
-def capped(stream, deadline, httpx2):
-    """A reply's body as httpx2 reads it, stopped at the request's deadline (a ReadTimeout, which openai retries)
-    or past MAX_REPLY bytes (BadReply)."""
+def capped(response, deadline, httpx2):
+    """The response's body as httpx2 reads it, stopped at the request's deadline (a ReadTimeout, which openai
+    retries) or past MAX_REPLY bytes (BadReply)."""
+    stream = response.stream
+
     class Capped(httpx2.SyncByteStream):
         def __iter__(self):
             size = 0
@@ -225,7 +233,7 @@ def capped(stream, deadline, httpx2):
                 if time.monotonic() > deadline:
                     raise httpx2.ReadTimeout("the reply took longer than --api_timeout in all")
                 if size > MAX_REPLY:
-                    raise BadReply(f"the reply runs past {MAX_REPLY >> 20} MiB; cut off")
+                    raise BadReply(f"the reply runs past {MAX_REPLY >> 20} MiB; cut off", response.status_code)
                 yield chunk
 
         def close(self):

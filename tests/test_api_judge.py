@@ -328,6 +328,7 @@ def test_a_missing_openai_package_is_one_line(secret_env, tmp_path, capsys, monk
     ("status/500/", "the judge API at --api_base {base} did not answer a test request (HTTP 500: "),
     ("status/400/", "did not answer a test request (HTTP 400: "),
     ("html/", "does not answer like an OpenAI-compatible chat-completions API (malformed reply"),
+    ("endless/", "does not answer like an OpenAI-compatible chat-completions API (the reply runs past 8 MiB"),
     ("closed", "cannot reach --api_base {base} (ConnectError: "),
 ])
 def test_the_probe_says_which_judge_setting_is_wrong(stub, secret_env, route, message):
