@@ -9,10 +9,10 @@ package (optional: pip install openai), and what keeps the key with that server.
   JSON-escaped, URL-encoded, an HTML entity, any mix of those, or inside base64 as in a Basic header), before it is
   cut for a message, so no part of it reaches the console, a log or a file.
 - openai retries 408, 409, 429, 5xx, dropped connections and timeouts, --api_retries times at most, waiting the
-  server's Retry-After (up to 2 minutes) or its own back-off (0.5 s doubling to 8 s). --api_timeout bounds every
-  wait for the server (connect, send, each read) and, from the request's start, the reading of the whole reply:
-  a server that sends its reply a byte at a time is cut off. A reply is read as it is sent (Accept-Encoding:
-  identity, a compressed one refused) and cut off past MAX_REPLY bytes.
+  server's Retry-After (up to 2 minutes) or its own back-off (0.5 s doubling to 8 s). --api_timeout bounds each
+  request as a whole: a watchdog shuts its connection down when it runs past, whatever it waits for (a server that
+  sends its headers or body a byte at a time included); for that, every request opens its own connection. A reply
+  is read as it is sent (Accept-Encoding: identity, a compressed one refused) and cut off past MAX_REPLY bytes.
 - A reply that is not the JSON of a chat completion with a text answer (bodiless, HTML, no choices) is an error,
   counted invalid, never a judgement.
 """
@@ -20,7 +20,8 @@ import base64
 import json
 import os
 import re
-import time
+import socket
+import threading
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -132,7 +133,9 @@ class ApiJudge:
         self.max_tokens, self.name = max_tokens, f"api:{base_url}:{model}:{max_tokens}"
         self.errors, self.answered = [], 0  # the failed requests' messages; how many got an answer
         self.openai, self.httpx2 = openai, httpx2
+        # no idle connection is kept, so that every request opens its own, which its watchdog can shut down
         http = openai.DefaultHttpxClient(timeout=timeout, follow_redirects=False,
+                                         limits=httpx2.Limits(max_keepalive_connections=0),
                                          headers={"Accept-Encoding": "identity"},
                                          event_hooks={"request": [self.start], "response": [self.guard]})
         # openai needs some key; a keyless server ignores the placeholder its docs use (vLLM: "EMPTY")
@@ -140,17 +143,20 @@ class ApiJudge:
                                     timeout=timeout, http_client=http)
 
     # -------------------------------------------------------------------------
-    # the reply's limits, as httpx2 event hooks: the deadline is stamped on each attempt, the body read through guard
+    # the reply's limits, as httpx2 event hooks: a watchdog for each attempt, the body read through capped()
 
     def start(self, request):
-        request.extensions["judge_deadline"] = time.monotonic() + self.timeout
+        watchdog = Watchdog(self.timeout)
+        request.extensions.update(trace=watchdog.trace, judge_watchdog=watchdog)
 
     def guard(self, response):
+        watchdog = response.request.extensions["judge_watchdog"]
         encoding = response.headers.get("content-encoding", "identity").lower()
         if encoding != "identity":
+            watchdog.done()
             raise BadReply(f"the reply is compressed ({encoding}) though the judge asked for none",
                            response.status_code)
-        response.stream = capped(response, response.request.extensions["judge_deadline"], self.httpx2)
+        response.stream = capped(response, watchdog, self.httpx2)
 
     # -------------------------------------------------------------------------
 
@@ -176,9 +182,9 @@ class ApiJudge:
                          f"followed, so that the key goes to the host of --api_base only; give the final URL as "
                          f"--api_base")
             return None, error, e.status_code
-        except openai.APITimeoutError:
-            return None, f"timed out (--api_timeout {self.timeout:g} s, after the retries)", None
-        except openai.APIConnectionError as e:
+        except openai.APIConnectionError as e:  # APITimeoutError included
+            if isinstance(e, openai.APITimeoutError) or e.request.extensions["judge_watchdog"].cut:
+                return None, f"timed out (--api_timeout {self.timeout:g} s, after the retries)", None
             return None, f"{type(e.__cause__ or e).__name__}: {self.scrub(first_line(e.__cause__ or e))}", None
         except BadReply as e:
             return None, str(e), e.status
@@ -220,9 +226,40 @@ class ApiJudge:
                 yield futures[fut], answer
 
 
-def capped(response, deadline, httpx2):
-    """The response's body as httpx2 reads it, stopped at the request's deadline (a ReadTimeout, which openai
-    retries) or past MAX_REPLY bytes (BadReply)."""
+class Watchdog:
+    """The deadline of one request: `timeout` seconds after it starts, its connection is shut down, whatever it is
+    waiting for (the connection, headers or a body sent a byte at a time), and the reader wakes with an error.
+    httpcore2's trace extension hands over each socket the request opens."""
+
+    def __init__(self, timeout):
+        self.sockets, self.cut, self.lock = [], False, threading.Lock()
+        self.timer = threading.Timer(timeout, self.fire)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def trace(self, name, info):
+        if name in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            with self.lock:
+                self.sockets.append(info["return_value"].get_extra_info("socket"))
+            if self.cut:  # the deadline passed while it connected
+                self.fire()
+
+    def fire(self):
+        with self.lock:
+            self.cut = True
+            for sock in self.sockets:
+                try:  # the socket's own shutdown, under TLS too: a read blocked in another thread returns
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                except OSError:
+                    pass  # closed already
+
+    def done(self):
+        self.timer.cancel()
+
+
+def capped(response, watchdog, httpx2):
+    """The response's body as httpx2 reads it, cut off past MAX_REPLY bytes (BadReply) or, when the watchdog shut the
+    connection, a ReadTimeout (which openai retries); the watchdog is stopped once the body is closed."""
     stream = response.stream
 
     class Capped(httpx2.SyncByteStream):
@@ -230,12 +267,13 @@ def capped(response, deadline, httpx2):
             size = 0
             for chunk in stream:
                 size += len(chunk)
-                if time.monotonic() > deadline:
-                    raise httpx2.ReadTimeout("the reply took longer than --api_timeout in all")
                 if size > MAX_REPLY:
                     raise BadReply(f"the reply runs past {MAX_REPLY >> 20} MiB; cut off", response.status_code)
                 yield chunk
+            if watchdog.cut:  # a body that ends when the connection does looks whole when the watchdog shut it
+                raise httpx2.ReadTimeout("the reply took longer than --api_timeout")
 
         def close(self):
+            watchdog.done()
             stream.close()
     return Capped()

@@ -63,15 +63,24 @@ class Stub(BaseHTTPRequestHandler):
                 return self.reply(200, {"id": "x", "object": "chat.completion"})
             if route == "gzip":
                 return self.reply(200, b"\x1f\x8b" + b"\0" * 20, [("Content-Encoding", "gzip")])
-            if route in ("trickle", "endless"):  # headers at once, then a body that never ends
+            if route == "slowheaders":  # a status line, then headers that never end, a byte every 0.2 s
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                for _ in range(300):
+                    self.wfile.write(b"A")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+                return None
+            if route in ("trickle", "tricklelength", "endless"):  # headers at once, then a body that never ends
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
+                if route == "tricklelength":  # the body's end announced (else: when the connection closes)
+                    self.send_header("Content-Length", "100000")
                 self.end_headers()
                 self.wfile.write(b'{"choices": [{"message": {"content": "')
                 for _ in range(300):  # 60 s of trickle at most; the client hangs up long before
-                    self.wfile.write(b"A" if route == "trickle" else b"A" * 65536)
+                    self.wfile.write(b"A" * 65536 if route == "endless" else b"A")
                     self.wfile.flush()
-                    time.sleep(0.2 if route == "trickle" else 0)
+                    time.sleep(0 if route == "endless" else 0.2)
                 return None
             case = (re.search(r"CASE:(\w+)", text) or [None, "judge"])[1]
             with s.lock:
@@ -224,14 +233,17 @@ def test_retry_after_is_honoured(stub, secret_env):
     ("gzip/", "the reply is compressed (gzip) though the judge asked for none"),
     ("endless/", "the reply runs past 8 MiB; cut off"),
     ("trickle/", "timed out (--api_timeout 0.5 s, after the retries)"),
+    ("tricklelength/", "timed out (--api_timeout 0.5 s, after the retries)"),
+    ("slowheaders/", "timed out (--api_timeout 0.5 s, after the retries)"),
 ])
 def test_a_reply_that_is_no_chat_completion_is_an_error_never_a_judgement(stub, secret_env, route, message):
-    """A bodiless, HTML or choice-less 200, a compressed or endless body, a body sent a byte every 0.2 s (each wait
-    shorter than the timeout, so only a deadline on the whole request ends it): an error, counted invalid."""
+    """A bodiless, HTML or choice-less 200, a compressed or endless body, headers or a body sent a byte every 0.2 s
+    (each wait shorter than the timeout, so only a deadline on the whole request ends it): an error, counted
+    invalid."""
     j = judge(stub, route, timeout=0.5, retries=1)
     answers = dict(j(["Compare A and B."]))
     assert answers == {0: None} and j.answered == 0 and message in j.errors[0], j.errors
-    retried = route == "trickle/"  # a timeout is retried; a reply refused as it is read would come back the same
+    retried = route in ("trickle/", "tricklelength/", "slowheaders/")  # a timeout is retried; a reply refused as it is read would come back the same
     assert len(stub.log) == 1 + retried
 
 
