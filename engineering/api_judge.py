@@ -183,7 +183,7 @@ class ApiJudge:
                          f"--api_base")
             return None, error, e.status_code
         except openai.APIConnectionError as e:  # APITimeoutError included
-            if isinstance(e, openai.APITimeoutError) or e.request.extensions["judge_watchdog"].cut:
+            if isinstance(e, openai.APITimeoutError) or getattr(e.request.extensions.get("judge_watchdog"), "cut", 0):
                 return None, f"timed out (--api_timeout {self.timeout:g} s, after the retries)", None
             return None, f"{type(e.__cause__ or e).__name__}: {self.scrub(first_line(e.__cause__ or e))}", None
         except BadReply as e:
