@@ -208,7 +208,7 @@ class ApiJudge:
         need(status not in (401, 403), f"{where} refused the key in ${self.key_env} ({error})")
         need(status != 404, f"--judge_model {self.model}: not found at --api_base {base} ({error}); check the model "
                             f"id and the URL")
-        need(status is not None, f"cannot reach --api_base {base} ({error})")
+        need(status is not None, f"cannot reach --api_base {base}, or it did not answer in time ({error})")
         need(status != 200, f"{where} does not answer like an OpenAI-compatible chat-completions API ({error})")
         raise InputError(f"{where} did not answer a test request ({error}); check --judge_model and --api_base, or "
                          f"try again later")

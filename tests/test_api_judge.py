@@ -341,13 +341,14 @@ def test_a_missing_openai_package_is_one_line(secret_env, tmp_path, capsys, monk
     ("status/400/", "did not answer a test request (HTTP 400: "),
     ("html/", "does not answer like an OpenAI-compatible chat-completions API (malformed reply"),
     ("endless/", "does not answer like an OpenAI-compatible chat-completions API (the reply runs past 8 MiB"),
-    ("closed", "cannot reach --api_base {base} (ConnectError: "),
+    ("slowheaders/", "cannot reach --api_base {base}, or it did not answer in time (timed out (--api_timeout 0.5 s"),
+    ("closed", "cannot reach --api_base {base}, or it did not answer in time (ConnectError: "),
 ])
 def test_the_probe_says_which_judge_setting_is_wrong(stub, secret_env, route, message):
     port = closed_port() if route == "closed" else stub.server_port
     base = f"http://127.0.0.1:{port}/{route.rstrip('/') + '/' if route != 'closed' else ''}v1"
     with pytest.raises(InputError) as e:
-        ApiJudge(base, "stub-model", "STUB_KEY", retries=1).probe()
+        ApiJudge(base, "stub-model", "STUB_KEY", timeout=0.5, retries=1).probe()
     assert message.format(base=base) in str(e.value) and not shows_key(str(e.value)), str(e.value)
 
 
