@@ -188,6 +188,8 @@ class ApiJudge:
             return None, f"{type(e.__cause__ or e).__name__}: {self.scrub(first_line(e.__cause__ or e))}", None
         except BadReply as e:
             return None, str(e), e.status
+        except openai.OpenAIError as e:  # anything else the client refuses: a failed request, not a traceback
+            return None, f"{type(e).__name__}: {self.scrub(first_line(e))}", None
         body = raw.http_response.text
         try:
             answer = json.loads(body)["choices"][0]["message"]["content"]
