@@ -63,12 +63,13 @@ class Stub(BaseHTTPRequestHandler):
                 return self.reply(200, {"id": "x", "object": "chat.completion"})
             if route == "gzip":
                 return self.reply(200, b"\x1f\x8b" + b"\0" * 20, [("Content-Encoding", "gzip")])
-            if route == "slowheaders":  # a status line, then headers that never end, a byte every 0.2 s
+            if route == "slowheaders":  # a status line, then headers that do not end for 10 s, a byte every 0.2 s
                 self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
-                for _ in range(300):
+                for _ in range(50):
                     self.wfile.write(b"A")
                     self.wfile.flush()
                     time.sleep(0.2)
+                s.finished += 1  # the client waited for all of it: no deadline on the whole request
                 return None
             if route in ("trickle", "tricklelength", "endless"):  # headers at once, then a body that never ends
                 self.send_response(200)
@@ -77,10 +78,11 @@ class Stub(BaseHTTPRequestHandler):
                     self.send_header("Content-Length", "100000")
                 self.end_headers()
                 self.wfile.write(b'{"choices": [{"message": {"content": "')
-                for _ in range(300):  # 60 s of trickle at most; the client hangs up long before
+                for _ in range(50 if route != "endless" else 1000):  # 10 s of trickle, or 64 MB
                     self.wfile.write(b"A" * 65536 if route == "endless" else b"A")
                     self.wfile.flush()
                     time.sleep(0 if route == "endless" else 0.2)
+                s.finished += 1  # the client read all of it: no deadline, or no cap
                 return None
             case = (re.search(r"CASE:(\w+)", text) or [None, "judge"])[1]
             with s.lock:
@@ -141,6 +143,7 @@ def serve(handler=Stub):
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     server.lock, server.calls, server.active, server.max_active, server.log = threading.Lock(), {}, 0, 0, []
+    server.finished = 0  # slow or endless replies sent to their end
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     return server
 
@@ -244,7 +247,7 @@ def test_a_reply_that_is_no_chat_completion_is_an_error_never_a_judgement(stub, 
     answers = dict(j(["Compare A and B."]))
     assert answers == {0: None} and j.answered == 0 and message in j.errors[0], j.errors
     retried = route in ("trickle/", "tricklelength/", "slowheaders/")  # a timeout is retried; a reply refused as it is read would come back the same
-    assert len(stub.log) == 1 + retried
+    assert len(stub.log) == 1 + retried and stub.finished == 0  # the client hung up, not the server
 
 
 @pytest.mark.parametrize("form", sorted(ECHO))
