@@ -18,9 +18,10 @@ paragraphs); then, per model:
 - Length (response tokens, EOS excluded), distinct-n (unique n-grams / all n-grams) and Self-BLEU (BLEU-4 of each
   response against the others; 1 = all alike), counted on the model's own tokens, so they work for prose and digit
   strings alike; compare them between models that share a tokenizer. Optional: --reward_model scores.
-Judges: api (an OpenAI-compatible chat-completions endpoint), local (a Hugging Face causal LM, greedy) and gold (toy
-task only: the higher toy.toy_gold_score wins, equal scores tie). On the toy task the gold score, gold accuracy
-(exact answers) and invalid-output rate (malformed answers) are reported whatever the judge.
+Judges: api (an OpenAI-compatible chat-completions server, through the openai package: engineering/api_judge.py),
+local (a Hugging Face causal LM, greedy) and gold (toy task only: the higher toy.toy_gold_score wins, equal scores
+tie). On the toy task the gold score, gold accuracy (exact answers) and invalid-output rate (malformed answers) are
+reported whatever the judge.
 Generations go to output_dir/generations/<model>.jsonl batch by batch and judge answers to judge_cache.jsonl, so a
 rerun after a crash does only what is missing. Under torchrun generation is sharded; scoring runs on rank 0.
 
@@ -39,26 +40,23 @@ Several runs against SFT with a local judge (plus a plot of win rate against KL)
 """
 import glob
 import hashlib
-import http.client
 import json
 import math
 import os
 import re
-import time
-import urllib.error
-import urllib.request
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import nullcontext
 
 import torch
 from tqdm import tqdm
 
 from common import (barrier, build_sequence, cleanup_distributed, pad_sequences, sequence_logps, setup_distributed,
                     to_device)
-from engineering import cli
+from engineering import api_judge, cli
 from engineering.chat import is_chat, render_chat
-from engineering.cli import InputError, need
+from engineering.cli import InputError, first_line, need
 from engineering.data import load_preferences
+from engineering.hub import fetching
 from engineering.logger import report_summary
 from engineering.models import autocast, load_model
 from engineering.toy import toy_gold_score, toy_malformed
@@ -381,98 +379,6 @@ def generate(model, tokenizer, prompts, path, args, d, desc="generate"):
 # judge back-ends: calling one with a list of texts yields (index, answer) as answers arrive; None = request failed
 
 
-def api_key(key_env):
-    """The judge's API key from $key_env ('' for a server without one); InputError, the key not shown, when the
-    variable is unset or holds a character an HTTP header cannot carry (http.client would quote the header, key
-    and all, in its error)."""
-    need(key_env in os.environ, f"--judge api reads the key from ${key_env}, which is not set (set it; empty for a "
-                                f"server without a key)")
-    key = os.environ[key_env].strip()
-    need(all(32 < ord(c) < 127 for c in key),
-         f"${key_env} holds a character an HTTP header cannot carry (space, control, non-ASCII)")
-    return key
-
-
-class ApiJudge:
-    """An OpenAI-compatible chat-completions endpoint, standard-library HTTP only. 429, 5xx, timeouts and dropped
-    connections are retried with exponential back-off; other errors and malformed replies are not. The key is read
-    from the environment and scrubbed from everything that comes back, a body before it is cut, so it cannot reach a
-    log or a file, whole or in part. probe() tries the settings with one cheap request before any generation."""
-
-    def __init__(self, base_url, model, key_env="OPENAI_API_KEY", timeout=60.0, retries=5, backoff=2.0,
-                 concurrency=8, max_tokens=256):
-        self.base, self.url, self.model = base_url, base_url.rstrip("/") + "/chat/completions", model
-        self.key, self.key_env = api_key(key_env), key_env
-        self.timeout, self.retries, self.backoff, self.concurrency = timeout, retries, backoff, concurrency
-        self.max_tokens, self.name = max_tokens, f"api:{base_url}:{model}:{max_tokens}"
-        self.errors, self.answered = [], 0  # the failed requests' messages; how many got an answer
-
-    def scrub(self, text):
-        return text.replace(self.key, "[API key]") if self.key else text
-
-    def ask(self, text, max_tokens=None):
-        """(answer, None) or (None, error message), both scrubbed of the key here, the one way out."""
-        answer, error, _ = self.request(text, max_tokens or self.max_tokens)
-        return (self.scrub(answer), None) if error is None else (None, self.scrub(error))
-
-    def request(self, text, max_tokens):
-        """(answer, error, HTTP status or None) of one chat completion, retried as the class says. A body in an
-        error is scrubbed of the key before it is cut to 200 characters: a server that echoes the Authorization
-        header near the cut would otherwise print part of the key."""
-        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": text}],
-                           "temperature": 0, "max_tokens": max_tokens}).encode()
-        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self.key}"} if self.key else {})}
-        status = None
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                with urllib.request.urlopen(urllib.request.Request(self.url, body, headers), timeout=self.timeout) as r:
-                    raw = r.read()
-            except urllib.error.HTTPError as e:
-                status, error = e.code, f"HTTP {e.code}: {self.scrub(e.read(65536).decode(errors='replace'))[:200]}"
-                if e.code != 429 and e.code < 500:
-                    break  # a client error (bad key, bad request) will not pass on a retry
-            except (urllib.error.URLError, http.client.HTTPException, OSError) as e:  # includes timeouts
-                status, error = None, f"{type(e).__name__}: {e}"
-            else:
-                try:
-                    answer = json.loads(raw)["choices"][0]["message"]["content"]
-                    if not isinstance(answer, str):
-                        raise TypeError("content is not a string")
-                    return answer, None, 200
-                except (ValueError, KeyError, IndexError, TypeError) as e:
-                    return None, f"malformed reply ({e!r}): {self.scrub(raw.decode(errors='replace'))[:200]}", 200
-        return None, f"{error} (after {attempt + 1} attempt(s))", status
-
-    def probe(self):
-        """One chat completion of one token before any generation (a cheap request, with the usual retries): the
-        key, --judge_model and --api_base work, or InputError saying which does not."""
-        answer, error, status = self.request("Reply with the letter A.", 1)
-        if error is None:
-            return
-        error, where = self.scrub(error), f"the judge API at --api_base {self.base}"
-        need(status not in (401, 403), f"{where} refused the key in ${self.key_env} ({error})")
-        need(status != 404, f"--judge_model {self.model}: not found at --api_base {self.base} ({error}); check the "
-                            f"model id and the URL")
-        need(status is not None, f"cannot reach --api_base {self.base} ({error})")
-        need(status != 200, f"{where} does not answer like an OpenAI-compatible chat-completions API ({error})")
-        raise InputError(f"{where} did not answer a test request ({error}); check --judge_model and --api_base, or "
-                         f"try again later")
-
-    def __call__(self, texts):
-        with ThreadPoolExecutor(self.concurrency) as pool:  # at most `concurrency` requests in flight
-            futures = {pool.submit(self.ask, t): i for i, t in enumerate(texts)}
-            for fut in as_completed(futures):
-                answer, error = fut.result()
-                if error:
-                    self.errors.append(error)
-                    tqdm.write(f"judge request failed, counted invalid: {error}")
-                else:
-                    self.answered += 1
-                yield futures[fut], answer
-
-
 class LocalJudge:
     """A Hugging Face causal LM (anything models.load_model takes) answering greedily, through its chat template
     when the tokenizer has one."""
@@ -531,10 +437,35 @@ def judge_ratings(judge, task, prompts, responses, cache_path):
     return {c: [x[c] for x in ratings if x] for c in CRITERIA}, sum(x is None for x in ratings), answers
 
 
+def check_reward_model(path, trust_remote_code=False):
+    """Before any generation: InputError unless --reward_model's config describes a sequence-classification model.
+    A causal LM folder would load into AutoModelForSequenceClassification with a newly initialised, random score
+    head; an empty folder has no config."""
+    from transformers import AutoConfig
+    try:
+        with nullcontext() if os.path.isdir(path) else fetching(path, "model", f"reward model {path!r}",
+                                                                "a local folder as --reward_model"):
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - OSError (no config.json), ValueError, JSONDecodeError, ...
+        raise InputError(f"--reward_model {path}: no readable model config ({type(e).__name__}: {first_line(e)}); "
+                         f"pass a folder written by save_pretrained") from None
+    kinds = config.architectures or []
+    need(any(k.endswith("ForSequenceClassification") for k in kinds),
+         f"--reward_model {path} is a {'/'.join(kinds) or 'model of no stated architecture'}, not a sequence-"
+         f"classification reward model: its score head would be random")
+
+
 def load_reward_model(path, device, trust_remote_code=False):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    rm = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code)
+    rm, info = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                                  output_loading_info=True)
+    missing = sorted(info["missing_keys"])
+    if missing:  # a head the config names but the files lack would be newly initialised: random scores
+        raise InputError(f"--reward_model {path}: {len(missing)} weight(s) are not in its files (e.g. {missing[0]}), "
+                         f"so it would score with random values")
     rm.to(device).eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -641,12 +572,11 @@ def get_args(argv=None):
     g = p.add_argument_group("judge")
     g.add_argument("--judge", default="gold", choices=["gold", "api", "local", "none"], help="gold: the toy task's exact score")
     g.add_argument("--judge_model", help="api: the model id (e.g. gpt-4o); local: anything load_model takes")
-    g.add_argument("--api_base", default="https://api.openai.com/v1", help="base URL of an OpenAI-compatible API")
-    g.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key (set it empty for a server without one)")
-    g.add_argument("--api_timeout", type=cli.positive, default=60.0, help="seconds per request")
-    g.add_argument("--api_retries", type=cli.natural, default=5, help="retries on 429, 5xx and timeouts")
-    g.add_argument("--api_backoff", type=cli.nonnegative, default=2.0, help="first retry delay in seconds, doubled each retry")
-    g.add_argument("--api_concurrency", type=cli.count, default=8, help="requests in flight at once")
+    g.add_argument("--api_base", default="https://api.openai.com/v1", help="base URL of an OpenAI-compatible API; no user, password or query (the key goes in --api_key_env's variable)")
+    g.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key, 8 characters or more (set it empty for a server without one)")
+    g.add_argument("--api_timeout", type=api_judge.timeout_s, default=60.0, help="seconds a judge request may take in all, from connecting to the reply's last byte")
+    g.add_argument("--api_retries", type=api_judge.retries, default=5, help="retries on 408, 409, 429, 5xx, dropped connections and timeouts, after the server's Retry-After or openai's back-off (0.5 s doubling to 8 s)")
+    g.add_argument("--api_concurrency", type=api_judge.concurrency, default=8, help="requests in flight at once")
     g.add_argument("--judge_max_new_tokens", type=cli.count, default=256, help="tokens of each judge answer, at most")
     g.add_argument("--judge_batch_size", type=cli.count, default=8, help="local judge: prompts per generate call")
     g.add_argument("--skip_criteria", action="store_true", help="no 1-10 criteria ratings (halves the judge's work)")
@@ -679,13 +609,15 @@ def check_args(args):
         need(names.count(x) == 1, f"--models/--labels: {x} names two models (or a model and --baseline), which would "
                                   f"share generations/{x}.jsonl; give each model its own --labels name")
     need(all(names), "--labels: a label needs a letter or digit (it names the model's files)")
+    need("chosen" not in labels, "--models/--labels: 'chosen' names the dataset's preferred responses (--baseline "
+                                 "chosen), for which a model's answers would stand in; give it another --labels name")
+    need(args.dataset != "toy" or args.n_prompts <= cli.TOY_EVAL,
+         f"--n_prompts must be <= {cli.TOY_EVAL} with --dataset toy (its prompts are generated)")
     need(args.judge != "gold" or args.dataset == "toy",
          "--judge gold needs --dataset toy; use --judge api, local or none")
     need(args.judge not in ("api", "local") or args.judge_model, f"--judge {args.judge} needs --judge_model")
     if args.judge == "api":
-        api_key(args.api_key_env)
-        need(args.api_base.startswith(("http://", "https://")), f"--api_base {args.api_base}: not an http:// or "
-                                                                f"https:// URL")
+        api_judge.check_api_base(args.api_base, api_judge.api_key(args.api_key_env))
     for flag, name in [*(("--models", m) for m in args.models), ("--baseline", args.baseline),
                        ("--reference", args.reference), ("--judge_model", args.judge_model if args.judge == "local"
                                                           else None), ("--reward_model", args.reward_model)]:
@@ -716,9 +648,11 @@ def evaluate(args):
     # the API judge answers one cheap request before anything is generated: a wrong key, model or URL shows now
     judge = None
     if args.judge == "api":
-        judge = ApiJudge(args.api_base, args.judge_model, args.api_key_env, args.api_timeout, args.api_retries,
-                         args.api_backoff, args.api_concurrency, args.judge_max_new_tokens)
+        judge = api_judge.ApiJudge(args.api_base, args.judge_model, args.api_key_env, args.api_timeout,
+                                   args.api_retries, args.api_concurrency, args.judge_max_new_tokens)
         judge.probe()
+    if args.reward_model:
+        check_reward_model(args.reward_model, args.trust_remote_code)
 
     # -------------------------------------------------------------------------
     # generation: every model, and the baseline when it is a model; one model in memory at a time
@@ -810,7 +744,7 @@ def evaluate(args):
     print("wrote " + ", ".join(os.path.join(args.output_dir, w) for w in written
                                if os.path.exists(os.path.join(args.output_dir, w))))
     cleanup_distributed()
-    if isinstance(judge, ApiJudge) and judge.errors and not judge.answered:  # the report holds no judgement
+    if isinstance(judge, api_judge.ApiJudge) and judge.errors and not judge.answered:  # the report holds no judgement
         raise SystemExit(f"error: all {len(judge.errors)} judge requests failed, so every judgement above is "
                          f"invalid (the first: {judge.errors[0]}); rerun when the API answers: the generations "
                          f"are kept")
