@@ -127,7 +127,8 @@ def get_args(argv=None):
     g.add_argument("--tau", type=cli.count, default=1, help="reference update every tau steps (1: every step)")
     g.add_argument("--alpha", type=cli.fraction, default=0.6)
     g.add_argument("--steps", type=cli.count, default=5, help="timed steps per run (and per path in the 'logps' component)")
-    g.add_argument("--warmup", type=cli.count, default=2, help="steps run and dropped before timing (>= 1: the first includes loading the model and data)")
+    g.add_argument("--warmup", type=cli.count, default=2,
+                   help="steps run and dropped before timing (>= 1: the first includes loading the model and data)")
     g.add_argument("--repeats", type=cli.count, default=2, help="interleaved repeats of every run")
     g.add_argument("--seed", type=cli.seed, default=0)
     g.add_argument("--threads", type=cli.threads, default=0, help="torch CPU threads per run (0: torch's default); 1 is "

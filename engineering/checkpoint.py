@@ -58,7 +58,8 @@ def save_checkpoint(output_dir, d: Dist, policy, ref, opt, sched, step, extra=No
                                               "lora": lora})
     barrier()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    write(os.path.join(tmp, f"rng_{d.rank}.pt"), {"torch": torch.get_rng_state(), "python": random.getstate(), "cuda": cuda})
+    write(os.path.join(tmp, f"rng_{d.rank}.pt"), {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                                 "cuda": cuda})
     barrier()
     if d.master:
         files = {n: os.path.getsize(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}

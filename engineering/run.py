@@ -16,8 +16,8 @@ import torch
 from common import cleanup_distributed, setup_distributed, update_alpha
 from engineering import adapters
 from engineering.checkpoint import (CHANGEABLE, Preemption, check_finite, check_resume, clear_run, exit_on_lost_rank,
-                                    find_checkpoint, load_checkpoint, nonfinite_weights, release_folders, run_flags,
-                                    run_record, save_checkpoint, save_final, swap_in, take_folder)
+                                    find_checkpoint, load_checkpoint, nonfinite_weights, release_folders, remove,
+                                    run_flags, run_record, save_checkpoint, save_final, swap_in, take_folder)
 from engineering.cli import InputError, check_args, check_paths, exit_on_bad_input, first_line, need
 from engineering.curves import plot_curves
 from engineering.logger import Logger
@@ -95,8 +95,9 @@ class Run:
             was, now = rec["flags"], run_flags(self.args)
             changed = [f"--{k} {was[k]} -> {now[k]}" for k in sorted(CHANGEABLE - {"resume", "output_dir"})
                        if k in was and k in now and was[k] != now[k]]
-            if was["dataset"] != now["dataset"]:  # check_resume let it pass: the same bytes at a new path
-                changed.append(f"--dataset {was['dataset']} -> {now['dataset']} (the same data: its sha256 matches)")
+            if was.get("dataset", now["dataset"]) != now["dataset"]:  # check_resume passed it: same bytes, new path
+                changed.append(f"--dataset {was['dataset']} -> {now['dataset']} (the same data: its sha256 "
+                               f"matches)")
             if rec["world_size"] != self.d.world_size:  # ranks the checkpoint has no RNG state of start theirs fresh
                 changed.append(f"{rec['world_size']} -> {self.d.world_size} processes")
             print(f"resume: {path} at step {self.start}" + "".join(f"; {c}" for c in changed))
@@ -115,8 +116,8 @@ class Run:
             final = os.path.join(self.out, "checkpoint")
             if path.endswith(".tmp"):  # a save killed between its renames: finish the swap
                 swap_in(final)
-            elif path != final:  # checkpoint.old/: checkpoint/ is missing or incomplete
-                shutil.rmtree(final, ignore_errors=True)
+            elif path != final:  # checkpoint.old/: checkpoint/ is missing or incomplete (or a dangling link)
+                remove(final)
                 os.replace(path, final)
         if a.overwrite:
             clear_run(self.out)
