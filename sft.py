@@ -116,8 +116,7 @@ def train_loop(args, d):
             run.log_eval(done, evaluate())
         if args.save_every and done % args.save_every == 0:
             run.save(done)
-        if run.stopped_after(done):  # SIGTERM/SIGINT: checkpoint/ is written; continue with --resume
-            return
+        run.end_step(done)  # the progress bar; after SIGTERM/SIGINT: checkpoint/, then exit 143/130 (--resume)
 
     # -------------------------------------------------------------------------
     # policy/ (save_pretrained + tokenizer), curves.png; the summary on stdout

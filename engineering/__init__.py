@@ -15,4 +15,5 @@ Engineering a reader learning the methods can skip: each module opens with a par
     checkpoint.py  checkpoints, the final save, preemption, non-finite steps, a lost rank
     adapters.py    --lora_r: a frozen base, the policy and reference as LoRA adapters; the exact TR update
     curves.py      a PNG of a run's metrics.jsonl
+    jsonio.py      the one JSON reader: deep nesting, huge numbers, lone surrogates refused in one line
 """

@@ -32,7 +32,6 @@ docs/lora.md has the commands, the measured cost and the memory table. A reader 
 file; the update above is all it does.
 """
 import dataclasses
-import json
 import os
 import re
 import warnings
@@ -41,6 +40,7 @@ from contextlib import contextmanager
 
 import torch
 
+from engineering import jsonio
 from engineering.cli import InputError, first_line, need
 
 POLICY, REFERENCE = "default", "reference"  # peft's adapter names; a saved policy adapter loads as "default"
@@ -75,10 +75,25 @@ def quiet_peft():
         yield
 
 
-def adapter_base(path):
-    """base_model_name_or_path of a peft adapter folder (it holds adapter_config.json), else None."""
+def adapter_base(path, seen=()):
+    """base_model_name_or_path of a peft adapter folder (it holds adapter_config.json), else None. A config that does
+    not parse or names no base, and a base that leads back to the adapter (itself, or adapters naming each other),
+    are one line."""
     cfg = os.path.join(path, "adapter_config.json")
-    return json.load(open(cfg)).get("base_model_name_or_path") if os.path.isfile(cfg) else None
+    if not os.path.isfile(cfg):
+        return None
+    try:
+        base = jsonio.read(cfg)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{cfg}: {first_line(e)}; save the adapter again (save_pretrained)") from None
+    base = base.get("base_model_name_or_path") if isinstance(base, dict) else None
+    need(isinstance(base, str) and base, f"{cfg} names no base model (base_model_name_or_path); set it to the model "
+                                         f"the adapter was trained on")
+    seen = (*seen, os.path.realpath(path))
+    need(os.path.realpath(base) not in seen, f"{cfg}: its base model {base} leads back to the adapter itself; set "
+                                             f"base_model_name_or_path to the model it was trained on")
+    adapter_base(base, seen)  # a base that is an adapter too: its own base checked the same way
+    return base
 
 # -----------------------------------------------------------------------------
 # the policy: frozen base + trainable adapter; the reference adapter beside it
@@ -104,9 +119,11 @@ def add_lora(model, r, alpha=None, targets="all-linear", adapter=None, base_dtyp
     from transformers.pytorch_utils import Conv1D
     if base_dtype is not None:
         model.to(base_dtype)
-    modules = ("all-linear" if targets == "all-linear" else
-               [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
-               if targets == "all-linear+head" else [t.strip() for t in targets.split(",")])
+    linear = {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
+    modules = ("all-linear" if targets == "all-linear" else list(linear) if targets == "all-linear+head"
+               else [t.strip() for t in targets.split(",")])
+    if adapter is None:
+        check_targets(linear, modules, r, model.get_output_embeddings(), targets)
     with quiet_peft():
         if adapter is None:
             try:
@@ -114,7 +131,7 @@ def add_lora(model, r, alpha=None, targets="all-linear", adapter=None, base_dtyp
             except ValueError as e:  # peft: no module matched the targets
                 raise InputError(f"--lora_targets {targets}: {first_line(e)}") from None
         else:
-            pm = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+            pm = load_adapter(lambda: PeftModel.from_pretrained(model, adapter, is_trainable=True), adapter)
             cfg = pm.peft_config[POLICY]
             need(cfg.peft_type == "LORA", f"--model {adapter}: a {cfg.peft_type.value} adapter; --lora_r continues "
                                           "LoRA adapters only")
@@ -134,13 +151,38 @@ def add_lora(model, r, alpha=None, targets="all-linear", adapter=None, base_dtyp
     return model  # pm is dropped: model.peft_config and the LoRA layers inside carry everything
 
 
+def check_targets(linear, modules, r, head, targets):
+    """Every name of --lora_targets matches a linear layer (a misspelt one would be ignored: the run trains fewer
+    layers than asked), and --lora_r is at most the width min(in, out) of every layer it adapts (beyond it the
+    factors add parameters, not rank; a typo like 100000 would allocate hundreds of GB)."""
+    if modules == "all-linear":
+        chosen = [n for n, m in linear.items() if m is not head]
+    else:
+        unknown = [t for t in modules if not any(n == t or n.endswith("." + t) for n in linear)]
+        need(not unknown, f"--lora_targets {targets}: {', '.join(unknown)} names no linear layer of the model; its "
+                          f"linear layers are named {', '.join(sorted({n.rsplit('.', 1)[-1] for n in linear}))}")
+        chosen = [n for n in linear if any(n == t or n.endswith("." + t) for t in modules)]
+    width, name = min((min(linear[n].weight.shape), n) for n in chosen)
+    need(r <= width, f"--lora_r {r} is beyond the width of {name} (min(in, out) = {width}); use --lora_r <= {width}")
+
+
+def load_adapter(load, path):
+    """load() of a peft adapter folder; a folder without its weights or with broken ones is one line."""
+    try:
+        return load()
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - no adapter_model.safetensors, a truncated one, shapes of another base
+        raise InputError(f"--model {path}: cannot load the adapter ({type(e).__name__}: {first_line(e)})") from None
+
+
 def merge_adapter(model, path):
     """`model` + the peft LoRA adapter folder `path`, merged into plain weights: --model an adapter folder without
     --lora_r (full fine-tuning of base + SFT adapter), and evaluate.py's --models/--reference out/run/policy."""
     require_peft()
     from peft import PeftModel
     with quiet_peft():
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        model = load_adapter(lambda: PeftModel.from_pretrained(model, path), path).merge_and_unload()
     return model.requires_grad_(True)  # peft froze the base for the adapter; a plain model trains all its weights
 
 

@@ -41,7 +41,7 @@ Conventions (pinned by test_chat.py):
 """
 import os
 
-from engineering.cli import DataError
+from engineering.cli import DataError, first_line
 
 # -----------------------------------------------------------------------------
 # checking a row and splitting off the prompt (no tokenizer)
@@ -128,10 +128,17 @@ def render_chat(tokenizer, row, keys):
     is the rest of the rendered conversation and ends with the template's end-of-turn text (no EOS appended)."""
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(NO_TEMPLATE)
-    prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+    def render(messages, **kw):  # a template may raise ("roles must alternate"): name the row, not a traceback
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, **kw)
+        except Exception as e:  # noqa: BLE001 - jinja's TemplateError, a template's raise_exception, a TypeError
+            first = row["prompt"][0]["content"][:40]
+            raise DataError(f"the chat template fails on the row whose prompt begins {first!r} ({type(e).__name__}: "
+                            f"{first_line(e)}); fix or drop that row, or use a model whose template takes it") from None
+    prompt = render(row["prompt"], add_generation_prompt=True)
     out = {"prompt": prompt}
     for k in keys:
-        full = tokenizer.apply_chat_template(row["prompt"] + row[k], tokenize=False)
+        full = render(row["prompt"] + row[k])
         if not full.startswith(prompt):
             i = len(os.path.commonprefix([prompt, full]))
             raise DataError(f"the chat template renders the prompt (with add_generation_prompt=True) as "

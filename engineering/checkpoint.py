@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from common import Dist, barrier
-from engineering import adapters
-from engineering.cli import InputError, first_line, need
+from engineering import adapters, jsonio
+from engineering.cli import RUN_FILES, InputError, first_line, need
 from engineering.data import fingerprint
 
 # -----------------------------------------------------------------------------
@@ -51,14 +51,15 @@ def save_checkpoint(output_dir, d: Dist, policy, ref, opt, sched, step, extra=No
     pol, optim = full_state(policy, opt, trainable_only=lora is not None)
     refw = None if ref is None else ref.state_dict() if lora else full_state(ref)[0]
     if d.master:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)
         os.makedirs(tmp)
-        torch.save({"policy": pol, "reference": refw, "optimizer": optim, "scheduler": sched.state_dict(),
-                    "step": step, "extra": extra or {}, "lora": lora}, os.path.join(tmp, "state.pt"))
+        write(os.path.join(tmp, "state.pt"), {"policy": pol, "reference": refw, "optimizer": optim,
+                                              "scheduler": sched.state_dict(), "step": step, "extra": extra or {},
+                                              "lora": lora})
     barrier()
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-               os.path.join(tmp, f"rng_{d.rank}.pt"))
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    write(os.path.join(tmp, f"rng_{d.rank}.pt"), {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                                 "cuda": cuda})
     barrier()
     if d.master:
         files = {n: os.path.getsize(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
@@ -68,16 +69,25 @@ def save_checkpoint(output_dir, d: Dist, policy, ref, opt, sched, step, extra=No
     barrier()
 
 
+def write(path, obj):
+    """torch.save, with a failed write (a full disk) an OSError as from any other write: PyTorch's zip writer
+    reports it as a RuntimeError ("PytorchStreamWriter failed writing file")."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as e:
+        raise OSError(f"{path}: {first_line(e)}") from None
+
+
 def swap_in(path):
     """Replace the folder `path` by path.tmp, written whole beforehand: path -> path.old, path.tmp -> path, then
     path.old is removed. A kill between the two renames leaves path.old and path.tmp, both complete, which
     find_checkpoint looks at too."""
     old = path + ".old"
-    shutil.rmtree(old, ignore_errors=True)  # a kill after the last swap's second rename left it
-    if os.path.isdir(path):
+    remove(old)  # a kill after the last swap's second rename left it
+    if os.path.lexists(path):  # a folder, or a link to one elsewhere: the link moves, its target stays
         os.replace(path, old)
     os.replace(path + ".tmp", path)
-    shutil.rmtree(old, ignore_errors=True)
+    remove(old)
 
 
 def load_checkpoint(path, d: Dist, policy, ref, opt, sched):
@@ -152,6 +162,8 @@ def save_final(output_dir, d: Dist, policy, ref, tokenizer, merged=False):
 # what a checkpoint knows of its run, checked by --resume before any model or data is loaded
 
 RECORD, FORMAT = "run.json", 1  # the record, written last into a checkpoint; its layout's version
+RECORD_FIELDS = {"step": int, "world_size": int, "script": str, "flags": dict, "files": dict,  # what --resume reads
+                 "data": (str, type(None))}
 # the flags --resume may change: limits, remedies, intervals and parallelism; every other flag (and every flag a
 # later version adds) must be the checkpoint's, so that a resumed run computes what the run it continues would have
 CHANGEABLE = frozenset({"lr", "max_steps", "epochs", "max_grad_norm", "skip_nonfinite", "log_every", "eval_every",
@@ -180,14 +192,14 @@ def complete(path):
     """(record, None) when the checkpoint folder `path` is complete: run.json of this format lists every file with
     the size it was written with; else (None, what is wrong)."""
     try:
-        with open(os.path.join(path, RECORD)) as f:
-            rec = json.load(f)
+        rec = jsonio.read(os.path.join(path, RECORD))
     except FileNotFoundError:
         return None, f"no {RECORD}"
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
         return None, f"{RECORD} unreadable ({first_line(e)})"
-    if not (isinstance(rec, dict) and rec.get("format") == FORMAT and isinstance(rec.get("files"), dict)
-            and isinstance(rec.get("step"), int)):
+    if not (isinstance(rec, dict) and rec.get("format") == FORMAT and all(
+            isinstance(rec.get(k), kind) and not isinstance(rec.get(k), bool) for k, kind in RECORD_FIELDS.items())
+            and all(isinstance(n, str) and type(size) is int for n, size in rec["files"].items())):
         return None, f"{RECORD} of another format"
     for name, size in rec["files"].items():
         f = os.path.join(path, name)
@@ -227,8 +239,10 @@ def check_resume(args):
     path, rec = find_checkpoint(args.output_dir)
     need(rec["script"] == args.script, f"--resume: {path} was written by {rec['script']}, not {args.script}; run "
                                        f"{rec['script']} to continue it, or start a new run (--overwrite)")
-    now = run_flags(args)
+    now, data = run_flags(args), fingerprint(args.dataset)
     for k, v in rec["flags"].items():
+        if k == "dataset" and data is not None and data == rec["data"]:
+            continue  # the same bytes at another path (a folder moved, a link): Run.resume says so
         if k in now and k not in CHANGEABLE and now[k] != v:
             if isinstance(v, bool):
                 how = f"{'with' if v else 'without'} --{k}; {'add' if v else 'drop'} it"
@@ -236,7 +250,7 @@ def check_resume(args):
                 how = f"with --{k} {v}, not {now[k]}; pass --{k} {v}"
             raise InputError(f"--resume: {path} was written {how} to continue that run, or start a new one "
                              f"(--overwrite, or another --output_dir)")
-    need(fingerprint(args.dataset) == rec["data"],
+    need(data == rec["data"],
          f"--resume: --dataset {args.dataset} has changed since {path} was written; resume on the data it was "
          f"trained on, or start a new run (--overwrite)")
     return path, rec
@@ -245,16 +259,17 @@ def check_resume(args):
 def clear_run(output_dir):
     """--overwrite: remove what a run writes into output_dir (RUN_FILES), never the folder or anything else."""
     for name in RUN_FILES:
-        path = os.path.join(output_dir, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        elif os.path.lexists(path):
-            os.remove(path)
+        remove(os.path.join(output_dir, name))
 
 
-RUN_FILES = ("checkpoint", "checkpoint.tmp", "checkpoint.old", "policy", "policy.tmp", "policy.old", "reference",
-             "reference.tmp", "reference.old", "base", "policy_merged",  # LoRA: adapters.save_final
-             "metrics.jsonl", "metrics.jsonl.tmp", "curves.png", "curves.png.tmp", "tensorboard")
+def remove(path):
+    """Remove a file or folder; a symbolic link itself, never what it points to (a checkpoint folder moved to
+    another disk and linked back, a dangling link), so that a rename into its place works."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
 
 # -----------------------------------------------------------------------------
 # faults: preemption, non-finite steps, lost ranks
@@ -262,25 +277,28 @@ RUN_FILES = ("checkpoint", "checkpoint.tmp", "checkpoint.old", "policy", "policy
 
 class Preemption:
     """SIGTERM/SIGINT set a flag instead of killing the process; the loop asks stop_requested() at each step
-    boundary, saves a checkpoint and exits 0, and --resume continues to the same weights.
+    boundary, saves a checkpoint and exits with the shell's code for that signal (128 + its number: 143 for SIGTERM,
+    130 for SIGINT), so that `train && next` does not go on after an interrupt; --resume continues to the same
+    weights.
 
-    Under torchrun the signal reaches each rank at a slightly different time, so the flag is all-reduced (MAX):
-    every rank stops after the same step. That is one tiny collective per step when distributed."""
+    Under torchrun the signal reaches each rank at a slightly different time, so the signal number is all-reduced
+    (MAX): every rank stops after the same step. That is one tiny collective per step when distributed."""
 
     def __init__(self, d: Dist):
-        self.d, self.flag = d, False
+        self.d, self.signum = d, 0
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.flag = True
+        self.signum = signum
 
     def stop_requested(self):
+        """The number of the signal that asked the run to stop, or 0."""
         if self.d.world_size == 1:
-            return self.flag
-        t = torch.tensor([float(self.flag)], device=self.d.device)
+            return self.signum
+        t = torch.tensor([float(self.signum)], device=self.d.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return int(t.item())
 
 
 def check_finite(grad_norm, step, example_ids, skipped, allowed, last_checkpoint):
@@ -324,11 +342,14 @@ def take_folder(output_dir, d: Dist, recheck):
     error = None
     barrier()  # every rank has read its checkpoint files before rank 0 may move them (recheck)
     if d.master:
+        lock = os.path.join(output_dir, ".lock")
         try:
             os.makedirs(output_dir, exist_ok=True)
-            f = open(os.path.join(output_dir, ".lock"), "a+")
+            # O_NOFOLLOW: a .lock that is a symbolic link fails (ELOOP) instead of getting the pid written through it
+            f = os.fdopen(os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
         except OSError as e:
-            error = f"cannot write into --output_dir {output_dir} ({e.strerror or e})"
+            error = (f"{lock} is a symbolic link; remove it (a run writes its pid there)" if os.path.islink(lock)
+                     else f"cannot write into --output_dir {output_dir} ({e.strerror or e})")
         else:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -37,26 +37,47 @@ def need(ok, msg):
         raise InputError(msg)
 
 
-def ranged(parse, ok, rule):
+def ranged(parse, ok, rule, limit=None, beyond=""):
     """An argparse type: `parse` the text (a ValueError is argparse's "invalid float value: 'abc'"), then refuse a
-    value outside `rule` in one line ("argument --lr: must be a finite number >= 0, got nan")."""
+    value outside `rule` in one line ("argument --lr: must be a finite number >= 0, got nan"); a value above `limit`
+    is told `beyond` too."""
     def check(text):
         x = parse(text)
         if not ok(x):
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+            big = limit is not None and x == x and x > limit  # x == x: not nan
+            raise argparse.ArgumentTypeError(f"must be {rule}{f' ({beyond})' if big else ''}, got {text}")
         return x
     check.__name__ = parse.__name__
     return check
 
 
-# the ranges of the flags, declared where each flag is added; a flag's type is its whole check
-positive = ranged(float, lambda x: math.isfinite(x) and x > 0, "a positive number")  # a beta, a clip norm
-nonnegative = ranged(float, lambda x: math.isfinite(x) and x >= 0, "a finite number >= 0")  # lr, weight decay
-fraction = ranged(float, lambda x: 0 < x <= 1, "in (0, 1]")  # alpha, top_p
-count = ranged(int, lambda x: x >= 1, "an integer >= 1")  # sizes, intervals that must act
-natural = ranged(int, lambda x: x >= 0, "an integer >= 0")  # intervals and limits where 0 means "off"
-seed = ranged(int, lambda x: 0 <= x < 2 ** 32, "an integer in [0, 2**32)")  # what torch.manual_seed takes
-seconds = ranged(int, lambda x: 1 <= x <= 10 ** 8, "a whole number of seconds in [1, 10**8]")  # a timedelta fits
+# the ranges of the flags, declared where each flag is added; a flag's type is its whole check. Every number a flag
+# gives ends up in a float32 or int64 tensor or a C call: a float beyond float32's range (1e39 is inf there) or an
+# integer beyond int64's is refused here, not found hours into a run.
+FLOAT32_MAX, INT64_MAX = 3.4e38, 2 ** 63 - 1
+
+
+def real(rule, low, high=FLOAT32_MAX, open_low=False):
+    """A float flag's type: finite and in [low, high] ((low, high] with open_low; float32's range unless given); the
+    one rule of every float flag of every script."""
+    def ok(x):
+        return math.isfinite(x) and (low < x if open_low else low <= x) and x <= high
+    return ranged(float, ok, rule, FLOAT32_MAX, "at most 3.4e38, float32's largest")
+
+
+def integer(rule, low, high=INT64_MAX):
+    """An integer flag's type: in [low, high] (int64's range unless given)."""
+    return ranged(int, lambda x: low <= x <= high, rule, INT64_MAX, "at most 2**63 - 1, int64's largest")
+
+
+positive = real("a positive number", 0, open_low=True)  # a beta, a clip norm
+nonnegative = real("a finite number >= 0", 0)  # lr, weight decay
+fraction = real("in (0, 1]", 0, 1, open_low=True)  # alpha, top_p
+count = integer("an integer >= 1", 1)  # sizes, intervals that must act
+natural = integer("an integer >= 0", 0)  # intervals and limits where 0 means "off"
+threads = integer("an integer in [0, 4096]", 0, 4096)  # torch.set_num_threads(10**9) would start that many
+seed = integer("an integer in [0, 2**32)", 0, 2 ** 32 - 1)  # what torch.manual_seed takes
+seconds = integer("a whole number of seconds in [1, 10**8]", 1, 10 ** 8)  # a timedelta fits
 
 TRACKERS = ("wandb", "tensorboard")  # --report_to's choices; each is also the package `pip install` names
 
@@ -138,7 +159,7 @@ def add_common_args(p, name, reference=True, pairs=True):
     if pairs:
         g.add_argument("--share_prompt", action="store_true", help="run each prompt once, its KV cache reused for chosen and rejected (not with --gradient_checkpointing)")
     g.add_argument("--group_by_length", action="store_true", help="less padding: batches of similar lengths, in an order that is a function of --seed only (docs/performance.md)")
-    g.add_argument("--threads", type=natural, default=0, help="torch CPU threads; 0 = 1 for a model under 10M parameters on a CPU, else PyTorch's default (docs/performance.md)")
+    g.add_argument("--threads", type=threads, default=0, help="torch CPU threads; 0 = 1 for a model under 10M parameters on a CPU, else PyTorch's default (docs/performance.md)")
     if reference:
         g = p.add_argument_group("trust region: theta_ref <- alpha*theta + (1-alpha)*theta_ref every tau steps")
         g.add_argument("--ref_update", default="soft", choices=["soft", "hard", "none"], help="none = the plain method with a frozen reference")
@@ -173,6 +194,9 @@ def check_args(args, world_size):
          "--fsdp needs PyTorch >= 2.6 (torch.distributed.fsdp.fully_shard)")
     need(not (args.resume and args.overwrite), "--resume continues the run in --output_dir and --overwrite replaces "
                                                "it: pass one of them")
+    need(args.lr * args.weight_decay < 1, f"--lr {args.lr:g} x --weight_decay {args.weight_decay:g} must be below 1: "
+                                          f"AdamW multiplies every weight by 1 - lr x weight_decay at each step, so "
+                                          f"it would zero or flip them; lower one of them")
     check_paths(args.model, args.dataset, args.output_dir, args.resume, args.overwrite)
     check_trackers(args.report_to)
 
@@ -193,10 +217,21 @@ def check_model_name(model, flag="--model"):
 
 
 def check_dataset_name(d):
+    """A built-in name, a hub id, or a local file or folder whose every file can be read: a dangling link or an
+    unreadable file would be found only when the first checkpoint hashes the data (checkpoint.run_record)."""
     hub_id = not d.startswith((".", "/")) and d.count("/") == 1 and not d.endswith((".json", ".jsonl", ".gz"))
     need(d in ("toy", "hh", "tldr") or d.startswith("hh:") or (d and os.path.exists(d)) or hub_id,
          f"unknown --dataset {d!r}: use toy, hh, hh:<subset>, tldr, a hub dataset id (org/name), or an existing "
          f".json/.jsonl/.jsonl.gz file or dataset folder")
+    files = [d] if d and os.path.exists(d) and not os.path.isdir(d) else []
+    for folder, dirs, names in os.walk(d) if d and os.path.isdir(d) else ():
+        dirs[:] = [x for x in dirs if not x.startswith(".")]  # as data.fingerprint walks it
+        files += [os.path.join(folder, n) for n in names if not n.startswith(".")]
+    for f in files:
+        need(os.path.isfile(f) and os.access(f, os.R_OK),
+             f"--dataset {d}: {f} is " + ("a link to nothing" if os.path.islink(f) and not os.path.exists(f) else
+                                          "not a regular file" if not os.path.isfile(f) else "not readable")
+             + "; fix or remove it")
 
 
 def check_output_dir(output_dir, flag="--output_dir"):
@@ -214,7 +249,8 @@ def check_paths(model, dataset, output_dir, resume, overwrite):
     """The flags that name things outside the run (check_args calls this): --model and --dataset are a
     built-in name, an existing path or a hub id and do not lie inside --output_dir (the run would write over
     them), --output_dir is a folder one can write to, and a run already in it is resumed or replaced only when
-    asked (--resume, --overwrite; checkpoint.check_resume checks what --resume would continue)."""
+    asked (--resume, --overwrite; checkpoint.check_resume checks what --resume would continue): any of RUN_FILES,
+    metrics.jsonl alone included (a run killed before its first checkpoint)."""
     check_model_name(model)
     check_dataset_name(dataset)
     check_output_dir(output_dir)
@@ -222,14 +258,23 @@ def check_paths(model, dataset, output_dir, resume, overwrite):
         need(not (os.path.exists(path) and inside(path, output_dir)),
              f"{flag} {path} lies inside --output_dir {output_dir}, which the run writes (and --overwrite clears); "
              f"move it or choose another --output_dir")
-    has = lambda sub: os.path.isdir(os.path.join(output_dir, sub))  # noqa: E731
-    need(not has("metrics.jsonl"), f"{output_dir}/metrics.jsonl is a folder; the run writes its metrics there: "
-                                   f"move it or choose another --output_dir")
-    previous = [sub + "/" for sub in ("policy", "checkpoint", "checkpoint.tmp", "checkpoint.old") if has(sub)]
-    need(not previous or resume or overwrite,
-         f"{output_dir} holds a run ({', '.join(previous)}): pass --overwrite to replace it, "
-         + ("--resume to continue it, " if any(p.startswith("checkpoint") for p in previous) else "")
+    there = [name for name in RUN_FILES if os.path.lexists(os.path.join(output_dir, name))]
+    for name in there:  # --overwrite would remove a folder of that name; the run would fail to write its file there
+        need(not (name in RUN_FILE_NAMES and os.path.isdir(os.path.join(output_dir, name))),
+             f"{output_dir}/{name} is a folder; the run writes its {name} there: move it or choose another "
+             f"--output_dir")
+    need(not there or resume or overwrite,
+         f"{output_dir} holds a run ({', '.join(n if n in RUN_FILE_NAMES else n + '/' for n in there)}): pass "
+         f"--overwrite to replace it, "
+         + ("--resume to continue it, " if any(n.startswith("checkpoint") for n in there) else "")
          + "or choose another --output_dir")
+
+
+# what a run writes into --output_dir (besides .lock): a folder holding any of them holds a run's records, which
+# only --resume continues and --overwrite removes
+RUN_FILE_NAMES = ("metrics.jsonl", "metrics.jsonl.tmp", "curves.png", "curves.png.tmp")  # files; the rest folders
+RUN_FILES = ("policy", "policy.tmp", "policy.old", "checkpoint", "checkpoint.tmp", "checkpoint.old", "reference",
+             "reference.tmp", "reference.old", "base", "policy_merged", "tensorboard") + RUN_FILE_NAMES  # base/ etc.: LoRA
 
 
 @contextmanager

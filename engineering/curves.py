@@ -19,9 +19,10 @@ The update steps come from the train records' ref_updates and steps_since_ref_up
 matplotlib is optional: without it plot_curves prints one line saying how to get the plot and returns None.
 """
 import argparse
-import json
 import os
 import sys
+
+from engineering import jsonio
 
 PANELS = ("loss", "reward_accuracy", "reward_margin", "logps_margin", "kl")
 KINDS = {"train": "train", "eval": "eval", "eval_init": "eval vs initial reference"}
@@ -35,13 +36,13 @@ def read_metrics(path, skip_bad=False):
     skip_bad is left out (a line torn by a kill mid-write: --resume trims the file with this)."""
     records = []
     with open(path, encoding="utf-8", errors="replace" if skip_bad else "strict") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    if not skip_bad:
-                        raise ValueError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+        text = f.read()
+    for n, line in jsonio.lines(text):
+        try:
+            records.append(jsonio.parse(line))
+        except ValueError as e:
+            if not skip_bad:
+                raise ValueError(f"{path}: line {n}: {e}") from None
     return records
 
 

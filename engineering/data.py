@@ -12,12 +12,12 @@ conversations chat.split_chat.
 """
 import gzip
 import hashlib
-import json
 import os
 from contextlib import nullcontext
 
 from common import split_hh
 from engineering.chat import chat_row, is_chat
+from engineering import jsonio
 from engineering.cli import DataError, InputError, first_line
 from engineering.hub import fetching
 from engineering.toy import toy_preferences, toy_sft_rows
@@ -73,7 +73,8 @@ def read_json_rows(path, skip_bad_rows=False):
     Read with the json module, not `datasets`: Arrow wants one type per column, and where rows disagree (a string
     in one row, a number in another) it keeps the column as JSON text and decodes every value, so the string
     "5." comes back as the number 5.0 and the wrong row is blamed. A line that is not JSON is named (and skipped
-    under skip_bad_rows).
+    under skip_bad_rows), and so is one jsonio.parse refuses (nested too deeply, a lone surrogate); lines are split
+    on "\n" only.
     """
     opener = gzip.open if path.endswith(".gz") else open
     try:
@@ -83,18 +84,17 @@ def read_json_rows(path, skip_bad_rows=False):
         raise DataError(f"{path}: cannot be read ({e})") from None
     if path.endswith(".json") and text.lstrip().startswith("["):
         try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+            rows = jsonio.parse(text)
+        except ValueError as e:
+            raise DataError(f"{path}: {e}") from None
+        return rows
     rows, bad = [], 0
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, line in jsonio.lines(text):
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
+            rows.append(jsonio.parse(line))
+        except ValueError as e:
             if not skip_bad_rows:
-                raise DataError(f"{path}: line {n}: not valid JSON ({e.msg}); fix it or pass --skip_bad_rows") from None
+                raise DataError(f"{path}: line {n}: {e}; fix it or pass --skip_bad_rows") from None
             bad += 1
     if bad:
         print(f"{path}: skipped {bad} unparseable line(s)")

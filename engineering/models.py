@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from engineering import adapters
-from engineering.cli import InputError, first_line
+from engineering.cli import InputError, first_line, need
 from engineering.hub import fetching
 from engineering.logits import choose_logps_path
 
@@ -91,6 +91,7 @@ def load_model(name, seed=0, trust_remote_code=False, gradient_checkpointing=Fal
         model.config.__dict__.pop("quantization_config", None)
     else:  # a local folder, or a hub id
         model, tok = from_pretrained(name, trust_remote_code)
+    check_tokenizer(name, model, tok)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # safe: padding is masked by position (attention_mask/labels), never by id
     model.config.use_cache = False
@@ -101,10 +102,26 @@ def load_model(name, seed=0, trust_remote_code=False, gradient_checkpointing=Fal
         built = name in MODEL_SHAPES or name == "smollm2"
         adapters.add_lora(model, lora_r, lora_alpha, lora_targets, base_dtype=getattr(torch, base_dtype),
                           base_name=None if built else os.path.abspath(name) if os.path.isdir(name) else name)
-    line = choose_logps_path(model)  # the fast log-prob path where it is exact, else the model's own forward
+    try:
+        line = choose_logps_path(model)  # the fast log-prob path where it is exact, else the model's own forward
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - remote code whose forward takes no attention_mask, say
+        raise InputError(f"--model {name}: its forward fails on two padded sequences with input_ids and "
+                         f"attention_mask, which every step passes ({type(e).__name__}: {first_line(e)})") from None
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(line)
     return model, tok
+
+
+def check_tokenizer(name, model, tok):
+    """The two tokenizer faults that load without an error and fail at the first batch: no EOS token (it ends every
+    response) and a token id the embedding matrix has no row for (a token added without resize_token_embeddings)."""
+    need(tok.eos_token_id is not None, f"--model {name}: its tokenizer has no EOS token, which ends every response; "
+                                       f"set eos_token in its tokenizer_config.json")
+    rows, top = model.get_input_embeddings().num_embeddings, max(len(tok) - 1, *tok.all_special_ids)
+    need(top < rows, f"--model {name}: its tokenizer has token id {top}, beyond the model's {rows} embedding rows "
+                     f"(a token added without model.resize_token_embeddings); save the model and tokenizer together")
 
 
 def from_pretrained(name, trust_remote_code=False):

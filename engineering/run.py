@@ -9,15 +9,16 @@ what is logged or saved, or how a run stops and resumes.
 """
 import os
 import shutil
+from contextlib import contextmanager
 
 import torch
 
 from common import cleanup_distributed, setup_distributed, update_alpha
 from engineering import adapters
 from engineering.checkpoint import (CHANGEABLE, Preemption, check_finite, check_resume, clear_run, exit_on_lost_rank,
-                                    find_checkpoint, load_checkpoint, nonfinite_weights, release_folders, run_flags,
-                                    run_record, save_checkpoint, save_final, swap_in, take_folder)
-from engineering.cli import InputError, check_args, check_paths, exit_on_bad_input, need
+                                    find_checkpoint, load_checkpoint, nonfinite_weights, release_folders, remove,
+                                    run_flags, run_record, save_checkpoint, save_final, swap_in, take_folder)
+from engineering.cli import InputError, check_args, check_paths, exit_on_bad_input, first_line, need
 from engineering.curves import plot_curves
 from engineering.logger import Logger, Trackers
 from engineering.models import autocast_dtype
@@ -44,6 +45,9 @@ def launch(train_loop, get_args, argv=None):
         try:
             with exit_on_lost_rank(d):
                 train_loop(args, d)
+        except Stopped:
+            cleanup_distributed()
+            raise
         finally:
             torch.set_num_threads(threads)
             release_folders()  # the output folder's lock (Run took it): the next run in this process may take it
@@ -61,6 +65,10 @@ class Run:
     def __init__(self, args, d, model, ref, opt, sched, num_steps):
         self.args, self.d, self.model, self.ref, self.opt, self.sched = args, d, model, ref, opt, sched
         self.num_steps, self.out = num_steps, args.output_dir
+        positions = getattr(model.config, "max_position_embeddings", None)  # learned positions end there (GPT-2's 1024)
+        need(positions is None or args.max_length <= positions,
+             f"--max_length {args.max_length} is beyond the {positions} positions --model {args.model} was built for "
+             f"(max_position_embeddings); lower --max_length")
         small = d.device.type == "cpu" and sum(p.numel() for p in model.parameters()) < SMALL
         if args.threads or small:  # a small model's matrices are too small to split; a busy core would stall it
             torch.set_num_threads(args.threads or 1)
@@ -90,6 +98,9 @@ class Run:
             was, now = rec["flags"], run_flags(self.args)
             changed = [f"--{k} {was[k]} -> {now[k]}" for k in sorted(CHANGEABLE - {"resume", "output_dir"})
                        if k in was and k in now and was[k] != now[k]]
+            if was.get("dataset", now["dataset"]) != now["dataset"]:  # check_resume passed it: same bytes, new path
+                changed.append(f"--dataset {was['dataset']} -> {now['dataset']} (the same data: its sha256 "
+                               f"matches)")
             if rec["world_size"] != self.d.world_size:  # ranks the checkpoint has no RNG state of start theirs fresh
                 changed.append(f"{rec['world_size']} -> {self.d.world_size} processes")
             print(f"resume: {path} at step {self.start}" + "".join(f"; {c}" for c in changed))
@@ -108,8 +119,8 @@ class Run:
             final = os.path.join(self.out, "checkpoint")
             if path.endswith(".tmp"):  # a save killed between its renames: finish the swap
                 swap_in(final)
-            elif path != final:  # checkpoint.old/: checkpoint/ is missing or incomplete
-                shutil.rmtree(final, ignore_errors=True)
+            elif path != final:  # checkpoint.old/: checkpoint/ is missing or incomplete (or a dangling link)
+                remove(final)
                 os.replace(path, final)
         if a.overwrite:
             clear_run(self.out)
@@ -148,25 +159,48 @@ class Run:
             a = self.args
             updates = [s for s in range(1, step + 1) if update_alpha(s, a.ref_update, a.alpha, a.tau)]
             record.update(ref_updates=len(updates), steps_since_ref_update=step - (updates[-1] if updates else 0))
-        self.logger.log(step, record)
+        self.log_eval(step, record)
 
     def log_eval(self, step, record):
-        self.logger.log(step, record)
+        with self.writing(f"cannot append to {self.out}/metrics.jsonl at step {step}"):
+            self.logger.log(step, record)
+
+    @contextmanager
+    def writing(self, what):
+        """A write that fails (a full disk: OSError, or the SafetensorError of a safetensors save) ends the run in
+        one line saying `what` failed, the OS's reason and the checkpoint that is intact (exit code 1: not a bad
+        input), instead of a traceback."""
+        from safetensors import SafetensorError
+        try:
+            yield
+        except (OSError, SafetensorError) as e:
+            self.logger.close()
+            raise SystemExit(f"error: {what} ({first_line(e)}); {self.kept()}") from None
 
     def save(self, step):
         """checkpoint/, atomically: weights, optimizer, schedule, RNG states, self.state, and run.json, what --resume
-        checks. A policy with a NaN or inf weight is never saved; a save that fails (a full disk) is one line."""
-        if nonfinite_weights(self.model):
-            raise SystemExit(f"error: step {step}: the policy holds non-finite weights, so no checkpoint is written; "
-                             f"{self.kept()}; lower --lr")
+        checks. A policy with a NaN or inf weight is never saved; a save that fails (a full disk) is one line and
+        leaves no checkpoint.tmp/ behind."""
+        self.check_finite_weights(f"step {step}", "no checkpoint is written")
         if self.d.master and self.record is None:  # rank 0 writes run.json; the data hashed once per run
             self.record = {**run_record(self.args, self.d.world_size), "tracker_id": self.logger.trackers.run_id}
         try:
-            save_checkpoint(self.out, self.d, self.model, self.ref, self.opt, self.sched, step, self.state, self.record)
-        except OSError as e:
+            with self.writing(f"step {step}: cannot write the checkpoint"):
+                save_checkpoint(self.out, self.d, self.model, self.ref, self.opt, self.sched, step, self.state,
+                                self.record)
+        except SystemExit:
             shutil.rmtree(os.path.join(self.out, "checkpoint.tmp"), ignore_errors=True)
-            raise SystemExit(f"error: step {step}: cannot write the checkpoint ({e}); {self.kept()}") from None
+            raise
         self.saved = step
+
+    def check_finite_weights(self, when, what):
+        """Stop in one line, naming the checkpoint to resume from, when the policy holds a NaN or inf weight: no
+        checkpoint or final folder is ever written from it."""
+        n = nonfinite_weights(self.model)
+        if n:
+            self.logger.close()
+            raise SystemExit(f"error: {when}: the policy holds {n} non-finite weight(s), so {what}; {self.kept()}; "
+                             f"lower --lr")
 
     def kept(self):
         """What a stop leaves to resume from, for its message."""
@@ -174,29 +208,34 @@ class Run:
             return "no checkpoint was written (--save_every N writes one every N steps)"
         return f"{self.out}/checkpoint (step {self.saved}) is intact: --resume continues from it"
 
-    def stopped_after(self, step):
-        """The end of every step: the progress bar, a reference update as a tracker event (its alpha at its step);
-        True after SIGTERM/SIGINT, once checkpoint/ is written."""
+    def end_step(self, step):
+        """The end of every step: the progress bar, a reference update as a tracker event (its alpha
+        at its step); after SIGTERM/SIGINT, checkpoint/ is written and the run ends
+        with the shell's exit code for the signal (128 + its number: 143, 130)."""
         self.logger.bar.update(1)
         alpha = self.ref is not None and update_alpha(step, self.args.ref_update, self.args.alpha, self.args.tau)
         if alpha:
             self.logger.event(step, "ref_update", alpha)
-        if step == self.num_steps or not self.preemption.stop_requested():
-            return False
-        self.save(step)
-        self.logger.close()
-        print(f"stopped by a signal after step {step}; continue with --resume")
-        return True
+        signum = 0 if step == self.num_steps else self.preemption.stop_requested()
+        if signum:
+            self.save(step)
+            self.logger.close()
+            print(f"stopped by a signal after step {step}; continue with --resume")
+            raise Stopped(128 + signum)
 
     def finish(self, tokenizer, keys):
         """policy/ and reference/ (save_pretrained, with the tokenizer; peft adapter folders with --lora_r, and
         policy_merged/ with --save_merged), curves.png, and the summary on stdout with the last train and eval
-        values of `keys`."""
+        values of `keys`. A policy with a non-finite weight is not saved (the last checkpoint is named)."""
         self.logger.close()
-        try:
+        self.check_finite_weights(f"step {self.num_steps}", f"no {self.out}/policy is written")
+        with self.writing(f"cannot write the final weights into {self.out}"):
             written = save_final(self.out, self.d, self.model, self.ref, tokenizer, self.args.save_merged)
-        except OSError as e:
-            raise SystemExit(f"error: cannot write the final weights into {self.out} ({e}); {self.kept()}") from None
-        png = plot_curves(os.path.join(self.out, "metrics.jsonl")) if self.d.master else None  # None: no matplotlib
+            png = plot_curves(os.path.join(self.out, "metrics.jsonl")) if self.d.master else None  # None: no matplotlib
         tb = ("tensorboard/",) if "tensorboard" in self.args.report_to else ()
         self.logger.summary(keys, tuple(written) + ("metrics.jsonl",) + (("curves.png",) if png else ()) + tb)
+
+
+class Stopped(SystemExit):
+    """A run stopped by SIGTERM/SIGINT after its checkpoint was written; launch tears torch.distributed down, then
+    the process exits with this code."""

@@ -195,7 +195,10 @@ def test_global_batch_is_the_seeded_permutation_split_across_ranks():
     (["--tau", "0"], "argument --tau: must be an integer >= 1, got 0"),
     (["--max_grad_norm=-1"], "argument --max_grad_norm: must be a positive number, got -1"),  # clipping flips it
     (["--max_grad_norm", "nan"], "argument --max_grad_norm: must be a positive number, got nan"),
-    (["--lr", "inf"], "argument --lr: must be a finite number >= 0, got inf"),
+    (["--lr", "inf"], "argument --lr: must be a finite number >= 0 (at most 3.4e38, float32's largest), got inf"),
+    (["--lr", "1e39"], "argument --lr: must be a finite number >= 0 (at most 3.4e38, float32's largest), got 1e39"),
+    (["--threads", "1000000000"], "argument --threads: must be an integer in [0, 4096], got 1000000000"),
+    (["--lr", "10", "--weight_decay", "0.1"], "--lr 10 x --weight_decay 0.1 must be below 1: AdamW multiplies"),
     (["--batch_size=-4"], "argument --batch_size: must be an integer >= 1, got -4"),
     (["--save_every=-1"], "argument --save_every: must be an integer >= 0, got -1"),
     (["--seed", str(2 ** 32)], f"argument --seed: must be an integer in [0, 2**32), got {2 ** 32}"),
@@ -217,14 +220,15 @@ def test_check_args_messages(flags, message, tmp_path):
 
 # every numeric flag of every training script, against its range written out here again (not read from cli.py)
 INT, FLOAT = int, float
-RANGES = {"eval_size": (INT, 1, None), "max_length": (INT, 1, None), "max_prompt_length": (INT, 1, None),
-          "batch_size": (INT, 1, None), "micro_batch_size": (INT, 1, None), "warmup_steps": (INT, 0, None),
-          "epochs": (INT, 1, None), "max_steps": (INT, 0, None), "seed": (INT, 0, 2 ** 32 - 1),
-          "threads": (INT, 0, None), "tau": (INT, 1, None), "log_every": (INT, 1, None), "eval_every": (INT, 0, None),
-          "save_every": (INT, 0, None), "skip_nonfinite": (INT, 0, None), "dist_timeout": (INT, 1, 10 ** 8),
-          "lr": (FLOAT, 0, None), "weight_decay": (FLOAT, 0, None), "max_grad_norm": (FLOAT, "> 0", None),
-          "alpha": (FLOAT, "> 0", 1), "beta": (FLOAT, "> 0", None), "desirable_weight": (FLOAT, "> 0", None),
-          "undesirable_weight": (FLOAT, "> 0", None), "lora_r": (INT, 0, None), "lora_alpha": (INT, 1, None)}
+I64, F32 = 2 ** 63 - 1, 3.4e38  # every integer flag fits int64, every float flag float32
+RANGES = {"eval_size": (INT, 1, I64), "max_length": (INT, 1, I64), "max_prompt_length": (INT, 1, I64),
+          "batch_size": (INT, 1, I64), "micro_batch_size": (INT, 1, I64), "warmup_steps": (INT, 0, I64),
+          "epochs": (INT, 1, I64), "max_steps": (INT, 0, I64), "seed": (INT, 0, 2 ** 32 - 1),
+          "threads": (INT, 0, 4096), "tau": (INT, 1, I64), "log_every": (INT, 1, I64), "eval_every": (INT, 0, I64),
+          "save_every": (INT, 0, I64), "skip_nonfinite": (INT, 0, I64), "dist_timeout": (INT, 1, 10 ** 8),
+          "lr": (FLOAT, 0, F32), "weight_decay": (FLOAT, 0, F32), "max_grad_norm": (FLOAT, "> 0", F32),
+          "alpha": (FLOAT, "> 0", 1), "beta": (FLOAT, "> 0", F32), "desirable_weight": (FLOAT, "> 0", F32),
+          "undesirable_weight": (FLOAT, "> 0", F32), "lora_r": (INT, 0, I64), "lora_alpha": (INT, 1, I64)}
 
 
 def allowed(flag, text):
@@ -262,9 +266,13 @@ def test_every_numeric_flag_is_refused_outside_its_range_in_one_line(script, fla
     ok = allowed(flag, text)
     # the partner flags set so that only the flag under test can be wrong
     n = int(text) if ok and RANGES[flag][0] is INT else 2
-    partners = {"batch_size": ["--micro_batch_size", "1"], "micro_batch_size": ["--batch_size", str(2 * n)],
+    partners = {"batch_size": ["--micro_batch_size", "1"],
+                "micro_batch_size": ["--batch_size", str(2 * n if 2 * n <= I64 else n)],
                 "max_length": ["--max_prompt_length", "1"], "max_prompt_length": ["--max_length", str(n + 1)],
-                "eval_size": ["--dataset", HH], "lora_alpha": ["--lora_r", "4"]}
+                "eval_size": ["--dataset", HH], "lora_alpha": ["--lora_r", "4"],
+                "weight_decay": ["--lr", "0"]}  # lr x weight_decay < 1 is a rule across the two
+    if flag == "max_prompt_length":
+        ok = ok and n < I64  # --max_length must stay above it
     if script == "tr_kto" and flag == "batch_size" or flag == "max_length":
         ok = ok and n >= 2  # KTO pairs each example with another; a prompt token leaves one for the response
     try:

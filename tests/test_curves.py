@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import FAST
+from conftest import FAST, ROOT
 from engineering import curves
 from engineering.curves import plot_curves, read_metrics, reference_updates, series, title
 
@@ -112,7 +112,8 @@ def test_no_matplotlib_message(tmp_path, monkeypatch, capsys):
 
 def test_command_line(tmp_path):
     metrics, png = write(tmp_path / "metrics.jsonl", DPO), str(tmp_path / "out.png")
-    r = subprocess.run([sys.executable, curves.__file__, metrics, "-o", png], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "engineering.curves", metrics, "-o", png], cwd=ROOT,
+                       capture_output=True, text=True)  # the command its docstring gives
     try:
         import matplotlib  # noqa: F401 - optional, not in requirements.txt
     except ImportError:
@@ -125,7 +126,7 @@ def test_command_line(tmp_path):
     for path, message in ((nothing, f"error: {nothing}: none of loss, reward_accuracy, reward_margin, logps_margin, "
                                     f"kl is logged: nothing to plot"),
                           (missing, f"error: [Errno 2] No such file or directory: '{missing}'")):
-        r = subprocess.run([sys.executable, curves.__file__, path], capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "-m", "engineering.curves", path], cwd=ROOT, capture_output=True, text=True)
         assert (r.returncode, r.stdout, r.stderr) == (2, "", message + "\n")
 
 # -----------------------------------------------------------------------------
