@@ -203,6 +203,7 @@ FROZEN, PAPER = ("none",), ("none", "hard", "soft")
 MAIN_BETA = dict.fromkeys(("dpo", "ipo", "kto"), 0.1)
 GRID = {m: {0.1: (SCHEDULES, 5), 0.3: (PAPER, 3), 0.03: (FROZEN, 3), 0.01: (FROZEN, 3)} for m in MAIN_BETA}
 KL_TARGETS = (1.0, 2.0, 4.0, 8.0)
+FRONTIER_KL = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)  # where the report reads the frontier (frontier_at)
 QUICK_GRID = {"dpo": {MAIN_BETA["dpo"]: (SCHEDULES, 2), MAIN_BETA["dpo"] / 4: (FROZEN, 2)},
               "ipo": {MAIN_BETA["ipo"]: (SCHEDULES, 1)}, "kto": {MAIN_BETA["kto"]: (SCHEDULES, 1)}}
 SCRIPTS = {"dpo": tr_dpo, "ipo": tr_ipo, "kto": tr_kto}
@@ -407,6 +408,22 @@ def match_beta(kl, ladder, steps, after):
     dist = {b: float(np.mean([abs(ln(kl[i]) - ln(k[i])) for i in at])) for b, k in ladder.items()}
     b = min(dist, key=lambda b: (dist[b], -b))
     return b, dist[b]
+
+
+def frontier_at(curves, k):
+    """The frontier at KL k: the upper envelope of gold-versus-KL curves, the highest gold any curve has at k.
+    curves: [(kls, golds)], each piecewise linear from the SFT model (KL 0) through a cell's checkpoints (seed
+    means; KL need not rise monotonically). Every segment whose KL span contains k is interpolated linearly at k,
+    and the largest value wins. None when no curve reaches k."""
+    best = None
+    for kls, golds in curves:
+        for i in range(1, len(kls)):
+            lo, hi = kls[i - 1], kls[i]
+            if min(lo, hi) <= k <= max(lo, hi):
+                w = (k - lo) / (hi - lo) if hi != lo else 1.0
+                v = (1 - w) * golds[i - 1] + w * golds[i]
+                best = v if best is None else max(best, v)
+    return best
 
 
 def mechanism_reading(tr_call, mech_call):
@@ -960,6 +977,23 @@ def report_experiment1(results):
 # experiment 2's report: from the committed results/toy2/ alone (results.json and per_prompt.json.gz)
 
 
+FRONTIER_ARMS = (("frozen", FROZEN), ("hard", ("hard",)), ("soft", ("soft",)), ("TR", PAPER_SCHEDULES),
+                 ("control", (CONTROL,)))
+
+
+def cell_curve(rs, stats):
+    """One cell's seed-mean (KL, test gold) from the SFT model (KL 0) through its checkpoints."""
+    return ([0.0] + seed_mean(rs, "kl"),
+            [stats.test["sft"][0]] + [float(np.mean([stats.test[run_name(r)][i] for r in rs]))
+                                      for i in range(len(rs[0]["checkpoints"]))])
+
+
+def frontier_curves(runs, stats, grid, m, schedules):
+    """The curves of every cell of method m whose schedule is one of `schedules`, at every beta it ran at."""
+    return [cell_curve(rs, stats) for b in grid[m] for s in schedules
+            for rs in [select(runs, method=m, beta=b, schedule=s)] if rs]
+
+
 def tr_betas(grid, m):
     """The betas at which the paper schedules run (the TR betas); the others are the frozen-only ladder."""
     return [b for b, (scheds, _) in grid[m].items() if set(PAPER_SCHEDULES) <= set(scheds)]
@@ -1048,16 +1082,72 @@ def report_experiment2(results):
           "on them):\n", "| method | endpoint | beta | hard − none | soft − none |", "|---|---|---|---|---|"]
     L += secondary + [""]
 
+    L += ["## The frontier: the most gold any beta and checkpoint gives at each KL\n",
+          "Per method and schedule, the upper envelope of the seed-mean test gold against the seed-mean KL over every "
+          "beta the schedule ran at and every checkpoint (each cell's curve runs from the SFT model at KL 0 through "
+          "its checkpoints, linear between them; frontier_at). Frozen: every frozen beta, ladder included; TR: the "
+          "hard and the soft cells together. The last row per method is the KL of the frozen frontier's highest "
+          "checkpoint above 1 nat. The envelopes are the thick lines on gold_vs_kl.png. Seed means only, no "
+          "intervals: a description, not a verdict.\n",
+          "| method | KL | frozen | hard | soft | TR (hard or soft) | control | frozen − TR |",
+          "|---|---|---|---|---|---|---|---|"]
+    for m in grid:
+        env = {name: frontier_curves(runs, stats, grid, m, scheds) for name, scheds in FRONTIER_ARMS}
+        # and where the frozen frontier is highest beyond KL 1 (a vertex: a cell's checkpoint)
+        top = max(((g, k) for kls, golds in env["frozen"] for k, g in zip(kls, golds) if k >= 1), default=None)
+        for k, label in [(k, f"{k:g}") for k in FRONTIER_KL] + ([(top[1], f"{top[1]:.2f} (frozen's best above 1)")]
+                                                               if top else []):
+            f = {name: frontier_at(c, k) for name, c in env.items()}
+            if all(v is None for v in f.values()):
+                continue
+            gap = f"{f['frozen'] - f['TR']:+.3f}" if f["frozen"] is not None and f["TR"] is not None else "—"
+            L.append(f"| {m.upper()} | {label} | " + " | ".join("—" if f[n] is None else f"{f[n]:.3f}"
+                                                            for n, _ in FRONTIER_ARMS) + f" | {gap} |")
+    L.append("")
+
     L += ["## KL reached (the high-KL regime: every schedule should reach 4 nats)\n",
+          f"The SFT model: mean log p(correct answer) {sft['logp_chosen']:.3f} nats on the probe pairs' chosen "
+          f"answers, malformed answers {sft['invalid_test']:.2f} of its test samples.\n",
           "| method | beta | schedule | seeds | KL at the end, seed mean (lowest seed) | reaches 4 (every seed) | "
-          "anchor at the end (DPO, KTO: weight; IPO: h - t) |", "|---|---|---|---|---|---|---|"]
+          "anchor at the end (DPO, KTO: weight; IPO: h - t) | malformed at the end (test) |",
+          "|---|---|---|---|---|---|---|---|"]
     for m in grid:
         for b, (scheds, _) in grid[m].items():
             for s in scheds:
                 rs = select(runs, method=m, beta=b, schedule=s)
                 ends = [r["checkpoints"][-1]["kl"] for r in rs]
                 L.append(f"| {m.upper()} | {b:g} | {s} | {len(rs)} | {np.mean(ends):.2f} ({min(ends):.2f}) | "
-                         f"{'yes' if min(ends) >= 4 else 'no'} | {seed_mean(rs, 'anchor_weight')[-1]:.3f} |")
+                         f"{'yes' if min(ends) >= 4 else 'no'} | {seed_mean(rs, 'anchor_weight')[-1]:.3f} | "
+                         f"{seed_mean(rs, 'invalid_test')[-1]:.2f} |")
+    L.append("")
+
+    peaks = {}
+    for r in runs:
+        step = r["checkpoints"][best_checkpoint(list(stats.val[run_name(r)]))]["step"]
+        peaks[step] = peaks.get(step, 0) + 1
+    L += ["## What the trust-region arms were: distance from the no-anchor control\n",
+          "Runs by the step of their best validation gold: " +
+          ", ".join(f"step {k}: {v}" for k, v in sorted(peaks.items())) + f" (of {len(runs)}). Of the reference updates "
+          f"(after steps {cfg['tau']}, {2 * cfg['tau']}, ...), {sum(1 for t in range(cfg['tau'], max(peaks, key=peaks.get), cfg['tau']))} "
+          f"acts before the step-{max(peaks, key=peaks.get)} peak. Per schedule at the main beta, against the control (soft_every_step) and the frozen reference: the mean "
+          f"|ln KL - ln KL_control| over the checkpoints after step {cfg['tau']}, the largest |test gold - control's| "
+          "at a checkpoint (seed means), and the anchor against the current reference (DPO, KTO: the mean loss weight,"
+          " 0.5 and 0.25 when it exerts no pull; IPO: mean h - t, -t = -5 with no pull) at the peak step and its "
+          "range after it.\n",
+          "| method | schedule | mean abs Δ ln KL vs control | largest abs Δ gold vs control | "
+          "anchor at the peak step | anchor after it (min-max) |", "|---|---|---|---|---|---|"]
+    peak = steps.index(max(peaks, key=peaks.get))
+    for m in grid:
+        control = select(runs, method=m, beta=main[m], schedule=CONTROL)
+        kl_c, gold_c = cell_curve(control, stats)
+        for s in SCHEDULES:
+            rs = select(runs, method=m, beta=main[m], schedule=s)
+            kl, gold = cell_curve(rs, stats)
+            after = [i + 1 for i, st in enumerate(steps) if st > cfg["tau"]]
+            d_kl = np.mean([abs(math.log(max(kl[i], 0.01)) - math.log(max(kl_c[i], 0.01))) for i in after])
+            a = seed_mean(rs, "anchor_weight")
+            L.append(f"| {m.upper()} | {s} {main[m]:g} | {d_kl:.3f} | {max(abs(x - y) for x, y in zip(gold, gold_c)):.3f}"
+                     f" | {a[peak]:.3f} | {min(a[peak:]):.3f} to {max(a[peak:]):.3f} |")
     L.append("")
 
     L += ["## Every cell\n",
@@ -1124,7 +1214,7 @@ COLORS = {"none": "black", "hard": "tab:red", "soft": "tab:blue", "soft_every_st
 
 
 def plot(out, runs, stats, grid, main, sft):
-    """gold_vs_kl.png (seed-mean test gold against seed-mean KL, every cell from the SFT model on), kl_vs_step.png
+    """gold_vs_kl.png (seed-mean test gold against seed-mean KL, every cell from the SFT model on, and the frozen and TR frontiers), kl_vs_step.png
     (the trajectories the mechanism matches, the frozen ladder in grey) and gold_vs_step.png (validation gold)."""
     try:
         import matplotlib
@@ -1162,8 +1252,12 @@ def plot(out, runs, stats, grid, main, sft):
 
     def gold_vs_kl(ax, m):
         for label, color, style, rs in cells(m):
-            ax.plot([0.0] + seed_mean(rs, "kl"), [stats.test["sft"][0]] + [float(np.mean([stats.test[run_name(r)][i]
-                    for r in rs])) for i in range(len(rs[0]["checkpoints"]))], style, color=color, label=label, lw=1.2)
+            ax.plot(*cell_curve(rs, stats), style, color=color, label=label, lw=1.2)
+        for name, color in (("frozen", "black"), ("TR", "tab:purple")):  # the frontiers, read at every vertex
+            curves = frontier_curves(runs, stats, grid, m, dict(FRONTIER_ARMS)[name])
+            ks = sorted({k for kls, _ in curves for k in kls})
+            ax.plot(ks, [frontier_at(curves, k) for k in ks], "-", color=color, lw=4, alpha=0.25,
+                    label=f"frontier: {name}")
 
     def kl_vs_step(ax, m):
         for label, color, style, rs in cells(m):

@@ -177,6 +177,19 @@ def test_match_beta_by_hand():
     assert te.match_beta([0.5], {1.0: [-0.02]}, [32], 16) == (1.0, pytest.approx(math.log(50)))
 
 
+def test_frontier_is_the_upper_envelope_of_the_curves_by_hand():
+    a = ([0.0, 1.0, 3.0], [0.6, 0.8, 0.4])     # rises to KL 1, then falls
+    b = ([0.0, 2.0, 1.5, 4.0], [0.6, 0.5, 0.9, 0.3])  # goes out to KL 2, back to 1.5 (KL need not rise)
+    # KL 0.5: a 0.6 + 0.5 * 0.2 = 0.7; b 0.6 + 0.25 * -0.1 = 0.575 -> 0.7
+    assert te.frontier_at([a, b], 0.5) == pytest.approx(0.7)
+    # KL 1.75: a 0.8 - 0.375 * 0.4 = 0.65; b's segment 0 -> 2: 0.6 - 0.875 * 0.1 = 0.5125; 2 -> 1.5: 0.5 + 0.5 * 0.4
+    # = 0.7; 1.5 -> 4: 0.9 - 0.1 * 0.6 = 0.84 -> 0.84 (every segment that spans the KL counts)
+    assert te.frontier_at([a, b], 1.75) == pytest.approx(0.84)
+    # KL 3.5: only b's last segment, 0.9 - 0.8 * 0.6 = 0.42; beyond every curve: None
+    assert te.frontier_at([a, b], 3.5) == pytest.approx(0.42)
+    assert te.frontier_at([a, b], 5.0) is None
+
+
 def test_mechanism_reading():
     nd = te.NO_DIFF
     assert te.mechanism_reading(nd, "worse").startswith("nothing to explain")
