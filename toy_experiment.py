@@ -154,7 +154,6 @@ minutes.
     python toy_experiment.py --methods dpo --betas 0.1 0.3 --lr 1e-4 --checkpoints 12 24 48 96 240
                                                   # a pilot: frozen reference, seed 0, out/toy2/pilots only
 """
-import argparse
 import gzip
 import hashlib
 import json
@@ -163,7 +162,6 @@ import multiprocessing
 import os
 import random
 import shutil
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import redirect_stderr, redirect_stdout
@@ -176,6 +174,7 @@ import sft
 import tr_dpo
 import tr_ipo
 import tr_kto
+from engineering import cli
 from engineering.models import load_model
 from engineering.toy import toy_gold_score, toy_malformed, toy_preferences, toy_problem, toy_sft_rows
 from evaluate import response_logps, sample
@@ -220,13 +219,13 @@ def schedule_flags(schedule, cfg):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(__doc__)  # a bad flag is one line, exit code 2, before anything is written
     p.add_argument("--quick", action="store_true", help="a smoke test of the whole pipeline in a minute or two")
     p.add_argument("--methods", nargs="+", default=list(SCRIPTS), choices=list(SCRIPTS), type=str.lower,
                    help="train these methods only (a full run can be split into sittings); the report covers every "
                         "finished run")
-    p.add_argument("--workers", type=int, default=2, help="runs trained at once, one process each")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--workers", type=cli.count, default=2, help="runs trained at once, one process each")
+    p.add_argument("--threads", type=cli.count, default=1,
                    help="torch CPU threads per process. These models are too small for more to pay off, and when other "
                         "processes share the cores, extra threads spin and wait: on 2 busy cores 2 threads ran 10x slower")
     p.add_argument("--output_dir", default="out/toy2", help="the runs, the SFT model and the data (not committed)")
@@ -235,11 +234,11 @@ def get_args(argv=None):
     p.add_argument("--report_only", action="store_true",
                    help="no training, no out/: rewrite both experiments' reports from the committed results folders")
     g = p.add_argument_group("pilots (frozen reference only, before the full run; output_dir only, nothing committed)")
-    g.add_argument("--lr", type=float, help=f"learning rate of every run (default {LR})")
-    g.add_argument("--checkpoints", nargs="+", type=int, help="checkpoint steps; the last ends the run")
-    g.add_argument("--betas", nargs="+", type=float, help="these betas for every method given, instead of the grid")
+    g.add_argument("--lr", type=cli.positive, help=f"learning rate of every run (default {LR})")
+    g.add_argument("--checkpoints", nargs="+", type=cli.count, help="checkpoint steps; the last ends the run")
+    g.add_argument("--betas", nargs="+", type=cli.positive, help="these betas for every method given, instead of the grid")
     g.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=["none"], help="with --betas")
-    g.add_argument("--seeds", type=int, default=1, help="seeds per cell, with --betas")
+    g.add_argument("--seeds", type=cli.count, default=1, help="seeds per cell, with --betas")
     return p.parse_args(argv)
 
 # -----------------------------------------------------------------------------
@@ -566,6 +565,10 @@ class Judge:
 _judges = {}  # one Judge per worker process, built on its first run
 
 
+class Stopped(RuntimeError):
+    """A training script stopped before its last step (SIGINT/SIGTERM): the run is not recorded."""
+
+
 def run_name(job):
     return f"{job['method']}_beta{job['beta']:g}_{job['schedule']}_seed{job['seed']}"
 
@@ -607,7 +610,11 @@ def train_and_judge(args):
     with open(os.path.join(run, "train.log"), "w") as log, redirect_stdout(log), redirect_stderr(log):
         for k, step in enumerate(cfg["checkpoints"]):
             t = clock()
+            for d in ("policy", "reference"):  # the previous segment's: a segment that stops early writes none
+                shutil.rmtree(os.path.join(run, d), ignore_errors=True)
             SCRIPTS[method].main(flags + ["--max_steps", str(step)] + (["--resume"] if k else []))
+            if not os.path.isdir(os.path.join(run, "policy")):  # SIGINT/SIGTERM: checkpoint/ only
+                raise Stopped(f"{run_name(job)} stopped before step {step} (a signal?); a rerun trains it again")
             t = timed("train", t)
             policy = AutoModelForCausalLM.from_pretrained(os.path.join(run, "policy"))
             reference = (None if ref_update == "none"
@@ -1299,8 +1306,39 @@ def report_all(args):
 # main
 
 
+def sft_model(out, cfg, data):
+    """The SFT model's folder, OUT/sft/policy: trained once (sft.py) and reused while done.json holds this
+    configuration's key and policy/ exists. done.json is written only after policy/ is complete, so a stage stopped
+    by a signal (sft.py then saves a checkpoint and returns without policy/) is trained again by the next run."""
+    sft_dir = os.path.join(out, "sft")
+    keys = ("model", "sft_steps", "sft_lr", "n_eval", "sft_rows", "sft_error")
+    sft_key = hashlib.sha1(json.dumps([cfg[k] for k in keys if k in cfg]).encode()).hexdigest()[:12]
+    sft_path, done_path = os.path.join(sft_dir, "policy"), os.path.join(sft_dir, "done.json")
+    if not (os.path.exists(done_path) and json.load(open(done_path)).get("key") == sft_key
+            and os.path.isdir(sft_path)):
+        shutil.rmtree(sft_dir, ignore_errors=True)
+        os.makedirs(sft_dir)
+        with open(os.path.join(sft_dir, "train.log"), "w") as log, redirect_stdout(log), redirect_stderr(log):
+            sft.main(["--model", cfg["model"], "--dataset", data["paths"]["sft"], "--eval_size", str(SCRIPT_EVAL),
+                      "--max_steps", str(cfg["sft_steps"]), "--lr", str(cfg["sft_lr"]), "--lr_schedule", "cosine",
+                      "--warmup_steps", "20", "--batch_size", "32", "--micro_batch_size", "32", "--log_every", "50",
+                      "--eval_every", "0", "--output_dir", sft_dir])
+        if not os.path.isdir(sft_path):  # SIGINT/SIGTERM: sft.py saved a checkpoint and returned without policy/
+            raise SystemExit(f"error: the SFT stage stopped before its last step ({sft_dir}/train.log); nothing is "
+                             "marked done: a rerun trains it again")
+        with open(done_path, "w") as f:  # written only once policy/ is complete
+            json.dump({"key": sft_key}, f)
+    return sft_path
+
+
+
 def main(argv=None):
-    args = get_args(argv)
+    with cli.exit_on_bad_input():  # every bad flag: one error: line, exit code 2, before anything is written
+        args = get_args(argv)
+        pilot = args.betas is not None
+        cli.need(pilot or not (args.lr or args.checkpoints), "--lr and --checkpoints are pilot flags: give --betas too")
+        cli.need(not args.checkpoints or len(set(args.checkpoints)) == len(args.checkpoints),
+                 "--checkpoints: each step once")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -1311,11 +1349,6 @@ def main(argv=None):
 
 def run(args):
     pilot = args.betas is not None
-    bad = ("--lr and --checkpoints are pilot flags: give --betas too" if (args.lr or args.checkpoints) and not pilot
-           else "--checkpoints: steps must be positive" if args.checkpoints and min(args.checkpoints) < 1 else None)
-    if bad:  # one line, exit code 2, nothing written
-        print(f"error: {bad}", file=sys.stderr)
-        raise SystemExit(2)
     if args.report_only:
         return report_all(args)
     cfg = dict(QUICK if args.quick else FULL, quick=args.quick)
@@ -1337,19 +1370,7 @@ def run(args):
 
     # -------------------------------------------------------------------------
     # 2. SFT, once (kept: a rerun with the same configuration reuses it)
-    sft_dir = os.path.join(out, "sft")
-    sft_key = hashlib.sha1(json.dumps([cfg[k] for k in ("model", "sft_steps", "sft_lr", "n_eval", "sft_rows")]).encode()).hexdigest()[:12]
-    sft_path, done_path = os.path.join(sft_dir, "policy"), os.path.join(sft_dir, "done.json")
-    if not (os.path.exists(done_path) and json.load(open(done_path)).get("key") == sft_key):
-        shutil.rmtree(sft_dir, ignore_errors=True)
-        os.makedirs(sft_dir)
-        with open(os.path.join(sft_dir, "train.log"), "w") as log, redirect_stdout(log), redirect_stderr(log):
-            sft.main(["--model", cfg["model"], "--dataset", data["paths"]["sft"], "--eval_size", str(SCRIPT_EVAL),
-                      "--max_steps", str(cfg["sft_steps"]), "--lr", str(cfg["sft_lr"]), "--lr_schedule", "cosine",
-                      "--warmup_steps", "20", "--batch_size", "32", "--micro_batch_size", "32", "--log_every", "50",
-                      "--eval_every", "0", "--output_dir", sft_dir])
-        with open(done_path, "w") as f:
-            json.dump({"key": sft_key}, f)
+    sft_path = sft_model(out, cfg, data)
     judge = Judge(sft_path, data, cfg)
     sft_eval = {**judge.sft_eval, "logp_chosen": judge.sft_probe["chosen"].mean().item(),
                 "logp_rejected": judge.sft_probe["rejected"].mean().item()}
@@ -1362,9 +1383,13 @@ def run(args):
     jobs = [j for j in jobs_of(grid, args.methods) if run_name(j) not in finished]
     print(f"{len(jobs)} runs to do, {len(finished)} finished ones skipped", flush=True)
     work = [(j, cfg, data, sft_path, os.path.join(runs_dir, run_name(j)), args.threads) for j in jobs]
-    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for k, r in enumerate(pool.map(train_and_judge, work)):
-            print(f"[{k + 1}/{len(jobs)}] {run_name(r)}: " + progress(r) + f" ({time.time() - t0:.0f} s)", flush=True)
+    try:
+        with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for k, r in enumerate(pool.map(train_and_judge, work)):
+                print(f"[{k + 1}/{len(jobs)}] {run_name(r)}: " + progress(r) + f" ({time.time() - t0:.0f} s)",
+                      flush=True)
+    except Stopped as e:  # the finished runs are kept; a rerun skips them
+        raise SystemExit(f"error: {e}") from None
     if pilot:  # pilots show validation gold, KL and the anchor only (the docstring says what was looked at)
         return print_pilot(load_runs(runs_dir, cfg, grid), sft_eval)
 

@@ -303,6 +303,49 @@ def test_eval_prompts_are_held_out_of_all_training_data(tmp_path):
     assert te.make_data(str(tmp_path / "again"), cfg)["val"] == data["val"]  # deterministic
 
 # -----------------------------------------------------------------------------
+# bad input and interrupted stages
+
+
+@pytest.mark.parametrize("flags", [
+    ["--threads", "0"], ["--workers", "0"], ["--workers", "-1"], ["--seeds", "0"],
+    ["--betas", "-0.1"], ["--betas", "0.1", "0"], ["--betas", "nan"], ["--betas", "0.1", "--lr", "0"],
+    ["--betas", "0.1", "--checkpoints", "0", "4"], ["--betas", "0.1", "--checkpoints", "4", "4"],
+    ["--lr", "1e-4"],  # a pilot flag without --betas
+])
+def test_bad_flags_are_one_error_line_before_anything_is_written(tmp_path, capsys, flags):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        te.main(flags + ["--output_dir", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert not out.exists()  # checked before the data and the SFT stage
+
+
+def test_sft_stage_is_trained_again_when_its_policy_is_missing(tmp_path):
+    """A done.json without policy/ (what a stage stopped by Ctrl-C left behind) is not trusted: the SFT model is
+    trained again, and done.json written after policy/."""
+    cfg = dict(te.QUICK, sft_steps=2)
+    data = te.make_data(str(tmp_path), cfg)
+    path = te.sft_model(str(tmp_path), cfg, data)
+    assert os.path.isfile(os.path.join(path, "config.json"))
+    shutil.rmtree(path)
+    assert te.sft_model(str(tmp_path), cfg, data) == path and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def test_a_missing_local_model_folder_is_named_as_missing(tmp_path):
+    from engineering.cli import InputError
+    from engineering.models import load_model
+    missing = str(tmp_path / "out" / "toy2" / "sft" / "policy")
+    with pytest.raises(InputError, match="no such folder") as e:
+        load_model(missing)
+    assert "hub" not in str(e.value)
+    with pytest.raises(InputError, match="no such folder"):
+        load_model("./policy")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="not a folder"):
+        load_model(str(tmp_path / "file"))
+
+# -----------------------------------------------------------------------------
 # the pipeline (starts worker processes and trains: slow)
 
 
