@@ -147,6 +147,48 @@ with each sitting's start and its last run's tail (DPO's sitting ~23 min with th
 a loaded machine it takes longer: the pilots ran at 2.5-5x their CPU time. All pilots together used ~25 CPU
 minutes.
 
+EXPERIMENT 3 (results/toy3/; pre-registered here and in docs/experiment.md before its full run, which has NOT been
+run yet). Experiment 2 compared a weak frozen anchor with no anchor on a task whose best policy lies ~1.2 nats from
+SFT. The paper's later claim is about over-optimisation: a moving reference lets the policy travel further from SFT
+while keeping quality, a better gold-versus-KL frontier. Experiment 3 tests that, for DPO only (the budget).
+- Task: the same toy, but the SFT demonstrations are SFT_ERROR3 = 90% wrong (toy_sft_rows(error_rate=0.9)), so
+  that K* = -E log p_SFT(correct answer) (the probe pairs' chosen answers, printed with the SFT line) is >= 3
+  nats: the best reachable policy lies several nats from SFT. Everything else is experiment 2's (model, SFT
+  recipe, 3,840 fresh pairs = 240 steps, eval prompts, judge, checkpoints).
+- Arms (GRID3, 5 seeds each; the main beta 1 is where the every-step control runs):
+    frozen (none)        beta 0.1, 0.3, 1, 3
+    hard, soft (alpha 0.6), every tau = TAU3 = 8 steps   beta 1, 3 (shifted up: TR at beta b moves like a frozen
+                         run at a much smaller beta, experiment 2)
+    soft_every_step      beta 1: the no-anchor control
+    flipped              beta 0.3, 1: the FRONTIER POSITIVE CONTROL, a frozen reference trained on the same pairs
+                         with FLIP3 = 30% of the labels flipped (a seeded choice): it is known to lower the frontier
+  55 runs.
+- Primary endpoint, per seed and arm: F(k) = the test gold of the checkpoint with the highest validation gold
+  among every checkpoint of every beta of the arm whose KL to SFT is <= k, and the SFT model (Stats.frontier), at
+  k = K*, 2 K* and infinity (the unconstrained peak). Delta = arm minus frozen, paired by seed and by test prompt,
+  both 95% intervals (the bootstrap over prompts and seeds, the seed-level t interval); "better"/"worse" only when
+  both agree (classify_both).
+- Decision rule, per k: if flipped - frozen is not "worse", the endpoint is blind ("blind: the flipped-label
+  control is not seen") and gives no verdict; else the verdict from hard and soft (method_verdict): "TR helps" if
+  at least one is better and neither worse, "TR hurts" the reverse, "mixed", or "no detectable difference". The
+  every-step control is reported beside them, no verdict rests on it. Reported without a verdict: the frontier
+  envelope (frontier_at) at fixed KLs and K*, every cell, the plots.
+- Power, before the run: with n = 5 seeds the t interval detects (80% power, 5% two-sided) a Delta of about
+  (t(4, 0.975) + t(4, 0.80)) sd / sqrt(5) = (2.776 + 0.941) / 2.236 sd = 1.66 sd, sd the seed-level sd of the
+  per-seed Delta. On experiment 2's data the same endpoint (F(k) of hard, soft or the control minus frozen, seeds
+  0-2) had sd 0.0015-0.026 (DPO 0.0015-0.004): a minimum detectable difference of 0.003-0.043 gold, about 0.007
+  for DPO if its sd carries over; the bootstrap over prompts adds about as much again. A true difference under
+  ~0.01 gold will most likely read "no detectable difference".
+- Pilot gates (pilot_gates; frozen, hard and the every-step control at one beta, seed 0; validation gold and KL
+  only), all to pass before the full run: (1) the frozen pilot's validation gold at KL K* >= its gold at KL 0.5;
+  (2) mean |ln KL_hard - ln KL_control| over the checkpoints after step tau >= 0.1, and >= 4 reference updates
+  before the frozen run's best validation checkpoint. lr and tau are chosen from the pilots so that both hold;
+  the pilots and their gate readings are committed in results/toy3/pilots/.
+
+    python toy_experiment.py --experiment 3       # experiment 3's full run: NOT RUN YET (~60 min on 2 idle cores)
+    python toy_experiment.py --experiment 3 --betas 1 --schedules none hard soft_every_step --lr 1e-4 --tau 8
+                                                  # its pilot and gates (add the --checkpoints of CHECKPOINTS)
+
     python toy_experiment.py                      # experiment 2, all 105 runs, ~70 min on 2 idle cores; resumable
     python toy_experiment.py --methods dpo        # or one method per sitting (21-26 min); then ipo, then kto
     python toy_experiment.py --report_only        # both reports from the committed results/ folders alone
@@ -192,6 +234,16 @@ FULL = dict(model="small", sft_steps=1200, sft_lr=3e-3, lr=LR, checkpoints=CHECK
 QUICK = dict(model="tiny", sft_steps=30, sft_lr=3e-3, lr=dict.fromkeys(LR, 1e-4), checkpoints=(2, 4, 6, 8),
              pairs=128, tau=4, n_eval=32, samples=2, probe=16, sft_rows=512)
 
+# experiment 3 (pre-registered in the docstring; DPO only): a task where the best policy lies >= 3 nats from SFT
+SFT_ERROR3 = 0.9  # the SFT demonstrations' error rate (experiments 1 and 2: 0.3)
+FLIP3 = 0.3       # the frontier positive control trains on pairs with this fraction of labels flipped
+TAU3 = 8
+FULL3 = dict(FULL, sft_error=SFT_ERROR3, flip=FLIP3, tau=TAU3, lr=dict(LR))
+MAIN_BETA3 = {"dpo": 1.0}  # where the every-step control runs
+GRID3 = {"dpo": {0.1: (("none",), 5), 0.3: (("none", "flipped"), 5),
+                 1.0: (("none", "hard", "soft", "soft_every_step", "flipped"), 5), 3.0: (("none", "hard", "soft"), 5)}}
+ARMS3 = ("hard", "soft", "soft_every_step", "flipped")  # each compared with the frozen arm ("none")
+
 SCHEDULES = ("none", "hard", "soft", "soft_every_step")
 CONTROL = "soft_every_step"  # the positive control: alpha 0.6 after EVERY step, no anchor left
 PAPER_SCHEDULES = ("hard", "soft")  # the verdicts rest on these (the authors' code)
@@ -213,8 +265,9 @@ N_BOOT = 2000
 
 def schedule_flags(schedule, cfg):
     """(ref_update, alpha, tau) of a schedule; alpha and tau are None for the frozen baseline. soft_every_step, the
-    positive control: after k steps 0.4^k of the old reference is left, it trails the policy by < 1 step."""
-    return {"none": ("none", None, None), "hard": ("hard", 1.0, cfg["tau"]), "soft": ("soft", 0.6, cfg["tau"]),
+    positive control: after k steps 0.4^k of the old reference is left, it trails the policy by < 1 step. flipped
+    (experiment 3's frontier positive control): a frozen reference, trained on the pairs with flipped labels."""
+    return {"none": ("none", None, None), "flipped": ("none", None, None), "hard": ("hard", 1.0, cfg["tau"]), "soft": ("soft", 0.6, cfg["tau"]),
             "soft_every_step": ("soft", 0.6, 1)}[schedule]
 
 
@@ -228,7 +281,10 @@ def get_args(argv=None):
     p.add_argument("--threads", type=cli.count, default=1,
                    help="torch CPU threads per process. These models are too small for more to pay off, and when other "
                         "processes share the cores, extra threads spin and wait: on 2 busy cores 2 threads ran 10x slower")
-    p.add_argument("--output_dir", default="out/toy2", help="the runs, the SFT model and the data (not committed)")
+    p.add_argument("--experiment", type=int, choices=(2, 3), default=2,
+                   help="2: the committed experiment; 3: the pre-registered one (pilots only so far)")
+    p.add_argument("--output_dir", help="the runs, the SFT model and the data, not committed (default out/toyN, N = "
+                                        "--experiment)")
     p.add_argument("--results_dir", help="results.md/json, per_prompt.json.gz and the plots: the committed record "
                                          "(default results/toy2; with --quick, OUTPUT_DIR/results)")
     p.add_argument("--report_only", action="store_true",
@@ -237,9 +293,12 @@ def get_args(argv=None):
     g.add_argument("--lr", type=cli.positive, help=f"learning rate of every run (default {LR})")
     g.add_argument("--checkpoints", nargs="+", type=cli.count, help="checkpoint steps; the last ends the run")
     g.add_argument("--betas", nargs="+", type=cli.positive, help="these betas for every method given, instead of the grid")
-    g.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=["none"], help="with --betas")
+    g.add_argument("--schedules", nargs="+", choices=SCHEDULES + ("flipped",), default=["none"], help="with --betas")
+    g.add_argument("--tau", type=cli.count, help="the reference update interval of hard and soft")
     g.add_argument("--seeds", type=cli.count, default=1, help="seeds per cell, with --betas")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.output_dir = args.output_dir or f"out/toy{args.experiment}"
+    return args
 
 # -----------------------------------------------------------------------------
 # the anchor's strength: how hard the loss still pulls towards the CURRENT reference (pure; test_toy_experiment.py)
@@ -473,7 +532,8 @@ def make_data(out, cfg):
             prompts.append(p)
     held = set(prompts)
     n_sft, n_pairs = cfg["sft_rows"] + SCRIPT_EVAL, cfg["pairs"] + SCRIPT_EVAL  # one epoch: pairs / 16 steps
-    sft_stream, pair_stream = toy_sft_rows(2 * n_sft, 0), toy_preferences(2 * n_pairs, 0)
+    sft_stream = toy_sft_rows(2 * n_sft, 0, cfg.get("sft_error", 0.3))
+    pair_stream = toy_preferences(2 * n_pairs, 0)
     sft_rows = [r for r in sft_stream if r["prompt"] not in held][:n_sft]
     pairs = [r for r in pair_stream if r["prompt"] not in held][:n_pairs]
     # the scripts train on all rows but the last SCRIPT_EVAL: those are the training prompts
@@ -486,6 +546,11 @@ def make_data(out, cfg):
     paths = {k: os.path.join(out, "data", f"{k}.jsonl") for k in ("sft", "pairs")}
     write_jsonl(paths["sft"], sft_rows)
     write_jsonl(paths["pairs"], pairs)
+    if cfg.get("flip"):  # the same pairs, a fixed fraction with chosen and rejected swapped (a seeded choice)
+        flip = set(random.Random("toy-experiment-flip").sample(range(len(pairs)), round(cfg["flip"] * len(pairs))))
+        paths["pairs_flipped"] = os.path.join(out, "data", "pairs_flipped.jsonl")
+        write_jsonl(paths["pairs_flipped"], [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} if i in flip
+                                             else r for i, r in enumerate(pairs)])
     with open(os.path.join(out, "data", "overlap.json"), "w") as f:
         json.dump(overlap, f, indent=1)
     half = len(prompts) // 2
@@ -576,7 +641,7 @@ def run_name(job):
 def run_key(job, cfg):
     """What a finished run's numbers depend on: a rerun skips a run whose key matches."""
     keep = {k: cfg[k] for k in ("model", "sft_steps", "sft_lr", "checkpoints", "pairs", "tau", "n_eval", "samples",
-                                "probe", "sft_rows")}
+                                "probe", "sft_rows", "sft_error", "flip") if k in cfg}
     keep["lr"] = cfg["lr"][job["method"]]  # another method's lr is not this run's
     return hashlib.sha1(json.dumps([job, keep], sort_keys=True).encode()).hexdigest()[:12]
 
@@ -594,7 +659,8 @@ def train_and_judge(args):
     ref_update, alpha, tau = schedule_flags(job["schedule"], cfg)
     batch = "32" if method == "kto" else "16"  # KTO counts examples: 32 = the 16 pairs of DPO and IPO
     every = str(math.gcd(*cfg["checkpoints"]))  # each segment's last step saves the checkpoint the next resumes
-    flags = ["--model", sft_path, "--dataset", data["paths"]["pairs"], "--eval_size", str(SCRIPT_EVAL),
+    pairs = data["paths"]["pairs_flipped" if job["schedule"] == "flipped" else "pairs"]
+    flags = ["--model", sft_path, "--dataset", pairs, "--eval_size", str(SCRIPT_EVAL),
              "--eval_every", "0", "--log_every", every, "--save_every", every, "--seed", str(job["seed"]),
              "--lr", str(cfg["lr"][method]), "--beta", str(beta), "--batch_size", batch, "--micro_batch_size", batch,
              "--ref_update", ref_update, "--output_dir", run]
@@ -643,13 +709,23 @@ def progress(r):
             f"eval {r['eval_s']:.0f} s; CPU {r['train_cpu_s']:.0f} + {r['eval_cpu_s']:.0f} s)")
 
 
-def print_pilot(runs, sft_eval):
-    """The pilots' table: validation gold, KL to the SFT model and the anchor per checkpoint (no test numbers)."""
-    L = [f"pilot, SFT val gold {sft_eval['gold_score_val']:.3f}; per checkpoint: val gold / KL / anchor"]
+def print_pilot(runs, sft_eval, tau):
+    """The pilots' table: validation gold, KL to the SFT model and the anchor per checkpoint (no test numbers);
+    experiment 3's gates wherever a beta has the frozen, hard and every-step-control runs of a seed."""
+    kstar = -sft_eval["logp_chosen"]
+    L = [f"pilot, SFT val gold {sft_eval['gold_score_val']:.3f}, K* {kstar:.2f} nats; per checkpoint: val gold / KL / "
+         "anchor"]
     for r in runs:
         L.append(f"{r['method']} beta {r['beta']:g} {r['schedule']} seed {r['seed']} lr {r['lr']:g}: " + "  ".join(
             f"{c['step']}: {c['gold_score_val']:.3f}/{c['kl']:.2f}/{c['anchor_weight']:.3f}" for c in r["checkpoints"])
             + f"  (CPU {r['train_cpu_s']:.0f} + {r['eval_cpu_s']:.0f} s, wall {r['train_s'] + r['eval_s']:.0f} s)")
+    for r in runs:
+        if r["schedule"] == "none":
+            trio = [select(runs, method=r["method"], beta=r["beta"], seed=r["seed"], schedule=s)
+                    for s in ("hard", "soft_every_step")]
+            if all(trio):
+                lines, ok = pilot_gates(r, trio[0][0], trio[1][0], sft_eval["gold_score_val"], kstar, tau)
+                L += [f"{r['method']} beta {r['beta']:g} seed {r['seed']}: " + line for line in lines]
     print("\n".join(L))
     return "\n".join(L)
 
@@ -716,6 +792,17 @@ class Stats:
         draws = np.vstack([self.boot["sft"], self.boot[name]])
         return (1 - w) * vals[i - 1] + w * vals[i], (1 - w) * draws[i - 1] + w * draws[i]
 
+    def frontier(self, runs, k):
+        """Experiment 3's endpoint F(k) for one seed of one arm: of the checkpoints of `runs` (every beta of the
+        arm, that seed) with KL <= k, and the SFT model (KL 0), the one with the highest validation gold (the
+        first of equal ones: SFT, then runs in order, checkpoints in order); its test gold and draws."""
+        best, at = self.val["sft"][0], ("sft", 0)
+        for r in runs:
+            for i, c in enumerate(r["checkpoints"]):
+                if c["kl"] <= k and self.val[run_name(r)][i] > best:
+                    best, at = self.val[run_name(r)][i], (run_name(r), i)
+        return self.test[at[0]][at[1]], self.boot[at[0]][at[1]]
+
     def cell(self, runs, stat):
         """{"mean", "boot", "t", "seeds"} of stat over the runs (seeds) of one cell; None if any run has no value."""
         vals = [stat(r) for r in runs]
@@ -729,8 +816,10 @@ class Stats:
     def delta(self, runs_a, runs_b, stat_a, stat_b=None):
         """stat_a over a minus stat_b over b, paired by seed (the seeds both have, each needing a value), with both
         intervals and classify_both's call: {"delta", "boot", "t", "seeds", "call"}; None without a common seed."""
-        a = {r["seed"]: stat_a(r) for r in runs_a}
-        b = {r["seed"]: (stat_b or stat_a)(r) for r in runs_b}
+        return self.paired({r["seed"]: stat_a(r) for r in runs_a}, {r["seed"]: (stat_b or stat_a)(r) for r in runs_b})
+
+    def paired(self, a, b):
+        """Delta from {seed: (point, draws) or None} of each arm: the seeds both have values for."""
         common = sorted(s for s in set(a) & set(b) if a[s] is not None and b[s] is not None)
         if not common:
             return None
@@ -794,7 +883,8 @@ def save_record(results, runs, sft_eval, cfg, grid, overlap, sittings, prompts):
              "runs": {run_name(r): [c["gold_per_prompt"] for c in r["checkpoints"]] for r in runs}}
     with open(os.path.join(results, "per_prompt.json.gz"), "wb") as f:
         f.write(encode_per_prompt(table))
-    summary = {"experiment": 2, "config": cfg, "grid": grid_json(grid), "main_beta": MAIN_BETA, "overlap": overlap,
+    summary = {"experiment": 3 if "sft_error" in cfg else 2, "config": cfg, "grid": grid_json(grid),
+               "main_beta": MAIN_BETA3 if "sft_error" in cfg else MAIN_BETA, "overlap": overlap,
                "sittings": sittings, "wall_s": sum(x["wall_s"] for x in sittings),
                "sft": {k: v for k, v in sft_eval.items() if k != "gold_per_prompt"}}
     dump_results(os.path.join(results, "results.json"), summary,
@@ -1217,7 +1307,107 @@ def report_experiment2(results):
     return text
 
 
-COLORS = {"none": "black", "hard": "tab:red", "soft": "tab:blue", "soft_every_step": "tab:gray"}
+# -----------------------------------------------------------------------------
+# experiment 3: the pilot gates and the frontier report (from results/toy3/ alone)
+
+
+def updates_before(peak_step, tau):
+    """Reference updates that act on training before the checkpoint at peak_step: those after steps tau, 2 tau,
+    ... below it (the one after step peak_step itself acts from the next step on)."""
+    return (peak_step - 1) // tau
+
+
+def pilot_gates(frozen, hard, control, sft_val, kstar, tau):
+    """Experiment 3's gates on one seed of the frozen, hard and every-step-control pilots (validation gold and KL
+    only). (1) quality rises with KL: the frozen run's validation gold at KL K* >= at KL 0.5 (its trajectory from
+    the SFT model at KL 0, linear between checkpoints, at its first crossing; at_kl); (2) the hard arm is not the
+    no-anchor control: mean |ln KL_hard - ln KL_control| over the checkpoints after step tau >= 0.1 (match_beta's
+    distance), and >= 4 updates before the frozen run's best validation checkpoint. Returns (lines, passed)."""
+    def gold_at(run, k):
+        kls = [0.0] + [c["kl"] for c in run["checkpoints"]]
+        vals = [sft_val] + [c["gold_score_val"] for c in run["checkpoints"]]
+        where = at_kl(kls, k)
+        return None if where is None else (1 - where[1]) * vals[where[0] - 1] + where[1] * vals[where[0]]
+    g_k, g_half = gold_at(frozen, kstar), gold_at(frozen, 0.5)
+    steps = [c["step"] for c in frozen["checkpoints"]]
+    _, dist = match_beta([c["kl"] for c in hard["checkpoints"]], {0: [c["kl"] for c in control["checkpoints"]]},
+                         steps, tau)
+    peak = steps[best_checkpoint([c["gold_score_val"] for c in frozen["checkpoints"]])]
+    n = updates_before(peak, tau)
+    gate1 = g_k is not None and g_half is not None and g_k >= g_half
+    gate2 = dist >= 0.1 and n >= 4
+    lines = [f"gate 1 (frozen: validation gold at KL K* = {kstar:.2f} >= at KL 0.5): "
+             f"{'—' if g_k is None else f'{g_k:.3f}'} vs {'—' if g_half is None else f'{g_half:.3f}'}: "
+             f"{'pass' if gate1 else 'FAIL'}",
+             f"gate 2 (hard vs every-step control: mean |delta ln KL| after step {tau} >= 0.1, >= 4 updates before "
+             f"the frozen peak): {dist:.3f}, {n} updates before the peak at step {peak}: "
+             f"{'pass' if gate2 else 'FAIL'}"]
+    return lines, gate1 and gate2
+
+
+def report_experiment3(results):
+    """results/toy3/results.md and the plots from results/toy3/results.json and per_prompt.json.gz: the
+    pre-registered endpoints F(K*), F(2 K*) and F(inf), each arm minus frozen, gated by the flipped-label control."""
+    res = json.load(open(os.path.join(results, "results.json")))
+    with open(os.path.join(results, "per_prompt.json.gz"), "rb") as f:
+        table = decode_per_prompt(f.read())
+    runs, cfg, grid, main = res["runs"], res["config"], grid_from_json(res["grid"]), res["main_beta"]
+    stats = Stats(runs, {"sft": table["sft"], **table["runs"]}, table["n_val"])
+    kstar = -res["sft"]["logp_chosen"]
+    L = ["# Experiment 3: the gold-versus-KL frontier where the best policy lies far from SFT\n",
+         f"Model '{cfg['model']}', SFT {cfg['sft_steps']} steps on demonstrations {cfg['sft_error']:.0%} wrong "
+         f"(validation gold {stats.val['sft'][0]:.3f}, test {stats.test['sft'][0]:.3f}); K* = -mean log p_SFT(correct "
+         f"answer) = {kstar:.2f} nats. Every run {cfg['checkpoints'][-1]} steps of 16 pairs, lr "
+         f"{cfg['lr']['dpo']:g}, tau {cfg['tau']}; {len(runs)} runs, wall {res['wall_s'] / 60:.1f} min. The design "
+         "and the rule, fixed before the run: toy_experiment.py's docstring and docs/experiment.md.\n",
+         "F(k): per seed, of every checkpoint of every beta of an arm with KL <= k (and the SFT model), the one with "
+         "the highest validation gold; its test gold. Delta = arm minus frozen, paired by seed and prompt; 95% "
+         "bootstrap CI, then the seed-level t interval; a call needs both. The endpoint gives a verdict only where "
+         "flipped (a frozen reference trained on pairs with flipped labels) is worse than frozen.\n",
+         "| endpoint | frozen | " + " | ".join(f"{a} − frozen" for a in ARMS3) + " | verdict |",
+         "|---|---|" + "---|" * len(ARMS3) + "---|"]
+    for m in grid:
+        arm = lambda s: {seed: [r for r in select(runs, method=m, schedule=s) if r["seed"] == seed]  # noqa: E731
+                         for seed in sorted({r["seed"] for r in runs})}
+        for name, k in ((f"F(K*), K* = {kstar:.2f}", kstar), (f"F(2K*) = F({2 * kstar:.2f})", 2 * kstar),
+                        ("F(inf), the unconstrained peak", math.inf)):
+            f = {s: {seed: stats.frontier(rs, k) for seed, rs in arm(s).items() if rs} for s in ("none",) + ARMS3}
+            vals = list(f["none"].values())
+            base = {"mean": float(np.mean([v[0] for v in vals])),
+                    "boot": percentile_ci(boot_mean(np.array([v[1] for v in vals]), seed_table(len(vals))))}
+            d = {s: stats.paired(f[s], f["none"]) for s in ARMS3}
+            v = ("blind: the flipped-label control is not seen" if d["flipped"]["call"] != "worse"
+                 else method_verdict([d["hard"]["call"], d["soft"]["call"]]))
+            L.append(f"| {m.upper()} {name} | {fmt_boot(base)} | " +
+                     " | ".join(fmt_call(d[s]) for s in ARMS3) + f" | {v} |")
+    L.append("")
+    L += ["## The frontier: the most gold any beta and checkpoint gives at each KL (seed means)\n",
+          "| KL | " + " | ".join(("frozen",) + ARMS3) + " |", "|---|" + "---|" * (1 + len(ARMS3))]
+    for m in grid:
+        env = {s: frontier_curves(runs, stats, grid, m, (s,)) for s in ("none",) + ARMS3}
+        for k in sorted({0.5, 1.0, kstar, 2 * kstar} | set(FRONTIER_KL)):
+            vals = [frontier_at(env[s], k) for s in env]
+            L.append(f"| {k:.2f} | " + " | ".join("—" if v is None else f"{v:.3f}" for v in vals) + " |")
+    L.append("")
+    L += ["## Every cell\n", "| beta | schedule | seeds | best-on-val test gold | end test gold | KL at the end | "
+          "malformed at the end |", "|---|---|---|---|---|---|---|"]
+    for m in grid:
+        for b, (scheds, _) in grid[m].items():
+            for s in scheds:
+                rs = select(runs, method=m, beta=b, schedule=s)
+                if rs:
+                    L.append(f"| {b:g} | {s} | {len(rs)} | {fmt_boot(stats.cell(rs, stats.best))} | "
+                             f"{fmt_boot(stats.cell(rs, stats.end))} | {np.mean([r['checkpoints'][-1]['kl'] for r in rs]):.2f}"
+                             f" | {seed_mean(rs, 'invalid_test')[-1]:.2f} |")
+    pngs = plot(results, runs, stats, grid, main, res["sft"])
+    L += ["", f"Plots: {', '.join(os.path.basename(p) for p in pngs)}." if pngs else "Plots: matplotlib not installed."]
+    text = "\n".join(L) + "\n"
+    with open(os.path.join(results, "results.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+COLORS = {"none": "black", "hard": "tab:red", "soft": "tab:blue", "soft_every_step": "tab:gray", "flipped": "tab:green"}
 
 
 def plot(out, runs, stats, grid, main, sft):
@@ -1287,16 +1477,19 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")  #
 
 def results_dir(args):
     return args.results_dir or (os.path.join(args.output_dir, "results") if args.quick else
-                                os.path.join(RESULTS, "toy2"))
+                                os.path.join(RESULTS, f"toy{args.experiment}"))
 
 
 def report_all(args):
-    """--report_only: the reports from the committed folders alone: experiment 1's (results/toy) and experiment 2's
-    once it has run; with --quick, the smoke test's folder only."""
-    r2 = results_dir(args)
+    """--report_only: the reports from the committed folders alone: experiment 1's (results/toy), experiment 2's
+    and experiment 3's once it has run; with --quick, the smoke test's folder only."""
+    r2 = results_dir(args) if args.quick or args.experiment == 2 else os.path.join(RESULTS, "toy2")
     parts = [] if args.quick else [report_experiment1(os.path.join(RESULTS, "toy"))]
     if os.path.exists(os.path.join(r2, "results.json")):
         parts.append(report_experiment2(r2))
+    r3 = os.path.join(RESULTS, "toy3")
+    if not args.quick and os.path.exists(os.path.join(r3, "results.json")):  # once experiment 3 has run
+        parts.append(report_experiment3(r3))
     text = "\n".join(parts)
     print(text)
     return text
@@ -1336,7 +1529,8 @@ def main(argv=None):
     with cli.exit_on_bad_input():  # every bad flag: one error: line, exit code 2, before anything is written
         args = get_args(argv)
         pilot = args.betas is not None
-        cli.need(pilot or not (args.lr or args.checkpoints), "--lr and --checkpoints are pilot flags: give --betas too")
+        cli.need(pilot or not (args.lr or args.checkpoints or args.tau),
+                 "--lr, --tau and --checkpoints are pilot flags: give --betas too")
         cli.need(not args.checkpoints or len(set(args.checkpoints)) == len(args.checkpoints),
                  "--checkpoints: each step once")
     threads = torch.get_num_threads()
@@ -1351,13 +1545,15 @@ def run(args):
     pilot = args.betas is not None
     if args.report_only:
         return report_all(args)
-    cfg = dict(QUICK if args.quick else FULL, quick=args.quick)
+    cfg = dict(QUICK if args.quick else FULL3 if args.experiment == 3 else FULL, quick=args.quick)
+    if args.tau is not None:
+        cfg["tau"] = args.tau
     if args.lr is not None:
         cfg["lr"] = dict.fromkeys(SCRIPTS, args.lr)
     if args.checkpoints is not None:
         cfg["checkpoints"] = args.checkpoints
     cfg["checkpoints"] = sorted(cfg["checkpoints"])
-    grid = QUICK_GRID if args.quick else GRID
+    grid = QUICK_GRID if args.quick else GRID3 if args.experiment == 3 else GRID
     if pilot:
         grid = {m: {b: (args.schedules, args.seeds) for b in args.betas} for m in args.methods}
     t0, out = time.time(), args.output_dir
@@ -1374,11 +1570,13 @@ def run(args):
     judge = Judge(sft_path, data, cfg)
     sft_eval = {**judge.sft_eval, "logp_chosen": judge.sft_probe["chosen"].mean().item(),
                 "logp_rejected": judge.sft_probe["rejected"].mean().item()}
-    print(f"SFT: val gold {sft_eval['gold_score_val']:.3f} ({time.time() - t0:.0f} s)", flush=True)
+    print(f"SFT: val gold {sft_eval['gold_score_val']:.3f}, K* = -mean log p(correct answer) = "
+          f"{-sft_eval['logp_chosen']:.2f} nats ({time.time() - t0:.0f} s)", flush=True)
 
     # -------------------------------------------------------------------------
     # 3. the runs not finished yet, --workers at a time, each in its own (spawned) process
-    runs_dir = os.path.join(out, "runs") if not pilot else os.path.join(out, "pilots", f"lr{args.lr or 'default'}")
+    runs_dir = (os.path.join(out, "runs") if not pilot else
+                os.path.join(out, "pilots", f"lr{args.lr or 'default'}" + (f"_tau{args.tau}" if args.tau else "")))
     finished = {run_name(r) for r in load_runs(runs_dir, cfg, {m: grid[m] for m in args.methods if m in grid})}
     jobs = [j for j in jobs_of(grid, args.methods) if run_name(j) not in finished]
     print(f"{len(jobs)} runs to do, {len(finished)} finished ones skipped", flush=True)
@@ -1391,7 +1589,7 @@ def run(args):
     except Stopped as e:  # the finished runs are kept; a rerun skips them
         raise SystemExit(f"error: {e}") from None
     if pilot:  # pilots show validation gold, KL and the anchor only (the docstring says what was looked at)
-        return print_pilot(load_runs(runs_dir, cfg, grid), sft_eval)
+        return print_pilot(load_runs(runs_dir, cfg, grid), sft_eval, cfg["tau"])
 
     # -------------------------------------------------------------------------
     # 4. the committed record (every finished run of the grid, whatever --methods trained now), and the report
@@ -1404,7 +1602,7 @@ def run(args):
     results = results_dir(args)
     save_record(results, load_runs(runs_dir, cfg, grid), sft_eval, cfg, grid, data["overlap"], sittings,
                 data["val"] + data["test"])
-    report = report_experiment2(results)
+    report = (report_experiment3 if "sft_error" in cfg else report_experiment2)(results)
     print(report)
     return report
 

@@ -190,6 +190,37 @@ def test_frontier_is_the_upper_envelope_of_the_curves_by_hand():
     assert te.frontier_at([a, b], 5.0) is None
 
 
+def test_experiment3_pilot_gates_by_hand():
+    # updates after steps 8, 16, 24, 32 act before a peak at step 36 (the one after step 36 acts from step 37)
+    assert te.updates_before(36, 8) == 4 and te.updates_before(33, 8) == 4 and te.updates_before(32, 8) == 3
+    run = lambda kls, golds: {"checkpoints": [{"step": s, "kl": k, "gold_score_val": g}  # noqa: E731
+                                              for s, k, g in zip((12, 24, 48), kls, golds)]}
+    frozen = run([0.4, 1.0, 4.0], [0.60, 0.70, 0.75])
+    # gold at KL 0.5: between 0.4 (0.60) and 1.0 (0.70), w = 1/6 -> 0.61667; at K* = 3: between 1.0 and 4.0,
+    # w = 2/3 -> 0.70 + 2/3 * 0.05 = 0.73333 >= 0.61667: pass
+    hard, control = run([0.4, 1.0, 4.0], [0, 0, 0]), run([0.4, math.e ** 0.33, 4.0], [0, 0, 0])
+    # after step 8 all three checkpoints count: |delta ln KL| = 0, 0.33, 0 -> mean 0.11: pass; the frozen peak at
+    # step 48: (48 - 1) // 8 = 5 updates before it
+    lines, ok = te.pilot_gates(frozen, hard, control, 0.5, 3.0, 8)
+    assert ok and "0.733 vs 0.617: pass" in lines[0] and "0.110, 5 updates before the peak at step 48: pass" in lines[1]
+    # K* beyond the frozen run's KL: gate 1 fails; tau 16 leaves 2 updates before step 48: gate 2 fails
+    assert not te.pilot_gates(frozen, hard, control, 0.5, 5.0, 8)[1]
+    assert not te.pilot_gates(frozen, hard, control, 0.5, 3.0, 16)[1]
+
+
+def test_experiment3_frontier_picks_on_validation_within_the_kl_budget():
+    runs = [{"method": "dpo", "beta": b, "schedule": "none", "seed": 0,
+             "checkpoints": [{"kl": k} for k in kls]} for b, kls in ((1.0, [0.5, 2.0]), (0.1, [1.0, 5.0]))]
+    # per-prompt gold (x 120), 1 validation and 1 test prompt: SFT val 60; beta 1: 90, 100; beta 0.1: 80, 120
+    gold = {"sft": [60, 30], "dpo_beta1_none_seed0": [[90, 12], [100, 24]],
+            "dpo_beta0.1_none_seed0": [[80, 36], [120, 48]]}
+    stats = te.Stats(runs, gold, 1)
+    assert stats.frontier(runs, 0.1)[0] == pytest.approx(30 / 120)    # only the SFT model within KL 0.1
+    assert stats.frontier(runs, 1.0)[0] == pytest.approx(12 / 120)    # val 90 (KL 0.5) beats 80 (KL 1.0)
+    assert stats.frontier(runs, 2.0)[0] == pytest.approx(24 / 120)    # val 100 at KL 2.0
+    assert stats.frontier(runs, math.inf)[0] == pytest.approx(48 / 120)  # val 120 at KL 5.0
+
+
 def test_mechanism_reading():
     nd = te.NO_DIFF
     assert te.mechanism_reading(nd, "worse").startswith("nothing to explain")
