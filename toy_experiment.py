@@ -184,6 +184,8 @@ while keeping quality, a better gold-versus-KL frontier. Experiment 3 tests that
   (2) mean |ln KL_hard - ln KL_control| over the checkpoints after step tau >= 0.1, and >= 4 reference updates
   before the frozen run's best validation checkpoint. lr and tau are chosen from the pilots so that both hold;
   the pilots and their gate readings are committed in results/toy3/pilots/.
+  Pilot readings (lr 1e-4, tau 8, seed 0): gate 1 FAILS (beta 1: 0.347 at K* vs 0.442 at KL 0.5; beta 0.3: 0.304
+  vs 0.429); gate 2 FAILS (0.050; 2 updates before the step-24 peak). The full run is not to be started on them.
 
     python toy_experiment.py --experiment 3       # experiment 3's full run: NOT RUN YET (~60 min on 2 idle cores)
     python toy_experiment.py --experiment 3 --betas 1 --schedules none hard soft_every_step --lr 1e-4 --tau 8
