@@ -147,6 +147,50 @@ with each sitting's start and its last run's tail (DPO's sitting ~23 min with th
 a loaded machine it takes longer: the pilots ran at 2.5-5x their CPU time. All pilots together used ~25 CPU
 minutes.
 
+EXPERIMENT 3 (results/toy3/; pre-registered here and in docs/experiment.md before its full run, which has NOT been
+run yet). Experiment 2 compared a weak frozen anchor with no anchor on a task whose best policy lies ~1.2 nats from
+SFT. The paper's later claim is about over-optimisation: a moving reference lets the policy travel further from SFT
+while keeping quality, a better gold-versus-KL frontier. Experiment 3 tests that, for DPO only (the budget).
+- Task: the same toy, but the SFT demonstrations are SFT_ERROR3 = 90% wrong (toy_sft_rows(error_rate=0.9)), so
+  that K* = -E log p_SFT(correct answer) (the probe pairs' chosen answers, printed with the SFT line) is >= 3
+  nats: the best reachable policy lies several nats from SFT. Everything else is experiment 2's (model, SFT
+  recipe, 3,840 fresh pairs = 240 steps, eval prompts, judge, checkpoints).
+- Arms (GRID3, 5 seeds each; the main beta 1 is where the every-step control runs):
+    frozen (none)        beta 0.1, 0.3, 1, 3
+    hard, soft (alpha 0.6), every tau = TAU3 = 8 steps   beta 1, 3 (shifted up: TR at beta b moves like a frozen
+                         run at a much smaller beta, experiment 2)
+    soft_every_step      beta 1: the no-anchor control
+    flipped              beta 0.3, 1: the FRONTIER POSITIVE CONTROL, a frozen reference trained on the same pairs
+                         with FLIP3 = 30% of the labels flipped (a seeded choice): it is known to lower the frontier
+  55 runs.
+- Primary endpoint, per seed and arm: F(k) = the test gold of the checkpoint with the highest validation gold
+  among every checkpoint of every beta of the arm whose KL to SFT is <= k, and the SFT model (Stats.frontier), at
+  k = K*, 2 K* and infinity (the unconstrained peak). Delta = arm minus frozen, paired by seed and by test prompt,
+  both 95% intervals (the bootstrap over prompts and seeds, the seed-level t interval); "better"/"worse" only when
+  both agree (classify_both).
+- Decision rule, per k: if flipped - frozen is not "worse", the endpoint is blind ("blind: the flipped-label
+  control is not seen") and gives no verdict; else the verdict from hard and soft (method_verdict): "TR helps" if
+  at least one is better and neither worse, "TR hurts" the reverse, "mixed", or "no detectable difference". The
+  every-step control is reported beside them, no verdict rests on it. Reported without a verdict: the frontier
+  envelope (frontier_at) at fixed KLs and K*, every cell, the plots.
+- Power, before the run: with n = 5 seeds the t interval detects (80% power, 5% two-sided) a Delta of about
+  (t(4, 0.975) + t(4, 0.80)) sd / sqrt(5) = (2.776 + 0.941) / 2.236 sd = 1.66 sd, sd the seed-level sd of the
+  per-seed Delta. On experiment 2's data the same endpoint (F(k) of hard, soft or the control minus frozen, seeds
+  0-2) had sd 0.0015-0.026 (DPO 0.0015-0.004): a minimum detectable difference of 0.003-0.043 gold, about 0.007
+  for DPO if its sd carries over; the bootstrap over prompts adds about as much again. A true difference under
+  ~0.01 gold will most likely read "no detectable difference".
+- Pilot gates (pilot_gates; frozen, hard and the every-step control at one beta, seed 0; validation gold and KL
+  only), all to pass before the full run: (1) the frozen pilot's validation gold at KL K* >= its gold at KL 0.5;
+  (2) mean |ln KL_hard - ln KL_control| over the checkpoints after step tau >= 0.1, and >= 4 reference updates
+  before the frozen run's best validation checkpoint. lr and tau are chosen from the pilots so that both hold;
+  the pilots and their gate readings are committed in results/toy3/pilots/.
+  Pilot readings (lr 1e-4, tau 8, seed 0): gate 1 FAILS (beta 1: 0.347 at K* vs 0.442 at KL 0.5; beta 0.3: 0.304
+  vs 0.429); gate 2 FAILS (0.050; 2 updates before the step-24 peak). The full run is not to be started on them.
+
+    python toy_experiment.py --experiment 3       # experiment 3's full run: NOT RUN YET (~60 min on 2 idle cores)
+    python toy_experiment.py --experiment 3 --betas 1 --schedules none hard soft_every_step --lr 1e-4 --tau 8
+                                                  # its pilot and gates (add the --checkpoints of CHECKPOINTS)
+
     python toy_experiment.py                      # experiment 2, all 105 runs, ~70 min on 2 idle cores; resumable
     python toy_experiment.py --methods dpo        # or one method per sitting (21-26 min); then ipo, then kto
     python toy_experiment.py --report_only        # both reports from the committed results/ folders alone
@@ -154,7 +198,6 @@ minutes.
     python toy_experiment.py --methods dpo --betas 0.1 0.3 --lr 1e-4 --checkpoints 12 24 48 96 240
                                                   # a pilot: frozen reference, seed 0, out/toy2/pilots only
 """
-import argparse
 import gzip
 import hashlib
 import json
@@ -163,7 +206,6 @@ import multiprocessing
 import os
 import random
 import shutil
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import redirect_stderr, redirect_stdout
@@ -176,6 +218,7 @@ import sft
 import tr_dpo
 import tr_ipo
 import tr_kto
+from engineering import cli
 from engineering.models import load_model
 from engineering.toy import toy_gold_score, toy_malformed, toy_preferences, toy_problem, toy_sft_rows
 from evaluate import response_logps, sample
@@ -193,6 +236,16 @@ FULL = dict(model="small", sft_steps=1200, sft_lr=3e-3, lr=LR, checkpoints=CHECK
 QUICK = dict(model="tiny", sft_steps=30, sft_lr=3e-3, lr=dict.fromkeys(LR, 1e-4), checkpoints=(2, 4, 6, 8),
              pairs=128, tau=4, n_eval=32, samples=2, probe=16, sft_rows=512)
 
+# experiment 3 (pre-registered in the docstring; DPO only): a task where the best policy lies >= 3 nats from SFT
+SFT_ERROR3 = 0.9  # the SFT demonstrations' error rate (experiments 1 and 2: 0.3)
+FLIP3 = 0.3       # the frontier positive control trains on pairs with this fraction of labels flipped
+TAU3 = 8
+FULL3 = dict(FULL, sft_error=SFT_ERROR3, flip=FLIP3, tau=TAU3, lr=dict(LR))
+MAIN_BETA3 = {"dpo": 1.0}  # where the every-step control runs
+GRID3 = {"dpo": {0.1: (("none",), 5), 0.3: (("none", "flipped"), 5),
+                 1.0: (("none", "hard", "soft", "soft_every_step", "flipped"), 5), 3.0: (("none", "hard", "soft"), 5)}}
+ARMS3 = ("hard", "soft", "soft_every_step", "flipped")  # each compared with the frozen arm ("none")
+
 SCHEDULES = ("none", "hard", "soft", "soft_every_step")
 CONTROL = "soft_every_step"  # the positive control: alpha 0.6 after EVERY step, no anchor left
 PAPER_SCHEDULES = ("hard", "soft")  # the verdicts rest on these (the authors' code)
@@ -203,6 +256,7 @@ FROZEN, PAPER = ("none",), ("none", "hard", "soft")
 MAIN_BETA = dict.fromkeys(("dpo", "ipo", "kto"), 0.1)
 GRID = {m: {0.1: (SCHEDULES, 5), 0.3: (PAPER, 3), 0.03: (FROZEN, 3), 0.01: (FROZEN, 3)} for m in MAIN_BETA}
 KL_TARGETS = (1.0, 2.0, 4.0, 8.0)
+FRONTIER_KL = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)  # where the report reads the frontier (frontier_at)
 QUICK_GRID = {"dpo": {MAIN_BETA["dpo"]: (SCHEDULES, 2), MAIN_BETA["dpo"] / 4: (FROZEN, 2)},
               "ipo": {MAIN_BETA["ipo"]: (SCHEDULES, 1)}, "kto": {MAIN_BETA["kto"]: (SCHEDULES, 1)}}
 SCRIPTS = {"dpo": tr_dpo, "ipo": tr_ipo, "kto": tr_kto}
@@ -213,32 +267,38 @@ N_BOOT = 2000
 
 def schedule_flags(schedule, cfg):
     """(ref_update, alpha, tau) of a schedule; alpha and tau are None for the frozen baseline. soft_every_step, the
-    positive control: after k steps 0.4^k of the old reference is left, it trails the policy by < 1 step."""
-    return {"none": ("none", None, None), "hard": ("hard", 1.0, cfg["tau"]), "soft": ("soft", 0.6, cfg["tau"]),
+    positive control: after k steps 0.4^k of the old reference is left, it trails the policy by < 1 step. flipped
+    (experiment 3's frontier positive control): a frozen reference, trained on the pairs with flipped labels."""
+    return {"none": ("none", None, None), "flipped": ("none", None, None), "hard": ("hard", 1.0, cfg["tau"]), "soft": ("soft", 0.6, cfg["tau"]),
             "soft_every_step": ("soft", 0.6, 1)}[schedule]
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(__doc__)  # a bad flag is one line, exit code 2, before anything is written
     p.add_argument("--quick", action="store_true", help="a smoke test of the whole pipeline in a minute or two")
     p.add_argument("--methods", nargs="+", default=list(SCRIPTS), choices=list(SCRIPTS), type=str.lower,
                    help="train these methods only (a full run can be split into sittings); the report covers every "
                         "finished run")
-    p.add_argument("--workers", type=int, default=2, help="runs trained at once, one process each")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--workers", type=cli.count, default=2, help="runs trained at once, one process each")
+    p.add_argument("--threads", type=cli.count, default=1,
                    help="torch CPU threads per process (more do not pay on these small models: docs/performance.md)")
-    p.add_argument("--output_dir", default="out/toy2", help="the runs, the SFT model and the data (not committed)")
+    p.add_argument("--experiment", type=int, choices=(2, 3), default=2,
+                   help="2: the committed experiment; 3: the pre-registered one (pilots only so far)")
+    p.add_argument("--output_dir", help="the runs, the SFT model and the data, not committed (default out/toyN)")
     p.add_argument("--results_dir", help="the committed record: results.md/json, per_prompt.json.gz, plots "
                                          "(default results/toy2; --quick: OUTPUT_DIR/results)")
     p.add_argument("--report_only", action="store_true",
                    help="no training, no out/: rewrite both experiments' reports from the committed results folders")
     g = p.add_argument_group("pilots (frozen reference only, before the full run; output_dir only, nothing committed)")
-    g.add_argument("--lr", type=float, help=f"learning rate of every run (default {LR})")
-    g.add_argument("--checkpoints", nargs="+", type=int, help="checkpoint steps; the last ends the run")
-    g.add_argument("--betas", nargs="+", type=float, help="these betas for every method given, instead of the grid")
-    g.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=["none"], help="with --betas")
-    g.add_argument("--seeds", type=int, default=1, help="seeds per cell, with --betas")
-    return p.parse_args(argv)
+    g.add_argument("--lr", type=cli.positive, help=f"learning rate of every run (default {LR})")
+    g.add_argument("--checkpoints", nargs="+", type=cli.count, help="checkpoint steps; the last ends the run")
+    g.add_argument("--betas", nargs="+", type=cli.positive, help="these betas for every method given, instead of the grid")
+    g.add_argument("--schedules", nargs="+", choices=SCHEDULES + ("flipped",), default=["none"], help="with --betas")
+    g.add_argument("--tau", type=cli.count, help="the reference update interval of hard and soft")
+    g.add_argument("--seeds", type=cli.count, default=1, help="seeds per cell, with --betas")
+    args = p.parse_args(argv)
+    args.output_dir = args.output_dir or f"out/toy{args.experiment}"
+    return args
 
 # -----------------------------------------------------------------------------
 # the anchor's strength: how hard the loss still pulls towards the CURRENT reference (pure; test_toy_experiment.py)
@@ -408,6 +468,22 @@ def match_beta(kl, ladder, steps, after):
     return b, dist[b]
 
 
+def frontier_at(curves, k):
+    """The frontier at KL k: the upper envelope of gold-versus-KL curves, the highest gold any curve has at k.
+    curves: [(kls, golds)], each piecewise linear from the SFT model (KL 0) through a cell's checkpoints (seed
+    means; KL need not rise monotonically). Every segment whose KL span contains k is interpolated linearly at k,
+    and the largest value wins. None when no curve reaches k."""
+    best = None
+    for kls, golds in curves:
+        for i in range(1, len(kls)):
+            lo, hi = kls[i - 1], kls[i]
+            if min(lo, hi) <= k <= max(lo, hi):
+                w = (k - lo) / (hi - lo) if hi != lo else 1.0
+                v = (1 - w) * golds[i - 1] + w * golds[i]
+                best = v if best is None else max(best, v)
+    return best
+
+
 def mechanism_reading(tr_call, mech_call):
     """Is TR at beta b a frozen reference at the KL-matched beta b'? tr_call: TR(b) - frozen(b); mech_call:
     TR(b) - frozen(b'), both read by classify_both."""
@@ -456,7 +532,8 @@ def make_data(out, cfg):
             prompts.append(p)
     held = set(prompts)
     n_sft, n_pairs = cfg["sft_rows"] + SCRIPT_EVAL, cfg["pairs"] + SCRIPT_EVAL  # one epoch: pairs / 16 steps
-    sft_stream, pair_stream = toy_sft_rows(2 * n_sft, 0), toy_preferences(2 * n_pairs, 0)
+    sft_stream = toy_sft_rows(2 * n_sft, 0, cfg.get("sft_error", 0.3))
+    pair_stream = toy_preferences(2 * n_pairs, 0)
     sft_rows = [r for r in sft_stream if r["prompt"] not in held][:n_sft]
     pairs = [r for r in pair_stream if r["prompt"] not in held][:n_pairs]
     # the scripts train on all rows but the last SCRIPT_EVAL: those are the training prompts
@@ -469,6 +546,11 @@ def make_data(out, cfg):
     paths = {k: os.path.join(out, "data", f"{k}.jsonl") for k in ("sft", "pairs")}
     write_jsonl(paths["sft"], sft_rows)
     write_jsonl(paths["pairs"], pairs)
+    if cfg.get("flip"):  # the same pairs, a fixed fraction with chosen and rejected swapped (a seeded choice)
+        flip = set(random.Random("toy-experiment-flip").sample(range(len(pairs)), round(cfg["flip"] * len(pairs))))
+        paths["pairs_flipped"] = os.path.join(out, "data", "pairs_flipped.jsonl")
+        write_jsonl(paths["pairs_flipped"], [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} if i in flip
+                                             else r for i, r in enumerate(pairs)])
     with open(os.path.join(out, "data", "overlap.json"), "w") as f:
         json.dump(overlap, f, indent=1)
     half = len(prompts) // 2
@@ -548,6 +630,10 @@ class Judge:
 _judges = {}  # one Judge per worker process, built on its first run
 
 
+class Stopped(RuntimeError):
+    """A training script stopped before its last step (SIGINT/SIGTERM): the run is not recorded."""
+
+
 def run_name(job):
     return f"{job['method']}_beta{job['beta']:g}_{job['schedule']}_seed{job['seed']}"
 
@@ -555,7 +641,7 @@ def run_name(job):
 def run_key(job, cfg):
     """What a finished run's numbers depend on: a rerun skips a run whose key matches."""
     keep = {k: cfg[k] for k in ("model", "sft_steps", "sft_lr", "checkpoints", "pairs", "tau", "n_eval", "samples",
-                                "probe", "sft_rows")}
+                                "probe", "sft_rows", "sft_error", "flip") if k in cfg}
     keep["lr"] = cfg["lr"][job["method"]]  # another method's lr is not this run's
     return hashlib.sha1(json.dumps([job, keep], sort_keys=True).encode()).hexdigest()[:12]
 
@@ -573,7 +659,8 @@ def train_and_judge(args):
     ref_update, alpha, tau = schedule_flags(job["schedule"], cfg)
     batch = "32" if method == "kto" else "16"  # KTO counts examples: 32 = the 16 pairs of DPO and IPO
     every = str(math.gcd(*cfg["checkpoints"]))  # each segment's last step saves the checkpoint the next resumes
-    flags = ["--model", sft_path, "--dataset", data["paths"]["pairs"], "--eval_size", str(SCRIPT_EVAL),
+    pairs = data["paths"]["pairs_flipped" if job["schedule"] == "flipped" else "pairs"]
+    flags = ["--model", sft_path, "--dataset", pairs, "--eval_size", str(SCRIPT_EVAL),
              "--eval_every", "0", "--log_every", every, "--save_every", every, "--seed", str(job["seed"]),
              "--lr", str(cfg["lr"][method]), "--beta", str(beta), "--batch_size", batch, "--micro_batch_size", batch,
              "--ref_update", ref_update, "--output_dir", run]
@@ -589,7 +676,11 @@ def train_and_judge(args):
     with open(os.path.join(run, "train.log"), "w") as log, redirect_stdout(log), redirect_stderr(log):
         for k, step in enumerate(cfg["checkpoints"]):
             t = clock()
+            for d in ("policy", "reference"):  # the previous segment's: a segment that stops early writes none
+                shutil.rmtree(os.path.join(run, d), ignore_errors=True)
             SCRIPTS[method].main(flags + ["--max_steps", str(step)] + (["--resume"] if k else []))
+            if not os.path.isdir(os.path.join(run, "policy")):  # SIGINT/SIGTERM: checkpoint/ only
+                raise Stopped(f"{run_name(job)} stopped before step {step} (a signal?); a rerun trains it again")
             t = timed("train", t)
             policy = AutoModelForCausalLM.from_pretrained(os.path.join(run, "policy"))
             reference = (None if ref_update == "none"
@@ -618,13 +709,23 @@ def progress(r):
             f"eval {r['eval_s']:.0f} s; CPU {r['train_cpu_s']:.0f} + {r['eval_cpu_s']:.0f} s)")
 
 
-def print_pilot(runs, sft_eval):
-    """The pilots' table: validation gold, KL to the SFT model and the anchor per checkpoint (no test numbers)."""
-    L = [f"pilot, SFT val gold {sft_eval['gold_score_val']:.3f}; per checkpoint: val gold / KL / anchor"]
+def print_pilot(runs, sft_eval, tau):
+    """The pilots' table: validation gold, KL to the SFT model and the anchor per checkpoint (no test numbers);
+    experiment 3's gates wherever a beta has the frozen, hard and every-step-control runs of a seed."""
+    kstar = -sft_eval["logp_chosen"]
+    L = [f"pilot, SFT val gold {sft_eval['gold_score_val']:.3f}, K* {kstar:.2f} nats; per checkpoint: val gold / KL / "
+         "anchor"]
     for r in runs:
         L.append(f"{r['method']} beta {r['beta']:g} {r['schedule']} seed {r['seed']} lr {r['lr']:g}: " + "  ".join(
             f"{c['step']}: {c['gold_score_val']:.3f}/{c['kl']:.2f}/{c['anchor_weight']:.3f}" for c in r["checkpoints"])
             + f"  (CPU {r['train_cpu_s']:.0f} + {r['eval_cpu_s']:.0f} s, wall {r['train_s'] + r['eval_s']:.0f} s)")
+    for r in runs:
+        if r["schedule"] == "none":
+            trio = [select(runs, method=r["method"], beta=r["beta"], seed=r["seed"], schedule=s)
+                    for s in ("hard", "soft_every_step")]
+            if all(trio):
+                lines, ok = pilot_gates(r, trio[0][0], trio[1][0], sft_eval["gold_score_val"], kstar, tau)
+                L += [f"{r['method']} beta {r['beta']:g} seed {r['seed']}: " + line for line in lines]
     print("\n".join(L))
     return "\n".join(L)
 
@@ -691,6 +792,17 @@ class Stats:
         draws = np.vstack([self.boot["sft"], self.boot[name]])
         return (1 - w) * vals[i - 1] + w * vals[i], (1 - w) * draws[i - 1] + w * draws[i]
 
+    def frontier(self, runs, k):
+        """Experiment 3's endpoint F(k) for one seed of one arm: of the checkpoints of `runs` (every beta of the
+        arm, that seed) with KL <= k, and the SFT model (KL 0), the one with the highest validation gold (the
+        first of equal ones: SFT, then runs in order, checkpoints in order); its test gold and draws."""
+        best, at = self.val["sft"][0], ("sft", 0)
+        for r in runs:
+            for i, c in enumerate(r["checkpoints"]):
+                if c["kl"] <= k and self.val[run_name(r)][i] > best:
+                    best, at = self.val[run_name(r)][i], (run_name(r), i)
+        return self.test[at[0]][at[1]], self.boot[at[0]][at[1]]
+
     def cell(self, runs, stat):
         """{"mean", "boot", "t", "seeds"} of stat over the runs (seeds) of one cell; None if any run has no value."""
         vals = [stat(r) for r in runs]
@@ -704,8 +816,10 @@ class Stats:
     def delta(self, runs_a, runs_b, stat_a, stat_b=None):
         """stat_a over a minus stat_b over b, paired by seed (the seeds both have, each needing a value), with both
         intervals and classify_both's call: {"delta", "boot", "t", "seeds", "call"}; None without a common seed."""
-        a = {r["seed"]: stat_a(r) for r in runs_a}
-        b = {r["seed"]: (stat_b or stat_a)(r) for r in runs_b}
+        return self.paired({r["seed"]: stat_a(r) for r in runs_a}, {r["seed"]: (stat_b or stat_a)(r) for r in runs_b})
+
+    def paired(self, a, b):
+        """Delta from {seed: (point, draws) or None} of each arm: the seeds both have values for."""
         common = sorted(s for s in set(a) & set(b) if a[s] is not None and b[s] is not None)
         if not common:
             return None
@@ -769,7 +883,8 @@ def save_record(results, runs, sft_eval, cfg, grid, overlap, sittings, prompts):
              "runs": {run_name(r): [c["gold_per_prompt"] for c in r["checkpoints"]] for r in runs}}
     with open(os.path.join(results, "per_prompt.json.gz"), "wb") as f:
         f.write(encode_per_prompt(table))
-    summary = {"experiment": 2, "config": cfg, "grid": grid_json(grid), "main_beta": MAIN_BETA, "overlap": overlap,
+    summary = {"experiment": 3 if "sft_error" in cfg else 2, "config": cfg, "grid": grid_json(grid),
+               "main_beta": MAIN_BETA3 if "sft_error" in cfg else MAIN_BETA, "overlap": overlap,
                "sittings": sittings, "wall_s": sum(x["wall_s"] for x in sittings),
                "sft": {k: v for k, v in sft_eval.items() if k != "gold_per_prompt"}}
     dump_results(os.path.join(results, "results.json"), summary,
@@ -959,6 +1074,23 @@ def report_experiment1(results):
 # experiment 2's report: from the committed results/toy2/ alone (results.json and per_prompt.json.gz)
 
 
+FRONTIER_ARMS = (("frozen", FROZEN), ("hard", ("hard",)), ("soft", ("soft",)), ("TR", PAPER_SCHEDULES),
+                 ("control", (CONTROL,)))
+
+
+def cell_curve(rs, stats):
+    """One cell's seed-mean (KL, test gold) from the SFT model (KL 0) through its checkpoints."""
+    return ([0.0] + seed_mean(rs, "kl"),
+            [stats.test["sft"][0]] + [float(np.mean([stats.test[run_name(r)][i] for r in rs]))
+                                      for i in range(len(rs[0]["checkpoints"]))])
+
+
+def frontier_curves(runs, stats, grid, m, schedules):
+    """The curves of every cell of method m whose schedule is one of `schedules`, at every beta it ran at."""
+    return [cell_curve(rs, stats) for b in grid[m] for s in schedules
+            for rs in [select(runs, method=m, beta=b, schedule=s)] if rs]
+
+
 def tr_betas(grid, m):
     """The betas at which the paper schedules run (the TR betas); the others are the frozen-only ladder."""
     return [b for b, (scheds, _) in grid[m].items() if set(PAPER_SCHEDULES) <= set(scheds)]
@@ -1047,16 +1179,72 @@ def report_experiment2(results):
           "on them):\n", "| method | endpoint | beta | hard − none | soft − none |", "|---|---|---|---|---|"]
     L += secondary + [""]
 
+    L += ["## The frontier: the most gold any beta and checkpoint gives at each KL\n",
+          "Per method and schedule, the upper envelope of the seed-mean test gold against the seed-mean KL over every "
+          "beta the schedule ran at and every checkpoint (each cell's curve runs from the SFT model at KL 0 through "
+          "its checkpoints, linear between them; frontier_at). Frozen: every frozen beta, ladder included; TR: the "
+          "hard and the soft cells together. The last row per method is the KL of the frozen frontier's highest "
+          "checkpoint above 1 nat. The envelopes are the thick lines on gold_vs_kl.png. Seed means only, no "
+          "intervals: a description, not a verdict.\n",
+          "| method | KL | frozen | hard | soft | TR (hard or soft) | control | frozen − TR |",
+          "|---|---|---|---|---|---|---|---|"]
+    for m in grid:
+        env = {name: frontier_curves(runs, stats, grid, m, scheds) for name, scheds in FRONTIER_ARMS}
+        # and where the frozen frontier is highest beyond KL 1 (a vertex: a cell's checkpoint)
+        top = max(((g, k) for kls, golds in env["frozen"] for k, g in zip(kls, golds) if k >= 1), default=None)
+        for k, label in [(k, f"{k:g}") for k in FRONTIER_KL] + ([(top[1], f"{top[1]:.2f} (frozen's best above 1)")]
+                                                               if top else []):
+            f = {name: frontier_at(c, k) for name, c in env.items()}
+            if all(v is None for v in f.values()):
+                continue
+            gap = f"{f['frozen'] - f['TR']:+.3f}" if f["frozen"] is not None and f["TR"] is not None else "—"
+            L.append(f"| {m.upper()} | {label} | " + " | ".join("—" if f[n] is None else f"{f[n]:.3f}"
+                                                            for n, _ in FRONTIER_ARMS) + f" | {gap} |")
+    L.append("")
+
     L += ["## KL reached (the high-KL regime: every schedule should reach 4 nats)\n",
+          f"The SFT model: mean log p(correct answer) {sft['logp_chosen']:.3f} nats on the probe pairs' chosen "
+          f"answers, malformed answers {sft['invalid_test']:.2f} of its test samples.\n",
           "| method | beta | schedule | seeds | KL at the end, seed mean (lowest seed) | reaches 4 (every seed) | "
-          "anchor at the end (DPO, KTO: weight; IPO: h - t) |", "|---|---|---|---|---|---|---|"]
+          "anchor at the end (DPO, KTO: weight; IPO: h - t) | malformed at the end (test) |",
+          "|---|---|---|---|---|---|---|---|"]
     for m in grid:
         for b, (scheds, _) in grid[m].items():
             for s in scheds:
                 rs = select(runs, method=m, beta=b, schedule=s)
                 ends = [r["checkpoints"][-1]["kl"] for r in rs]
                 L.append(f"| {m.upper()} | {b:g} | {s} | {len(rs)} | {np.mean(ends):.2f} ({min(ends):.2f}) | "
-                         f"{'yes' if min(ends) >= 4 else 'no'} | {seed_mean(rs, 'anchor_weight')[-1]:.3f} |")
+                         f"{'yes' if min(ends) >= 4 else 'no'} | {seed_mean(rs, 'anchor_weight')[-1]:.3f} | "
+                         f"{seed_mean(rs, 'invalid_test')[-1]:.2f} |")
+    L.append("")
+
+    peaks = {}
+    for r in runs:
+        step = r["checkpoints"][best_checkpoint(list(stats.val[run_name(r)]))]["step"]
+        peaks[step] = peaks.get(step, 0) + 1
+    L += ["## What the trust-region arms were: distance from the no-anchor control\n",
+          "Runs by the step of their best validation gold: " +
+          ", ".join(f"step {k}: {v}" for k, v in sorted(peaks.items())) + f" (of {len(runs)}). Of the reference updates "
+          f"(after steps {cfg['tau']}, {2 * cfg['tau']}, ...), {sum(1 for t in range(cfg['tau'], max(peaks, key=peaks.get), cfg['tau']))} "
+          f"acts before the step-{max(peaks, key=peaks.get)} peak. Per schedule at the main beta, against the control (soft_every_step) and the frozen reference: the mean "
+          f"|ln KL - ln KL_control| over the checkpoints after step {cfg['tau']}, the largest |test gold - control's| "
+          "at a checkpoint (seed means), and the anchor against the current reference (DPO, KTO: the mean loss weight,"
+          " 0.5 and 0.25 when it exerts no pull; IPO: mean h - t, -t = -5 with no pull) at the peak step and its "
+          "range after it.\n",
+          "| method | schedule | mean abs Δ ln KL vs control | largest abs Δ gold vs control | "
+          "anchor at the peak step | anchor after it (min-max) |", "|---|---|---|---|---|---|"]
+    peak = steps.index(max(peaks, key=peaks.get))
+    for m in grid:
+        control = select(runs, method=m, beta=main[m], schedule=CONTROL)
+        kl_c, gold_c = cell_curve(control, stats)
+        for s in SCHEDULES:
+            rs = select(runs, method=m, beta=main[m], schedule=s)
+            kl, gold = cell_curve(rs, stats)
+            after = [i + 1 for i, st in enumerate(steps) if st > cfg["tau"]]
+            d_kl = np.mean([abs(math.log(max(kl[i], 0.01)) - math.log(max(kl_c[i], 0.01))) for i in after])
+            a = seed_mean(rs, "anchor_weight")
+            L.append(f"| {m.upper()} | {s} {main[m]:g} | {d_kl:.3f} | {max(abs(x - y) for x, y in zip(gold, gold_c)):.3f}"
+                     f" | {a[peak]:.3f} | {min(a[peak:]):.3f} to {max(a[peak:]):.3f} |")
     L.append("")
 
     L += ["## Every cell\n",
@@ -1119,11 +1307,111 @@ def report_experiment2(results):
     return text
 
 
-COLORS = {"none": "black", "hard": "tab:red", "soft": "tab:blue", "soft_every_step": "tab:gray"}
+# -----------------------------------------------------------------------------
+# experiment 3: the pilot gates and the frontier report (from results/toy3/ alone)
+
+
+def updates_before(peak_step, tau):
+    """Reference updates that act on training before the checkpoint at peak_step: those after steps tau, 2 tau,
+    ... below it (the one after step peak_step itself acts from the next step on)."""
+    return (peak_step - 1) // tau
+
+
+def pilot_gates(frozen, hard, control, sft_val, kstar, tau):
+    """Experiment 3's gates on one seed of the frozen, hard and every-step-control pilots (validation gold and KL
+    only). (1) quality rises with KL: the frozen run's validation gold at KL K* >= at KL 0.5 (its trajectory from
+    the SFT model at KL 0, linear between checkpoints, at its first crossing; at_kl); (2) the hard arm is not the
+    no-anchor control: mean |ln KL_hard - ln KL_control| over the checkpoints after step tau >= 0.1 (match_beta's
+    distance), and >= 4 updates before the frozen run's best validation checkpoint. Returns (lines, passed)."""
+    def gold_at(run, k):
+        kls = [0.0] + [c["kl"] for c in run["checkpoints"]]
+        vals = [sft_val] + [c["gold_score_val"] for c in run["checkpoints"]]
+        where = at_kl(kls, k)
+        return None if where is None else (1 - where[1]) * vals[where[0] - 1] + where[1] * vals[where[0]]
+    g_k, g_half = gold_at(frozen, kstar), gold_at(frozen, 0.5)
+    steps = [c["step"] for c in frozen["checkpoints"]]
+    _, dist = match_beta([c["kl"] for c in hard["checkpoints"]], {0: [c["kl"] for c in control["checkpoints"]]},
+                         steps, tau)
+    peak = steps[best_checkpoint([c["gold_score_val"] for c in frozen["checkpoints"]])]
+    n = updates_before(peak, tau)
+    gate1 = g_k is not None and g_half is not None and g_k >= g_half
+    gate2 = dist >= 0.1 and n >= 4
+    lines = [f"gate 1 (frozen: validation gold at KL K* = {kstar:.2f} >= at KL 0.5): "
+             f"{'—' if g_k is None else f'{g_k:.3f}'} vs {'—' if g_half is None else f'{g_half:.3f}'}: "
+             f"{'pass' if gate1 else 'FAIL'}",
+             f"gate 2 (hard vs every-step control: mean |delta ln KL| after step {tau} >= 0.1, >= 4 updates before "
+             f"the frozen peak): {dist:.3f}, {n} updates before the peak at step {peak}: "
+             f"{'pass' if gate2 else 'FAIL'}"]
+    return lines, gate1 and gate2
+
+
+def report_experiment3(results):
+    """results/toy3/results.md and the plots from results/toy3/results.json and per_prompt.json.gz: the
+    pre-registered endpoints F(K*), F(2 K*) and F(inf), each arm minus frozen, gated by the flipped-label control."""
+    res = json.load(open(os.path.join(results, "results.json")))
+    with open(os.path.join(results, "per_prompt.json.gz"), "rb") as f:
+        table = decode_per_prompt(f.read())
+    runs, cfg, grid, main = res["runs"], res["config"], grid_from_json(res["grid"]), res["main_beta"]
+    stats = Stats(runs, {"sft": table["sft"], **table["runs"]}, table["n_val"])
+    kstar = -res["sft"]["logp_chosen"]
+    L = ["# Experiment 3: the gold-versus-KL frontier where the best policy lies far from SFT\n",
+         f"Model '{cfg['model']}', SFT {cfg['sft_steps']} steps on demonstrations {cfg['sft_error']:.0%} wrong "
+         f"(validation gold {stats.val['sft'][0]:.3f}, test {stats.test['sft'][0]:.3f}); K* = -mean log p_SFT(correct "
+         f"answer) = {kstar:.2f} nats. Every run {cfg['checkpoints'][-1]} steps of 16 pairs, lr "
+         f"{cfg['lr']['dpo']:g}, tau {cfg['tau']}; {len(runs)} runs, wall {res['wall_s'] / 60:.1f} min. The design "
+         "and the rule, fixed before the run: toy_experiment.py's docstring and docs/experiment.md.\n",
+         "F(k): per seed, of every checkpoint of every beta of an arm with KL <= k (and the SFT model), the one with "
+         "the highest validation gold; its test gold. Delta = arm minus frozen, paired by seed and prompt; 95% "
+         "bootstrap CI, then the seed-level t interval; a call needs both. The endpoint gives a verdict only where "
+         "flipped (a frozen reference trained on pairs with flipped labels) is worse than frozen.\n",
+         "| endpoint | frozen | " + " | ".join(f"{a} − frozen" for a in ARMS3) + " | verdict |",
+         "|---|---|" + "---|" * len(ARMS3) + "---|"]
+    for m in grid:
+        arm = lambda s: {seed: [r for r in select(runs, method=m, schedule=s) if r["seed"] == seed]  # noqa: E731
+                         for seed in sorted({r["seed"] for r in runs})}
+        for name, k in ((f"F(K*), K* = {kstar:.2f}", kstar), (f"F(2K*) = F({2 * kstar:.2f})", 2 * kstar),
+                        ("F(inf), the unconstrained peak", math.inf)):
+            f = {s: {seed: stats.frontier(rs, k) for seed, rs in arm(s).items() if rs} for s in ("none",) + ARMS3}
+            vals = list(f["none"].values())
+            base = {"mean": float(np.mean([v[0] for v in vals])),
+                    "boot": percentile_ci(boot_mean(np.array([v[1] for v in vals]), seed_table(len(vals))))}
+            d = {s: stats.paired(f[s], f["none"]) for s in ARMS3}
+            v = ("blind: the flipped-label control is not seen" if d["flipped"]["call"] != "worse"
+                 else method_verdict([d["hard"]["call"], d["soft"]["call"]]))
+            L.append(f"| {m.upper()} {name} | {fmt_boot(base)} | " +
+                     " | ".join(fmt_call(d[s]) for s in ARMS3) + f" | {v} |")
+    L.append("")
+    L += ["## The frontier: the most gold any beta and checkpoint gives at each KL (seed means)\n",
+          "| KL | " + " | ".join(("frozen",) + ARMS3) + " |", "|---|" + "---|" * (1 + len(ARMS3))]
+    for m in grid:
+        env = {s: frontier_curves(runs, stats, grid, m, (s,)) for s in ("none",) + ARMS3}
+        for k in sorted({0.5, 1.0, kstar, 2 * kstar} | set(FRONTIER_KL)):
+            vals = [frontier_at(env[s], k) for s in env]
+            L.append(f"| {k:.2f} | " + " | ".join("—" if v is None else f"{v:.3f}" for v in vals) + " |")
+    L.append("")
+    L += ["## Every cell\n", "| beta | schedule | seeds | best-on-val test gold | end test gold | KL at the end | "
+          "malformed at the end |", "|---|---|---|---|---|---|---|"]
+    for m in grid:
+        for b, (scheds, _) in grid[m].items():
+            for s in scheds:
+                rs = select(runs, method=m, beta=b, schedule=s)
+                if rs:
+                    L.append(f"| {b:g} | {s} | {len(rs)} | {fmt_boot(stats.cell(rs, stats.best))} | "
+                             f"{fmt_boot(stats.cell(rs, stats.end))} | {np.mean([r['checkpoints'][-1]['kl'] for r in rs]):.2f}"
+                             f" | {seed_mean(rs, 'invalid_test')[-1]:.2f} |")
+    pngs = plot(results, runs, stats, grid, main, res["sft"])
+    L += ["", f"Plots: {', '.join(os.path.basename(p) for p in pngs)}." if pngs else "Plots: matplotlib not installed."]
+    text = "\n".join(L) + "\n"
+    with open(os.path.join(results, "results.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+COLORS = {"none": "black", "hard": "tab:red", "soft": "tab:blue", "soft_every_step": "tab:gray", "flipped": "tab:green"}
 
 
 def plot(out, runs, stats, grid, main, sft):
-    """gold_vs_kl.png (seed-mean test gold against seed-mean KL, every cell from the SFT model on), kl_vs_step.png
+    """gold_vs_kl.png (seed-mean test gold against seed-mean KL, every cell from the SFT model on, and the frozen and TR frontiers), kl_vs_step.png
     (the trajectories the mechanism matches, the frozen ladder in grey) and gold_vs_step.png (validation gold)."""
     try:
         import matplotlib
@@ -1161,8 +1449,12 @@ def plot(out, runs, stats, grid, main, sft):
 
     def gold_vs_kl(ax, m):
         for label, color, style, rs in cells(m):
-            ax.plot([0.0] + seed_mean(rs, "kl"), [stats.test["sft"][0]] + [float(np.mean([stats.test[run_name(r)][i]
-                    for r in rs])) for i in range(len(rs[0]["checkpoints"]))], style, color=color, label=label, lw=1.2)
+            ax.plot(*cell_curve(rs, stats), style, color=color, label=label, lw=1.2)
+        for name, color in (("frozen", "black"), ("TR", "tab:purple")):  # the frontiers, read at every vertex
+            curves = frontier_curves(runs, stats, grid, m, dict(FRONTIER_ARMS)[name])
+            ks = sorted({k for kls, _ in curves for k in kls})
+            ax.plot(ks, [frontier_at(curves, k) for k in ks], "-", color=color, lw=4, alpha=0.25,
+                    label=f"frontier: {name}")
 
     def kl_vs_step(ax, m):
         for label, color, style, rs in cells(m):
@@ -1185,16 +1477,19 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")  #
 
 def results_dir(args):
     return args.results_dir or (os.path.join(args.output_dir, "results") if args.quick else
-                                os.path.join(RESULTS, "toy2"))
+                                os.path.join(RESULTS, f"toy{args.experiment}"))
 
 
 def report_all(args):
-    """--report_only: the reports from the committed folders alone: experiment 1's (results/toy) and experiment 2's
-    once it has run; with --quick, the smoke test's folder only."""
-    r2 = results_dir(args)
+    """--report_only: the reports from the committed folders alone: experiment 1's (results/toy), experiment 2's
+    and experiment 3's once it has run; with --quick, the smoke test's folder only."""
+    r2 = results_dir(args) if args.quick or args.experiment == 2 else os.path.join(RESULTS, "toy2")
     parts = [] if args.quick else [report_experiment1(os.path.join(RESULTS, "toy"))]
     if os.path.exists(os.path.join(r2, "results.json")):
         parts.append(report_experiment2(r2))
+    r3 = os.path.join(RESULTS, "toy3")
+    if not args.quick and os.path.exists(os.path.join(r3, "results.json")):  # once experiment 3 has run
+        parts.append(report_experiment3(r3))
     text = "\n".join(parts)
     print(text)
     return text
@@ -1204,8 +1499,40 @@ def report_all(args):
 # main
 
 
+def sft_model(out, cfg, data):
+    """The SFT model's folder, OUT/sft/policy: trained once (sft.py) and reused while done.json holds this
+    configuration's key and policy/ exists. done.json is written only after policy/ is complete, so a stage stopped
+    by a signal (sft.py then saves a checkpoint and returns without policy/) is trained again by the next run."""
+    sft_dir = os.path.join(out, "sft")
+    keys = ("model", "sft_steps", "sft_lr", "n_eval", "sft_rows", "sft_error")
+    sft_key = hashlib.sha1(json.dumps([cfg[k] for k in keys if k in cfg]).encode()).hexdigest()[:12]
+    sft_path, done_path = os.path.join(sft_dir, "policy"), os.path.join(sft_dir, "done.json")
+    if not (os.path.exists(done_path) and json.load(open(done_path)).get("key") == sft_key
+            and os.path.isdir(sft_path)):
+        shutil.rmtree(sft_dir, ignore_errors=True)
+        os.makedirs(sft_dir)
+        with open(os.path.join(sft_dir, "train.log"), "w") as log, redirect_stdout(log), redirect_stderr(log):
+            sft.main(["--model", cfg["model"], "--dataset", data["paths"]["sft"], "--eval_size", str(SCRIPT_EVAL),
+                      "--max_steps", str(cfg["sft_steps"]), "--lr", str(cfg["sft_lr"]), "--lr_schedule", "cosine",
+                      "--warmup_steps", "20", "--batch_size", "32", "--micro_batch_size", "32", "--log_every", "50",
+                      "--eval_every", "0", "--output_dir", sft_dir])
+        if not os.path.isdir(sft_path):  # SIGINT/SIGTERM: sft.py saved a checkpoint and returned without policy/
+            raise SystemExit(f"error: the SFT stage stopped before its last step ({sft_dir}/train.log); nothing is "
+                             "marked done: a rerun trains it again")
+        with open(done_path, "w") as f:  # written only once policy/ is complete
+            json.dump({"key": sft_key}, f)
+    return sft_path
+
+
+
 def main(argv=None):
-    args = get_args(argv)
+    with cli.exit_on_bad_input():  # every bad flag: one error: line, exit code 2, before anything is written
+        args = get_args(argv)
+        pilot = args.betas is not None
+        cli.need(pilot or not (args.lr or args.checkpoints or args.tau),
+                 "--lr, --tau and --checkpoints are pilot flags: give --betas too")
+        cli.need(not args.checkpoints or len(set(args.checkpoints)) == len(args.checkpoints),
+                 "--checkpoints: each step once")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -1216,20 +1543,17 @@ def main(argv=None):
 
 def run(args):
     pilot = args.betas is not None
-    bad = ("--lr and --checkpoints are pilot flags: give --betas too" if (args.lr or args.checkpoints) and not pilot
-           else "--checkpoints: steps must be positive" if args.checkpoints and min(args.checkpoints) < 1 else None)
-    if bad:  # one line, exit code 2, nothing written
-        print(f"error: {bad}", file=sys.stderr)
-        raise SystemExit(2)
     if args.report_only:
         return report_all(args)
-    cfg = dict(QUICK if args.quick else FULL, quick=args.quick)
+    cfg = dict(QUICK if args.quick else FULL3 if args.experiment == 3 else FULL, quick=args.quick)
+    if args.tau is not None:
+        cfg["tau"] = args.tau
     if args.lr is not None:
         cfg["lr"] = dict.fromkeys(SCRIPTS, args.lr)
     if args.checkpoints is not None:
         cfg["checkpoints"] = args.checkpoints
     cfg["checkpoints"] = sorted(cfg["checkpoints"])
-    grid = QUICK_GRID if args.quick else GRID
+    grid = QUICK_GRID if args.quick else GRID3 if args.experiment == 3 else GRID
     if pilot:
         grid = {m: {b: (args.schedules, args.seeds) for b in args.betas} for m in args.methods}
     t0, out = time.time(), args.output_dir
@@ -1242,36 +1566,30 @@ def run(args):
 
     # -------------------------------------------------------------------------
     # 2. SFT, once (kept: a rerun with the same configuration reuses it)
-    sft_dir = os.path.join(out, "sft")
-    sft_key = hashlib.sha1(json.dumps([cfg[k] for k in ("model", "sft_steps", "sft_lr", "n_eval", "sft_rows")]).encode()).hexdigest()[:12]
-    sft_path, done_path = os.path.join(sft_dir, "policy"), os.path.join(sft_dir, "done.json")
-    if not (os.path.exists(done_path) and json.load(open(done_path)).get("key") == sft_key):
-        shutil.rmtree(sft_dir, ignore_errors=True)
-        os.makedirs(sft_dir)
-        with open(os.path.join(sft_dir, "train.log"), "w") as log, redirect_stdout(log), redirect_stderr(log):
-            sft.main(["--model", cfg["model"], "--dataset", data["paths"]["sft"], "--eval_size", str(SCRIPT_EVAL),
-                      "--max_steps", str(cfg["sft_steps"]), "--lr", str(cfg["sft_lr"]), "--lr_schedule", "cosine",
-                      "--warmup_steps", "20", "--batch_size", "32", "--micro_batch_size", "32", "--log_every", "50",
-                      "--eval_every", "0", "--output_dir", sft_dir])
-        with open(done_path, "w") as f:
-            json.dump({"key": sft_key}, f)
+    sft_path = sft_model(out, cfg, data)
     judge = Judge(sft_path, data, cfg)
     sft_eval = {**judge.sft_eval, "logp_chosen": judge.sft_probe["chosen"].mean().item(),
                 "logp_rejected": judge.sft_probe["rejected"].mean().item()}
-    print(f"SFT: val gold {sft_eval['gold_score_val']:.3f} ({time.time() - t0:.0f} s)", flush=True)
+    print(f"SFT: val gold {sft_eval['gold_score_val']:.3f}, K* = -mean log p(correct answer) = "
+          f"{-sft_eval['logp_chosen']:.2f} nats ({time.time() - t0:.0f} s)", flush=True)
 
     # -------------------------------------------------------------------------
     # 3. the runs not finished yet, --workers at a time, each in its own (spawned) process
-    runs_dir = os.path.join(out, "runs") if not pilot else os.path.join(out, "pilots", f"lr{args.lr or 'default'}")
+    runs_dir = (os.path.join(out, "runs") if not pilot else
+                os.path.join(out, "pilots", f"lr{args.lr or 'default'}" + (f"_tau{args.tau}" if args.tau else "")))
     finished = {run_name(r) for r in load_runs(runs_dir, cfg, {m: grid[m] for m in args.methods if m in grid})}
     jobs = [j for j in jobs_of(grid, args.methods) if run_name(j) not in finished]
     print(f"{len(jobs)} runs to do, {len(finished)} finished ones skipped", flush=True)
     work = [(j, cfg, data, sft_path, os.path.join(runs_dir, run_name(j)), args.threads) for j in jobs]
-    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for k, r in enumerate(pool.map(train_and_judge, work)):
-            print(f"[{k + 1}/{len(jobs)}] {run_name(r)}: " + progress(r) + f" ({time.time() - t0:.0f} s)", flush=True)
+    try:
+        with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for k, r in enumerate(pool.map(train_and_judge, work)):
+                print(f"[{k + 1}/{len(jobs)}] {run_name(r)}: " + progress(r) + f" ({time.time() - t0:.0f} s)",
+                      flush=True)
+    except Stopped as e:  # the finished runs are kept; a rerun skips them
+        raise SystemExit(f"error: {e}") from None
     if pilot:  # pilots show validation gold, KL and the anchor only (the docstring says what was looked at)
-        return print_pilot(load_runs(runs_dir, cfg, grid), sft_eval)
+        return print_pilot(load_runs(runs_dir, cfg, grid), sft_eval, cfg["tau"])
 
     # -------------------------------------------------------------------------
     # 4. the committed record (every finished run of the grid, whatever --methods trained now), and the report
@@ -1284,7 +1602,7 @@ def run(args):
     results = results_dir(args)
     save_record(results, load_runs(runs_dir, cfg, grid), sft_eval, cfg, grid, data["overlap"], sittings,
                 data["val"] + data["test"])
-    report = report_experiment2(results)
+    report = (report_experiment3 if "sft_error" in cfg else report_experiment2)(results)
     print(report)
     return report
 

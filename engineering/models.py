@@ -134,6 +134,10 @@ def from_pretrained(name, trust_remote_code=False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     local = os.path.isdir(name)
     what = f"--model {name}"
+    if not local and (os.path.exists(name) or name.startswith(("/", ".", "~")) or name.count("/") > 1):
+        # a path, not a hub id ("name" or "owner/name"): name it as missing instead of asking the hub for it
+        raise InputError(f"{what}: {'not a folder' if os.path.exists(name) else 'no such folder'} "
+                         f"({os.path.abspath(name)})")
     if local and not os.path.isfile(os.path.join(name, "config.json")):
         raise InputError(f"{what}: no config.json in the folder; pass a folder written by save_pretrained (a run's "
                          f"policy/) or a hub id")

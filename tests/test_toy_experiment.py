@@ -177,6 +177,50 @@ def test_match_beta_by_hand():
     assert te.match_beta([0.5], {1.0: [-0.02]}, [32], 16) == (1.0, pytest.approx(math.log(50)))
 
 
+def test_frontier_is_the_upper_envelope_of_the_curves_by_hand():
+    a = ([0.0, 1.0, 3.0], [0.6, 0.8, 0.4])     # rises to KL 1, then falls
+    b = ([0.0, 2.0, 1.5, 4.0], [0.6, 0.5, 0.9, 0.3])  # goes out to KL 2, back to 1.5 (KL need not rise)
+    # KL 0.5: a 0.6 + 0.5 * 0.2 = 0.7; b 0.6 + 0.25 * -0.1 = 0.575 -> 0.7
+    assert te.frontier_at([a, b], 0.5) == pytest.approx(0.7)
+    # KL 1.75: a 0.8 - 0.375 * 0.4 = 0.65; b's segment 0 -> 2: 0.6 - 0.875 * 0.1 = 0.5125; 2 -> 1.5: 0.5 + 0.5 * 0.4
+    # = 0.7; 1.5 -> 4: 0.9 - 0.1 * 0.6 = 0.84 -> 0.84 (every segment that spans the KL counts)
+    assert te.frontier_at([a, b], 1.75) == pytest.approx(0.84)
+    # KL 3.5: only b's last segment, 0.9 - 0.8 * 0.6 = 0.42; beyond every curve: None
+    assert te.frontier_at([a, b], 3.5) == pytest.approx(0.42)
+    assert te.frontier_at([a, b], 5.0) is None
+
+
+def test_experiment3_pilot_gates_by_hand():
+    # updates after steps 8, 16, 24, 32 act before a peak at step 36 (the one after step 36 acts from step 37)
+    assert te.updates_before(36, 8) == 4 and te.updates_before(33, 8) == 4 and te.updates_before(32, 8) == 3
+    run = lambda kls, golds: {"checkpoints": [{"step": s, "kl": k, "gold_score_val": g}  # noqa: E731
+                                              for s, k, g in zip((12, 24, 48), kls, golds)]}
+    frozen = run([0.4, 1.0, 4.0], [0.60, 0.70, 0.75])
+    # gold at KL 0.5: between 0.4 (0.60) and 1.0 (0.70), w = 1/6 -> 0.61667; at K* = 3: between 1.0 and 4.0,
+    # w = 2/3 -> 0.70 + 2/3 * 0.05 = 0.73333 >= 0.61667: pass
+    hard, control = run([0.4, 1.0, 4.0], [0, 0, 0]), run([0.4, math.e ** 0.33, 4.0], [0, 0, 0])
+    # after step 8 all three checkpoints count: |delta ln KL| = 0, 0.33, 0 -> mean 0.11: pass; the frozen peak at
+    # step 48: (48 - 1) // 8 = 5 updates before it
+    lines, ok = te.pilot_gates(frozen, hard, control, 0.5, 3.0, 8)
+    assert ok and "0.733 vs 0.617: pass" in lines[0] and "0.110, 5 updates before the peak at step 48: pass" in lines[1]
+    # K* beyond the frozen run's KL: gate 1 fails; tau 16 leaves 2 updates before step 48: gate 2 fails
+    assert not te.pilot_gates(frozen, hard, control, 0.5, 5.0, 8)[1]
+    assert not te.pilot_gates(frozen, hard, control, 0.5, 3.0, 16)[1]
+
+
+def test_experiment3_frontier_picks_on_validation_within_the_kl_budget():
+    runs = [{"method": "dpo", "beta": b, "schedule": "none", "seed": 0,
+             "checkpoints": [{"kl": k} for k in kls]} for b, kls in ((1.0, [0.5, 2.0]), (0.1, [1.0, 5.0]))]
+    # per-prompt gold (x 120), 1 validation and 1 test prompt: SFT val 60; beta 1: 90, 100; beta 0.1: 80, 120
+    gold = {"sft": [60, 30], "dpo_beta1_none_seed0": [[90, 12], [100, 24]],
+            "dpo_beta0.1_none_seed0": [[80, 36], [120, 48]]}
+    stats = te.Stats(runs, gold, 1)
+    assert stats.frontier(runs, 0.1)[0] == pytest.approx(30 / 120)    # only the SFT model within KL 0.1
+    assert stats.frontier(runs, 1.0)[0] == pytest.approx(12 / 120)    # val 90 (KL 0.5) beats 80 (KL 1.0)
+    assert stats.frontier(runs, 2.0)[0] == pytest.approx(24 / 120)    # val 100 at KL 2.0
+    assert stats.frontier(runs, math.inf)[0] == pytest.approx(48 / 120)  # val 120 at KL 5.0
+
+
 def test_mechanism_reading():
     nd = te.NO_DIFF
     assert te.mechanism_reading(nd, "worse").startswith("nothing to explain")
@@ -288,6 +332,49 @@ def test_eval_prompts_are_held_out_of_all_training_data(tmp_path):
     assert len(rows["pairs"]) == 384 + te.SCRIPT_EVAL and len(rows["sft"]) == 2000 + te.SCRIPT_EVAL
     assert data["probe"] == rows["pairs"][:cfg["probe"]]  # the probe pairs are training pairs
     assert te.make_data(str(tmp_path / "again"), cfg)["val"] == data["val"]  # deterministic
+
+# -----------------------------------------------------------------------------
+# bad input and interrupted stages
+
+
+@pytest.mark.parametrize("flags", [
+    ["--threads", "0"], ["--workers", "0"], ["--workers", "-1"], ["--seeds", "0"],
+    ["--betas", "-0.1"], ["--betas", "0.1", "0"], ["--betas", "nan"], ["--betas", "0.1", "--lr", "0"],
+    ["--betas", "0.1", "--checkpoints", "0", "4"], ["--betas", "0.1", "--checkpoints", "4", "4"],
+    ["--lr", "1e-4"],  # a pilot flag without --betas
+])
+def test_bad_flags_are_one_error_line_before_anything_is_written(tmp_path, capsys, flags):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        te.main(flags + ["--output_dir", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert not out.exists()  # checked before the data and the SFT stage
+
+
+def test_sft_stage_is_trained_again_when_its_policy_is_missing(tmp_path):
+    """A done.json without policy/ (what a stage stopped by Ctrl-C left behind) is not trusted: the SFT model is
+    trained again, and done.json written after policy/."""
+    cfg = dict(te.QUICK, sft_steps=2)
+    data = te.make_data(str(tmp_path), cfg)
+    path = te.sft_model(str(tmp_path), cfg, data)
+    assert os.path.isfile(os.path.join(path, "config.json"))
+    shutil.rmtree(path)
+    assert te.sft_model(str(tmp_path), cfg, data) == path and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def test_a_missing_local_model_folder_is_named_as_missing(tmp_path):
+    from engineering.cli import InputError
+    from engineering.models import load_model
+    missing = str(tmp_path / "out" / "toy2" / "sft" / "policy")
+    with pytest.raises(InputError, match="no such folder") as e:
+        load_model(missing)
+    assert "hub" not in str(e.value)
+    with pytest.raises(InputError, match="no such folder"):
+        load_model("./policy")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="not a folder"):
+        load_model(str(tmp_path / "file"))
 
 # -----------------------------------------------------------------------------
 # the pipeline (starts worker processes and trains: slow)
