@@ -31,7 +31,7 @@ import torch
 
 from common import (Metrics, collate_unpaired, global_batch, make_optimizer, rank_micro_batches, to_device,
                     tokenize_rows, total_steps)
-from engineering import cli, data, logger, models, parallel, speed
+from engineering import chat, cli, data, logger, models, parallel, speed
 from engineering.run import Run, launch
 
 
@@ -53,7 +53,10 @@ def train_loop(args, d):
     train_rows, eval_rows = data.load_sft(args.dataset, args.eval_size, args.seed, args.skip_bad_rows)
     model, tokenizer = models.load_model(args.model, args.seed, args.trust_remote_code, args.gradient_checkpointing,
                                          args.lora_r, args.lora_alpha, args.lora_targets, args.base_dtype)
-    tok = lambda rows: tokenize_rows(tokenizer, rows, ("completion",), args.max_length, args.max_prompt_length)  # noqa: E731
+    keys = ("completion",)
+    # chat-format rows are first rendered as text by the model's chat template (engineering/chat.py)
+    tok = lambda rows: tokenize_rows(tokenizer, chat.render_rows(tokenizer, rows, keys), keys, args.max_length,  # noqa: E731
+                                     args.max_prompt_length)
     train, evals = tok(train_rows), tok(eval_rows)
     eval_batches = parallel.eval_micro_batches(len(evals), d, args.micro_batch_size)  # this rank's share
     num_steps = total_steps(len(train), args.batch_size, args.max_steps, args.epochs)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from common import (Metrics, global_batch, make_optimizer, make_reference, rank_micro_batches, to_device, tokenize_rows,
                     total_steps, update_alpha, update_reference)
-from engineering import cli, data, logger, models, parallel, speed
+from engineering import chat, cli, data, logger, models, parallel, speed
 from engineering.run import Run, launch
 
 # -----------------------------------------------------------------------------
@@ -75,7 +75,10 @@ def train_loop(args, d):
     train_rows, eval_rows = data.load_preferences(args.dataset, args.eval_size, args.seed, args.skip_bad_rows)
     model, tokenizer = models.load_model(args.model, args.seed, args.trust_remote_code, args.gradient_checkpointing,
                                          args.lora_r, args.lora_alpha, args.lora_targets, args.base_dtype)
-    tok = lambda rows: tokenize_rows(tokenizer, rows, ("chosen", "rejected"), args.max_length, args.max_prompt_length)  # noqa: E731
+    keys = ("chosen", "rejected")
+    # chat-format rows are first rendered as text by the model's chat template (engineering/chat.py)
+    tok = lambda rows: tokenize_rows(tokenizer, chat.render_rows(tokenizer, rows, keys), keys, args.max_length,  # noqa: E731
+                                     args.max_prompt_length)
     train, evals = tok(train_rows), tok(eval_rows)
     eval_batches = parallel.eval_micro_batches(len(evals), d, args.micro_batch_size)  # this rank's share of the eval pairs
     num_steps = total_steps(len(train), args.batch_size, args.max_steps, args.epochs)
@@ -149,6 +152,7 @@ def train_loop(args, d):
         alpha = update_alpha(done, args.ref_update, args.alpha, args.tau)
         if alpha:
             update_reference(ref, model, alpha)
+            run.reference_updated(done)  # counted for the log
 
         # log, evaluate and checkpoint on their intervals
         if done % args.log_every == 0 or done == num_steps:

@@ -34,7 +34,7 @@ import torch
 
 from common import (Metrics, all_reduce_sum, collate_unpaired, global_batch, make_optimizer, make_reference,
                     rank_micro_batches, to_device, tokenize_rows, total_steps, truncate, update_alpha, update_reference)
-from engineering import cli, data, logger, models, parallel, speed
+from engineering import chat, cli, data, logger, models, parallel, speed
 from engineering.run import Run, launch
 
 # -----------------------------------------------------------------------------
@@ -120,7 +120,8 @@ def eval_set(evals, d, micro_batch_size, max_length, max_prompt_length):
 
 def tokenize_examples(tokenizer, rows, max_length, max_prompt_length):
     """common.tokenize_rows for unpaired rows: {"prompt": ids, "completion": ids + [EOS], "label": bool}."""
-    ids = tokenize_rows(tokenizer, rows, ("completion",), max_length, max_prompt_length)
+    ids = tokenize_rows(tokenizer, chat.render_rows(tokenizer, rows, ("completion",)), ("completion",), max_length,
+                        max_prompt_length)  # chat-format rows rendered as text first (engineering/chat.py)
     return [{**t, "label": r["label"]} for t, r in zip(ids, rows)]
 
 
@@ -249,6 +250,7 @@ def train_loop(args, d):
         alpha = update_alpha(done, args.ref_update, args.alpha, args.tau)
         if alpha:
             update_reference(ref, model, alpha)
+            run.reference_updated(done)  # counted for the log
 
         # log, evaluate and checkpoint on their intervals
         if done % args.log_every == 0 or done == num_steps:

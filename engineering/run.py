@@ -12,7 +12,7 @@ import shutil
 
 import torch
 
-from common import cleanup_distributed, setup_distributed, update_alpha
+from common import cleanup_distributed, setup_distributed
 from engineering import adapters
 from engineering.checkpoint import (CHANGEABLE, Preemption, check_finite, check_resume, clear_run, exit_on_lost_rank,
                                     find_checkpoint, load_checkpoint, nonfinite_weights, release_folders, run_flags,
@@ -64,7 +64,8 @@ class Run:
         small = d.device.type == "cpu" and sum(p.numel() for p in model.parameters()) < SMALL
         if args.threads or small:  # a small model's matrices are too small to split; a busy core would stall it
             torch.set_num_threads(args.threads or 1)
-        self.start, self.state = 0, {"skipped_steps": 0}  # state: what checkpoints keep besides the weights
+        # state: what checkpoints keep besides the weights; the reference updates are counted as they happen
+        self.start, self.state = 0, {"skipped_steps": 0, "ref_updates": 0, "last_ref_update": 0}
         self.saved, self.record, loaded = None, None, None  # the step checkpoint/ holds; run.json's fields
         if args.resume:
             loaded = self.resume()
@@ -78,7 +79,8 @@ class Run:
         need(self.num_steps >= rec["step"], f"--resume: {path} is at step {rec['step']}, beyond this run's "
                                             f"{self.num_steps} steps; raise --max_steps (or --epochs) to continue it")
         peaks = [g["initial_lr"] for g in self.opt.param_groups]  # this run's --lr
-        self.start, self.state = load_checkpoint(path, self.d, self.model, self.ref, self.opt, self.sched)
+        self.start, loaded = load_checkpoint(path, self.d, self.model, self.ref, self.opt, self.sched)
+        self.state.update(loaded)
         self.sched.base_lrs = peaks  # what LambdaLR multiplies by its factor at every step from here on
         for g, peak, factor in zip(self.opt.param_groups, peaks, self.sched.lr_lambdas):
             g["initial_lr"], g["lr"] = peak, peak * factor(self.sched.last_epoch)  # as LambdaLR.step sets it
@@ -142,10 +144,15 @@ class Run:
         tokens_per_s, s_per_step = self.logger.rates(record["tokens"], step)
         record.update(tokens_per_s=tokens_per_s, s_per_step=s_per_step, lr=lr)
         if self.ref is not None:
-            a = self.args
-            updates = [s for s in range(1, step + 1) if update_alpha(s, a.ref_update, a.alpha, a.tau)]
-            record.update(ref_updates=len(updates), steps_since_ref_update=step - (updates[-1] if updates else 0))
+            record.update(ref_updates=self.state["ref_updates"],
+                          steps_since_ref_update=step - self.state["last_ref_update"])
         self.logger.log(step, record)
+
+    def reference_updated(self, step):
+        """Count a reference update made after optimizer step `step`, for the log (ref_updates,
+        steps_since_ref_update) and the summary; checkpoints keep the count."""
+        self.state["ref_updates"] += 1
+        self.state["last_ref_update"] = step
 
     def log_eval(self, step, record):
         self.logger.log(step, record)
