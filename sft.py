@@ -34,6 +34,11 @@ from common import (Metrics, collate_unpaired, global_batch, make_optimizer, ran
 from engineering import chat, cli, data, logger, models, parallel, speed
 from engineering.run import Run, launch
 
+# what a run shows (metrics.jsonl holds every metric logged): the progress bar's keys, and the metrics plotted in
+# curves.png and summed up at the end, train and eval
+SHOW = ("loss", "eval_loss")
+PLOT = ("loss",)
+
 
 def get_args(argv=None):
     p = cli.ArgumentParser(__doc__)  # --help shows the defaults; a bad flag is one line, exit code 2
@@ -67,7 +72,7 @@ def train_loop(args, d):
     model.to(d.device).train()
     policy, policy_lm, _ = parallel.wrap_models(model, None, d, args.fsdp)
     opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.warmup_steps, args.lr_schedule, num_steps)
-    run = Run(args, d, model, None, opt, sched, num_steps)  # metrics.jsonl, checkpoint/ (and --resume), policy/
+    run = Run(args, d, model, None, opt, sched, num_steps, SHOW)  # metrics.jsonl, checkpoint/ (and --resume), policy/
 
     def sft_batch(examples, metrics, lm):
         """Summed response log-probs (B,) of a micro-batch; its token-mean NLL is logged as `loss`."""
@@ -123,7 +128,7 @@ def train_loop(args, d):
 
     # -------------------------------------------------------------------------
     # policy/ (save_pretrained + tokenizer), curves.png; the summary on stdout
-    run.finish(tokenizer, ("loss",))
+    run.finish(tokenizer, PLOT)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,11 @@ from common import (Metrics, global_batch, make_optimizer, make_reference, rank_
 from engineering import chat, cli, data, logger, models, parallel, speed
 from engineering.run import Run, launch
 
+# what a run shows (metrics.jsonl holds every metric logged): the progress bar's keys, and the metrics plotted in
+# curves.png and summed up at the end, train and eval
+SHOW = ("loss", "reward_accuracy", "logps_margin", "ref_updates", "eval_loss", "eval_reward_accuracy")
+PLOT = ("loss", "reward_accuracy", "reward_margin", "logps_margin")
+
 # -----------------------------------------------------------------------------
 # the loss
 
@@ -99,7 +104,7 @@ def train_loop(args, d):
     policy, policy_lm, ref_lm = parallel.wrap_models(model, ref, d, args.fsdp, logps_fn)
     opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.warmup_steps, args.lr_schedule, num_steps)
     amp = lambda: models.autocast(args.dtype, d.device)  # noqa: E731  (--dtype)
-    run = Run(args, d, model, ref, opt, sched, num_steps)  # metrics.jsonl, checkpoint/ (and --resume), outputs
+    run = Run(args, d, model, ref, opt, sched, num_steps, SHOW)  # metrics.jsonl, checkpoint/ (and --resume), outputs
     # the initial reference's eval log-probs, once: eval_init_* score against them, comparable over time
     init_ref_logps = run.initial("init_ref_logps", lambda: parallel.example_logps(
         ref_lm, evals, eval_batches, collate, tokenizer.pad_token_id, 2, d.device, amp))
@@ -174,7 +179,7 @@ def train_loop(args, d):
 
     # -------------------------------------------------------------------------
     # policy/ and reference/ (save_pretrained + tokenizer), curves.png; the summary on stdout
-    run.finish(tokenizer, ("loss", "reward_accuracy", "reward_margin", "logps_margin"))
+    run.finish(tokenizer, PLOT)
 
 
 if __name__ == "__main__":

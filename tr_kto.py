@@ -37,6 +37,11 @@ from common import (Metrics, all_reduce_sum, collate_unpaired, global_batch, mak
 from engineering import chat, cli, data, logger, models, parallel, speed
 from engineering.run import Run, launch
 
+# what a run shows (metrics.jsonl holds every metric logged): the progress bar's keys, and the metrics plotted in
+# curves.png and summed up at the end, train and eval
+SHOW = ("loss", "logps_margin", "kl", "ref_updates", "eval_loss")
+PLOT = ("loss", "reward_margin", "logps_margin", "kl")
+
 # -----------------------------------------------------------------------------
 # the loss and its reference point
 
@@ -186,7 +191,7 @@ def train_loop(args, d):
     policy, policy_lm, ref_lm = parallel.wrap_models(model, ref, d, args.fsdp)
     opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.warmup_steps, args.lr_schedule, num_steps)
     amp = lambda: models.autocast(args.dtype, d.device)  # noqa: E731  (--dtype)
-    run = Run(args, d, model, ref, opt, sched, num_steps)  # metrics.jsonl, checkpoint/ (and --resume), outputs
+    run = Run(args, d, model, ref, opt, sched, num_steps, SHOW)  # metrics.jsonl, checkpoint/ (and --resume), outputs
     # the initial reference's log-probs of the eval examples and of their pairs (2, len(evals)), once
     init_ref_logps = run.initial("init_ref_logps", lambda: torch.cat([parallel.example_logps(
         ref_lm, examples, eval_batches, collate_unpaired, pad, 1, d.device, amp) for examples in (evals, eval_pairs)]))
@@ -264,7 +269,7 @@ def train_loop(args, d):
 
     # -------------------------------------------------------------------------
     # policy/ and reference/ (save_pretrained + tokenizer), curves.png; the summary on stdout
-    run.finish(tokenizer, ("loss", "reward_margin", "logps_margin", "kl"))
+    run.finish(tokenizer, PLOT)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """
 What a training script's main() and loop call around the step, so that the step itself is all the script shows:
 launch() (flags, torch.distributed, the CPU thread count, the one-line exits) and Run, one run's bookkeeping:
-its output folder (metrics.jsonl and the progress bar, checkpoint/ and --resume, the final policy/ and
+its output folder (metrics.jsonl and the progress bar with the keys the script shows, checkpoint/ and --resume, the final policy/ and
 reference/, curves.png), the gradient clip with its non-finite guard, and preemption.
 
 Nothing here changes what a step computes. A reader learning the methods can skip this file; read it to change
@@ -58,7 +58,7 @@ class Run:
     one run per folder), --overwrite clears the earlier run's files, and --resume moves the checkpoint it loaded
     into checkpoint/ when a save was killed before doing so."""
 
-    def __init__(self, args, d, model, ref, opt, sched, num_steps):
+    def __init__(self, args, d, model, ref, opt, sched, num_steps, show=()):
         self.args, self.d, self.model, self.ref, self.opt, self.sched = args, d, model, ref, opt, sched
         self.num_steps, self.out = num_steps, args.output_dir
         small = d.device.type == "cpu" and sum(p.numel() for p in model.parameters()) < SMALL
@@ -70,7 +70,7 @@ class Run:
         if args.resume:
             loaded = self.resume()
         take_folder(self.out, d, lambda: self.own_folder(loaded))
-        self.logger, self.preemption = Logger(self.out, d.master, self.start, num_steps), Preemption(d)
+        self.logger, self.preemption = Logger(self.out, d.master, self.start, num_steps, show), Preemption(d)
 
     def resume(self):
         """Load the checkpoint (checked against the flags in launch); a new --lr takes effect from here, the
@@ -190,12 +190,12 @@ class Run:
 
     def finish(self, tokenizer, keys):
         """policy/ and reference/ (save_pretrained, with the tokenizer; peft adapter folders with --lora_r, and
-        policy_merged/ with --save_merged), curves.png, and the summary on stdout with the last train and eval
-        values of `keys`."""
+        policy_merged/ with --save_merged), curves.png with a panel per key of `keys`, and the summary on stdout
+        with their last train and eval values."""
         self.logger.close()
         try:
             written = save_final(self.out, self.d, self.model, self.ref, tokenizer, self.args.save_merged)
         except OSError as e:
             raise SystemExit(f"error: cannot write the final weights into {self.out} ({e}); {self.kept()}") from None
-        png = plot_curves(os.path.join(self.out, "metrics.jsonl")) if self.d.master else None  # None: no matplotlib
+        png = plot_curves(os.path.join(self.out, "metrics.jsonl"), panels=keys) if self.d.master else None  # None: no matplotlib
         self.logger.summary(keys, tuple(written) + ("metrics.jsonl",) + (("curves.png",) if png else ()))
