@@ -8,9 +8,9 @@ Conventions (stated here once, pinned by tests/test_common.py):
 - Prompt boundary. A prompt is text; a response is the text the model is trained on. For Anthropic HH the
   prompt is the dialogue up to and including the last "\n\nAssistant:" that chosen and rejected share
   (see split_hh). Prompt and response are tokenised separately, without special tokens, and EOS is appended
-  to every text response, so the model learns to stop. A chat-format row is first rendered as text by the
-  tokenizer's chat template (engineering/chat.py: the prompt ends with the assistant header) and gets no EOS: the
-  template ends every turn with its own end-of-turn token.
+  to every text response, so the model learns to stop. A chat-format row reaches tokenize_rows rendered as text by
+  the tokenizer's chat template (engineering/chat.py, render_rows: the prompt ends with the assistant header) and
+  marked to get no EOS: the template ends every turn with its own end-of-turn token.
 - Masking. build_sequence() is the one place where prompt tokens get label -100; padding gets -100 in
   pad_sequences(). Nothing else masks, and nothing depends on a chat template's token count.
 - Truncation (truncate()). If prompt + longest response exceeds max_length, the prompt keeps its last
@@ -35,10 +35,18 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from engineering import adapters
-from engineering.chat import is_chat, render_chat
-from engineering.cli import DataError, InputError
-from engineering.logits import own_logits
+
+# -----------------------------------------------------------------------------
+# errors: a bad input ends the run with one `error:` line and exit code 2 (engineering/cli.py, exit_on_bad_input)
+
+
+class InputError(ValueError):
+    """A mistake in what the user gave: a flag, a file or a row (DataError), a model or dataset that cannot be
+    fetched."""
+
+
+class DataError(InputError):
+    """A bad file or row; the message names the file, the row and the field (engineering/data.py)."""
 
 # -----------------------------------------------------------------------------
 # distributed set-up: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain `python` is one process
@@ -91,10 +99,11 @@ def barrier():
 
 
 def make_reference(policy, dtype=torch.float32):
-    """A frozen copy of the policy, in `dtype`, always in eval mode. For a LoRA policy (--lora_r) the reference is
-    an adapter on the policy's own frozen base instead (engineering/adapters.py): no second model."""
-    if adapters.has_adapters(policy):
-        return adapters.make_reference(policy)
+    """A frozen copy of the policy, in `dtype`, always in eval mode. A LoRA policy (--lora_r) carries its own maker,
+    policy.lora_reference(): the reference is then an adapter on the policy's own frozen base, no second model
+    (engineering/adapters.py)."""
+    if hasattr(policy, "lora_reference"):
+        return policy.lora_reference()
     ref = copy.deepcopy(policy).to(dtype).eval()
     ref.requires_grad_(False)
     return ref
@@ -108,10 +117,10 @@ def update_reference(ref_model, policy_model, alpha):
     reference kept in a lower precision than the policy (--ref_dtype bfloat16) is updated in float32 and rounded
     once. No communication: under DDP each rank updates its own full copy from identical weights; under FSDP
     policy and reference are sharded alike and each rank updates its own shards (DTensor.to_local()). A LoRA
-    reference gets the same update of the adapted weights, exactly, from adapters.update_reference.
+    reference (--lora_r) makes the same update of the adapted weights itself, exactly: ref_model.update_towards.
     """
-    if isinstance(ref_model, adapters.AdapterReference):
-        return adapters.update_reference(ref_model, policy_model, alpha)
+    if hasattr(ref_model, "update_towards"):  # a LoRA reference: its adapter updated exactly, adapters.py
+        return ref_model.update_towards(policy_model, alpha)
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731  (FSDP2 parameters are DTensors)
     ref = dict(ref_model.named_parameters())
     for name, p in policy_model.named_parameters():
@@ -119,13 +128,41 @@ def update_reference(ref_model, policy_model, alpha):
         r.copy_(r.float().lerp_(local(p).float(), alpha))  # lerp: r + alpha * (p - r); float() is r itself in fp32
 
 
+# The reference schedules, by their --ref_update name (cli.py takes its choices from here): each maps the number of
+# optimizer steps done, tau and --alpha to the weight of the update after that step, 0 for none. A new schedule (a
+# decaying alpha, say) is one more function here with its @ref_schedule name, and a test of its values.
+REF_SCHEDULES = {}
+
+
+def ref_schedule(name):
+    def register(fn):
+        REF_SCHEDULES[name] = fn
+        return fn
+    return register
+
+
+@ref_schedule("soft")
+def soft_schedule(step, tau, alpha):
+    """alpha after every tau-th step."""
+    return alpha if step % tau == 0 else 0.0
+
+
+@ref_schedule("hard")
+def hard_schedule(step, tau, alpha):
+    """1 (a copy of the policy) after every tau-th step."""
+    return 1.0 if step % tau == 0 else 0.0
+
+
+@ref_schedule("none")
+def frozen_schedule(step, tau, alpha):
+    """Never: the plain method, its reference frozen at the initial model."""
+    return 0.0
+
+
 def update_alpha(step, mode, alpha, tau):
-    """The alpha of the reference update after optimizer step `step` (counted from 1), or 0 for no update: every
-    tau-th step, first after step tau, never at step 0; 1 for --ref_update hard, alpha for soft. A new schedule (a
-    decaying alpha, say) is an edit here."""
-    if mode == "none" or step == 0 or step % tau:
-        return 0.0
-    return 1.0 if mode == "hard" else alpha
+    """The alpha of the reference update after optimizer step `step` (counted from 1) under --ref_update `mode`, or 0
+    for no update; never at step 0."""
+    return REF_SCHEDULES[mode](step, tau, alpha) if step > 0 else 0.0
 
 # -----------------------------------------------------------------------------
 # data: rows of {"prompt", "chosen", "rejected"} text (engineering/data.py loads them); the HH prompt boundary
@@ -161,10 +198,10 @@ def truncate(prompt_ids, responses, max_length, max_prompt_length):
 
 
 def tokenize_rows(tokenizer, rows, response_keys, max_length, max_prompt_length):
-    """Tokenise rows once, up front: {"prompt": ids, key: ids + [EOS] for key in response_keys}, truncated. A
-    chat-format row is rendered by the chat template first, and its responses get no EOS (see the docstring)."""
-    chat = [is_chat(r) for r in rows]
-    rows = [render_chat(tokenizer, r, response_keys) if c else r for r, c in zip(rows, chat)]
+    """Tokenise text rows once, up front: {"prompt": ids, key: ids + [EOS] for key in response_keys}, truncated. A
+    row marked "eos": False gets no EOS: a chat-format row, which engineering/chat.py's render_rows has rendered by
+    the chat template, whose end-of-turn token ends every response already (see the module docstring)."""
+    chat = [not r.get("eos", True) for r in rows]
     # a text of more than `cap` characters holds more than 4 x max_length tokens (none spans more characters than
     # the longest in the vocabulary), so it is cut to them before it is tokenised (the prompt's end, a response's
     # start): the same tokens survive truncate(), and a 200 MB row is not tokenised whole
@@ -185,7 +222,7 @@ def tokenize_rows(tokenizer, rows, response_keys, max_length, max_prompt_length)
     resp = {k: enc(k, lambda t: t[:cap]) for k in response_keys}
     out = []
     for i, p in enumerate(prompts):
-        eos = [] if chat[i] else [tokenizer.eos_token_id]
+        eos = [tokenizer.eos_token_id] if rows[i].get("eos", True) else []
         p, rs = truncate(p, [resp[k][i] + eos for k in response_keys], max_length, max_prompt_length)
         out.append({"prompt": p, **dict(zip(response_keys, rs))})
     return out
@@ -233,16 +270,30 @@ def to_device(batch, device):
 # sequence log-probs
 
 
+def keep_mask(positions, shape):
+    """The flat positions n * T + t as an (N, T) boolean mask: hidden[mask] lists them in ascending order, as
+    `positions` (from nonzero()) are."""
+    keep = torch.zeros(shape[0] * shape[1], dtype=torch.bool, device=positions.device)
+    return keep.index_fill_(0, positions, True).view(shape)
+
+
 def response_logits(model, input_ids, attention_mask, positions):
-    """(M, V) logits at the M flat positions n * T + t (ascending) that predict a response token: the model's body,
-    then its LM head on those M hidden states only, never full-vocabulary logits over prompts and padding. That is
-    the model's own computation only if its forward does nothing after the head: load_model checks that once per
-    model (engineering/logits.py), and any other model (Gemma-2's soft-cap, Granite's scaling, ...) gets its own
-    forward instead."""
-    if getattr(model, "logps_path", None) != "head":
-        return own_logits(model, input_ids, attention_mask, positions)  # exact for any model
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return model.get_output_embeddings()(hidden.flatten(0, 1).index_select(0, positions))
+    """(M, V) logits at the M flat positions n * T + t (ascending) that predict a response token, computed as
+    model.logps_path says. The loader decides it once per model, by a probe against the model's own forward
+    (engineering/logits.py); a model nobody checked gets "forward", exact for any model.
+        "head"          the model's body, then its LM head on those M hidden states only: never full-vocabulary
+                        logits over prompts and padding; only where the forward does nothing after the head
+        "forward_keep"  the model's own forward with logits only at those positions (logits_to_keep, a mask)
+        "forward"       the model's own forward, logits at every position, then those rows"""
+    path = getattr(model, "logps_path", "forward")
+    if path == "head":
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return model.get_output_embeddings()(hidden.flatten(0, 1).index_select(0, positions))
+    if path == "forward_keep":
+        keep = keep_mask(positions, input_ids.shape)
+        return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return logits.flatten(0, 1).index_select(0, positions)
 
 
 def summed_logps(logits, targets, rows, n):

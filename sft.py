@@ -32,8 +32,13 @@ import torch
 
 from common import (Metrics, collate_unpaired, global_batch, make_optimizer, rank_micro_batches, to_device,
                     tokenize_rows, total_steps)
-from engineering import cli, data, logger, models, parallel, speed
+from engineering import chat, cli, data, logger, models, parallel, speed
 from engineering.run import Run, launch
+
+# what a run shows (metrics.jsonl holds every metric logged): the progress bar's keys, and the metrics plotted in
+# curves.png and summed up at the end, train and eval
+SHOW = ("loss", "eval_loss")
+PLOT = ("loss",)
 
 
 def get_args(argv=None):
@@ -54,7 +59,10 @@ def train_loop(args, d):
     train_rows, eval_rows = data.load_sft(args.dataset, args.eval_size, args.seed, args.skip_bad_rows)
     model, tokenizer = models.load_model(args.model, args.seed, args.trust_remote_code, args.gradient_checkpointing,
                                          args.lora_r, args.lora_alpha, args.lora_targets, args.base_dtype)
-    tok = lambda rows: tokenize_rows(tokenizer, rows, ("completion",), args.max_length, args.max_prompt_length)  # noqa: E731
+    keys = ("completion",)
+    # chat-format rows are first rendered as text by the model's chat template (engineering/chat.py)
+    tok = lambda rows: tokenize_rows(tokenizer, chat.render_rows(tokenizer, rows, keys), keys, args.max_length,  # noqa: E731
+                                     args.max_prompt_length)
     train, evals = tok(train_rows), tok(eval_rows)
     eval_batches = parallel.eval_micro_batches(len(evals), d, args.micro_batch_size)  # this rank's share
     num_steps = total_steps(len(train), args.batch_size, args.max_steps, args.epochs)
@@ -65,7 +73,7 @@ def train_loop(args, d):
     model.to(d.device).train()
     policy, policy_lm, _ = parallel.wrap_models(model, None, d, args.fsdp)
     opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.warmup_steps, args.lr_schedule, num_steps)
-    run = Run(args, d, model, None, opt, sched, num_steps)  # metrics.jsonl, checkpoint/ (and --resume), policy/
+    run = Run(args, d, model, None, opt, sched, num_steps, SHOW)  # metrics.jsonl, checkpoint/ (and --resume), policy/
 
     def sft_batch(examples, metrics, lm):
         """Summed response log-probs (B,) of a micro-batch; its token-mean NLL is logged as `loss`."""
@@ -120,7 +128,7 @@ def train_loop(args, d):
 
     # -------------------------------------------------------------------------
     # policy/ (save_pretrained + tokenizer), curves.png; the summary on stdout
-    run.finish(tokenizer, ("loss",))
+    run.finish(tokenizer, PLOT)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from common import update_alpha, update_reference
+import common
+from common import InputError, update_alpha, update_reference
+from engineering.cli import ArgumentParser, add_common_args
 from tr_dpo import dpo_loss
 from tr_ipo import ipo_loss, logps_for_loss
 from tr_kto import kto_loss
@@ -111,6 +113,30 @@ def test_schedule_first_update_at_step_tau():
     assert [update_alpha(s, "hard", 0.6, 4) for s in range(0, 11)] == [0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0]
     assert [update_alpha(s, "hard", 0.6, 1) for s in range(0, 4)] == [0, 1, 1, 1]
     assert not any(update_alpha(s, "none", 0.6, 1) for s in range(0, 11))
+
+
+def test_a_new_schedule_is_one_function():
+    # a schedule registered in common.py is a --ref_update choice at once, and update_alpha runs it: here alpha
+    # halves at every update, tau = 2, alpha 0.8: after step 2 (update 1) 0.8, step 4 (update 2) 0.4, step 6 0.2
+    @common.ref_schedule("halving")
+    def halving(step, tau, alpha):
+        return alpha / 2 ** (step // tau - 1) if step % tau == 0 else 0.0
+    parse = lambda argv: add_common_args(ArgumentParser(""), "tr_dpo").parse_args(argv)  # noqa: E731
+    try:
+        assert parse(["--ref_update", "halving"]).ref_update == "halving"
+        assert [update_alpha(s, "halving", 0.8, 2) for s in range(0, 7)] == [0, 0, 0.8, 0, 0.4, 0, 0.2]
+        # a reference at 0 under a policy held at 1: 0.8*1 + 0.2*0 = 0.8, then 0.4*1 + 0.6*0.8 = 0.88
+        pol, ref = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+        with torch.no_grad():
+            pol.weight.fill_(1.0), ref.weight.fill_(0.0)
+        for s in range(1, 5):
+            if update_alpha(s, "halving", 0.8, 2):
+                update_reference(ref, pol, update_alpha(s, "halving", 0.8, 2))
+        assert abs(ref.weight.item() - 0.88) < 1e-6
+    finally:
+        del common.REF_SCHEDULES["halving"]
+    with pytest.raises(InputError, match="invalid choice"):  # gone from the registry, gone from the flags
+        parse(["--ref_update", "halving"])
 
 # -----------------------------------------------------------------------------
 # IPO

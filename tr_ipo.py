@@ -29,8 +29,13 @@ import torch
 
 from common import (Metrics, global_batch, make_optimizer, make_reference, rank_micro_batches, to_device, tokenize_rows,
                     total_steps, update_alpha, update_reference)
-from engineering import cli, data, logger, models, parallel, speed
+from engineering import chat, cli, data, logger, models, parallel, speed
 from engineering.run import Run, launch
+
+# what a run shows (metrics.jsonl holds every metric logged): the progress bar's keys, and the metrics plotted in
+# curves.png and summed up at the end, train and eval
+SHOW = ("loss", "reward_accuracy", "logps_margin", "ref_updates", "eval_loss", "eval_reward_accuracy")
+PLOT = ("loss", "reward_accuracy", "reward_margin", "logps_margin")
 
 # -----------------------------------------------------------------------------
 # the loss
@@ -81,7 +86,10 @@ def train_loop(args, d):
     train_rows, eval_rows = data.load_preferences(args.dataset, args.eval_size, args.seed, args.skip_bad_rows)
     model, tokenizer = models.load_model(args.model, args.seed, args.trust_remote_code, args.gradient_checkpointing,
                                          args.lora_r, args.lora_alpha, args.lora_targets, args.base_dtype)
-    tok = lambda rows: tokenize_rows(tokenizer, rows, ("chosen", "rejected"), args.max_length, args.max_prompt_length)  # noqa: E731
+    keys = ("chosen", "rejected")
+    # chat-format rows are first rendered as text by the model's chat template (engineering/chat.py)
+    tok = lambda rows: tokenize_rows(tokenizer, chat.render_rows(tokenizer, rows, keys), keys, args.max_length,  # noqa: E731
+                                     args.max_prompt_length)
     train, evals = tok(train_rows), tok(eval_rows)
     eval_batches = parallel.eval_micro_batches(len(evals), d, args.micro_batch_size)  # this rank's share of the eval pairs
     num_steps = total_steps(len(train), args.batch_size, args.max_steps, args.epochs)
@@ -96,7 +104,7 @@ def train_loop(args, d):
     policy, policy_lm, ref_lm = parallel.wrap_models(model, ref, d, args.fsdp, logps_fn)
     opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.warmup_steps, args.lr_schedule, num_steps)
     amp = lambda: models.autocast(args.dtype, d.device)  # noqa: E731  (--dtype)
-    run = Run(args, d, model, ref, opt, sched, num_steps)  # metrics.jsonl, checkpoint/ (and --resume), outputs
+    run = Run(args, d, model, ref, opt, sched, num_steps, SHOW)  # metrics.jsonl, checkpoint/ (and --resume), outputs
     # the initial reference's eval log-probs, once: eval_init_* score against them, comparable over time
     init_ref_logps = run.initial("init_ref_logps", lambda: parallel.example_logps(
         ref_lm, evals, eval_batches, collate, tokenizer.pad_token_id, 2, d.device, amp))
@@ -157,6 +165,7 @@ def train_loop(args, d):
         alpha = update_alpha(done, args.ref_update, args.alpha, args.tau)
         if alpha:
             update_reference(ref, model, alpha)
+            run.reference_updated(done, alpha)  # counted for the log, an event for the trackers
 
         # log, evaluate and checkpoint on their intervals
         if done % args.log_every == 0 or done == num_steps:
@@ -169,7 +178,7 @@ def train_loop(args, d):
 
     # -------------------------------------------------------------------------
     # policy/ and reference/ (save_pretrained + tokenizer), curves.png; the summary on stdout
-    run.finish(tokenizer, ("loss", "reward_accuracy", "reward_margin", "logps_margin"))
+    run.finish(tokenizer, PLOT)
 
 
 if __name__ == "__main__":

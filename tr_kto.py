@@ -34,8 +34,13 @@ import torch
 
 from common import (Metrics, all_reduce_sum, collate_unpaired, global_batch, make_optimizer, make_reference,
                     rank_micro_batches, to_device, tokenize_rows, total_steps, truncate, update_alpha, update_reference)
-from engineering import cli, data, logger, models, parallel, speed
+from engineering import chat, cli, data, logger, models, parallel, speed
 from engineering.run import Run, launch
+
+# what a run shows (metrics.jsonl holds every metric logged): the progress bar's keys, and the metrics plotted in
+# curves.png and summed up at the end, train and eval
+SHOW = ("loss", "logps_margin", "kl", "ref_updates", "eval_loss")
+PLOT = ("loss", "reward_margin", "logps_margin", "kl")
 
 # -----------------------------------------------------------------------------
 # the loss and its reference point
@@ -120,7 +125,8 @@ def eval_set(evals, d, micro_batch_size, max_length, max_prompt_length):
 
 def tokenize_examples(tokenizer, rows, max_length, max_prompt_length):
     """common.tokenize_rows for unpaired rows: {"prompt": ids, "completion": ids + [EOS], "label": bool}."""
-    ids = tokenize_rows(tokenizer, rows, ("completion",), max_length, max_prompt_length)
+    ids = tokenize_rows(tokenizer, chat.render_rows(tokenizer, rows, ("completion",)), ("completion",), max_length,
+                        max_prompt_length)  # chat-format rows rendered as text first (engineering/chat.py)
     return [{**t, "label": r["label"]} for t, r in zip(ids, rows)]
 
 
@@ -185,7 +191,7 @@ def train_loop(args, d):
     policy, policy_lm, ref_lm = parallel.wrap_models(model, ref, d, args.fsdp)
     opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.warmup_steps, args.lr_schedule, num_steps)
     amp = lambda: models.autocast(args.dtype, d.device)  # noqa: E731  (--dtype)
-    run = Run(args, d, model, ref, opt, sched, num_steps)  # metrics.jsonl, checkpoint/ (and --resume), outputs
+    run = Run(args, d, model, ref, opt, sched, num_steps, SHOW)  # metrics.jsonl, checkpoint/ (and --resume), outputs
     # the initial reference's log-probs of the eval examples and of their pairs (2, len(evals)), once
     init_ref_logps = run.initial("init_ref_logps", lambda: torch.cat([parallel.example_logps(
         ref_lm, examples, eval_batches, collate_unpaired, pad, 1, d.device, amp) for examples in (evals, eval_pairs)]))
@@ -249,6 +255,7 @@ def train_loop(args, d):
         alpha = update_alpha(done, args.ref_update, args.alpha, args.tau)
         if alpha:
             update_reference(ref, model, alpha)
+            run.reference_updated(done, alpha)  # counted for the log, an event for the trackers
 
         # log, evaluate and checkpoint on their intervals
         if done % args.log_every == 0 or done == num_steps:
@@ -261,7 +268,7 @@ def train_loop(args, d):
 
     # -------------------------------------------------------------------------
     # policy/ and reference/ (save_pretrained + tokenizer), curves.png; the summary on stdout
-    run.finish(tokenizer, ("loss", "reward_margin", "logps_margin", "kl"))
+    run.finish(tokenizer, PLOT)
 
 
 if __name__ == "__main__":

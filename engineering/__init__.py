@@ -1,8 +1,9 @@
 """
 Engineering a reader learning the methods can skip: each module opens with a paragraph saying when it is needed.
 
-    run.py         around the step: launch() (flags, torch.distributed, threads) and Run (output folder, clip, resume)
-    cli.py         the command line: shared flags and their checks, one-line errors (exit code 2)
+    run.py         what a script's main() and loop call around the step: launch() and Run (the output folder,
+                   metrics.jsonl, checkpoints and --resume, the gradient clip, preemption, the final save)
+    cli.py         the command line: the shared flags and their checks, one-line errors (exit code 2)
     data.py        loading and validating rows: hub sets, local files and folders, the toy task
     chat.py        chat-format rows, split into prompt and responses and rendered with the chat template
     hub.py         a hub model or dataset that cannot be fetched: one line within seconds

@@ -148,6 +148,7 @@ def add_lora(model, r, alpha=None, targets="all-linear", adapter=None, base_dtyp
     pm.peft_config[POLICY].base_model_name_or_path = base_name
     # the reference adapter: frozen and inactive; make_reference makes it a copy of the policy's
     pm.add_adapter(REFERENCE, dataclasses.replace(pm.peft_config[POLICY], inference_mode=True))
+    model.lora_reference = lambda: make_reference(model)  # what common.make_reference calls for this model
     return model  # pm is dropped: model.peft_config and the LoRA layers inside carry everything
 
 
@@ -187,7 +188,7 @@ def merge_adapter(model, path):
 
 
 def has_adapters(model):
-    """True for a model that add_lora adapted (common.make_reference / update_reference dispatch on it)."""
+    """True for a model that add_lora adapted."""
     return REFERENCE in getattr(model, "peft_config", {})
 
 
@@ -233,6 +234,10 @@ class AdapterReference:
             for m, p in zip(self.layers.values(), previous):
                 m._active_adapter = p
             self.model.train(was_training)
+
+    def update_towards(self, policy, alpha):
+        """What common.update_reference calls for this reference: update_reference below."""
+        update_reference(self, policy, alpha)
 
     def ranks(self):
         return {n: m.lora_A[REFERENCE].weight.shape[0] for n, m in self.layers.items()}

@@ -147,3 +147,9 @@ def render_chat(tokenizer, row, keys):
                             f"of the conversation")
         out[k] = full[len(prompt):]
     return out
+
+
+def render_rows(tokenizer, rows, keys):
+    """Rows for common.tokenize_rows: a chat-format row rendered as text by render_chat and marked "eos": False (the
+    template's end-of-turn token ends each response already); a text row as it is."""
+    return [{**r, **render_chat(tokenizer, r, keys), "eos": False} if is_chat(r) else r for r in rows]

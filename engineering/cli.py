@@ -15,14 +15,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed.fsdp
 
-
-class InputError(ValueError):
-    """A mistake in what the user gave: a flag, a file or a row (DataError), a model or dataset that cannot be
-    fetched. exit_on_bad_input turns it into one line on stderr and exit code 2."""
-
-
-class DataError(InputError):
-    """A bad file or row; the message names the file, the row and the field (engineering/data.py)."""
+from common import REF_SCHEDULES, DataError, InputError  # noqa: F401  (the error types live in common.py)
 
 
 def first_line(e):
@@ -162,7 +155,7 @@ def add_common_args(p, name, reference=True, pairs=True):
     g.add_argument("--threads", type=threads, default=0, help="torch CPU threads; 0 = 1 for a model under 10M parameters on a CPU, else PyTorch's default (docs/performance.md)")
     if reference:
         g = p.add_argument_group("trust region: theta_ref <- alpha*theta + (1-alpha)*theta_ref every tau steps")
-        g.add_argument("--ref_update", default="soft", choices=["soft", "hard", "none"], help="none = the plain method with a frozen reference")
+        g.add_argument("--ref_update", default="soft", choices=list(REF_SCHEDULES), help="none = the plain method with a frozen reference")
         g.add_argument("--alpha", type=fraction, default=0.6, help="soft-update weight of the policy (hard uses 1)")
         g.add_argument("--tau", type=count, default=100, help="update the reference after every tau-th optimizer step")
     g = p.add_argument_group("logging and checkpoints")

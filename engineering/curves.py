@@ -4,9 +4,8 @@ Training curves: a PNG of a run's metrics.jsonl, with the reference updates mark
     python -m engineering.curves out/tr_dpo/metrics.jsonl     # writes out/tr_dpo/curves.png
     python -m engineering.curves out/tr_dpo/metrics.jsonl -o dpo.png
 
-and plot_curves(metrics_path) at the end of a run. One panel per metric, over optimizer steps: loss, reward
-accuracy, reward margin, logps_margin, and KTO's kl (a run logs what its method has: KTO has no reward accuracy),
-each with up to three lines:
+and plot_curves(metrics_path, panels=...) at the end of a run, with the panels its script names (run.finish). One
+panel per metric, over optimizer steps, each with up to three lines:
 - train: the record written every --log_every steps (means over that interval);
 - eval: the held-out records, their rewards measured against the reference AS IT IS at that step. Under a moving
   reference these fall back towards 0 (the loss towards its starting value) after every update, the saw-tooth the
@@ -24,7 +23,6 @@ import sys
 
 from engineering import jsonio
 
-PANELS = ("loss", "reward_accuracy", "reward_margin", "logps_margin", "kl")
 KINDS = {"train": "train", "eval": "eval", "eval_init": "eval vs initial reference"}
 
 # -----------------------------------------------------------------------------
@@ -46,7 +44,14 @@ def read_metrics(path, skip_bad=False):
     return records
 
 
-def series(records, names=PANELS):
+def evaluated(records):
+    """The metrics that have an eval twin (<name> and eval_<name>), in the order the records first show them: the
+    panels when none are named (the command line without --panels)."""
+    keys = list(dict.fromkeys(k for r in records for k in r))
+    return [k for k in keys if not k.startswith("eval_") and "eval_" + k in keys]
+
+
+def series(records, names):
     """{name: {kind: (steps, values)}} for each name in `names` that the records hold, in that order; kind is
     "train" (key <name>), "eval" (eval_<name>) or "eval_init" (eval_init_<name>), present kinds only."""
     out = {name: {} for name in names}
@@ -90,15 +95,18 @@ def title(metrics_path, records):
 # the figure
 
 
-def plot_curves(metrics_path, png_path=None):
-    """Write the curves of metrics_path to png_path (default: curves.png beside it); return its path, or None
-    when matplotlib is not installed (one line printed). A file that cannot be read, holds a line that is not
-    JSON or none of PANELS raises OSError or ValueError, checked before matplotlib is looked for."""
+def plot_curves(metrics_path, png_path=None, panels=None):
+    """Write the curves of metrics_path to png_path (default: curves.png beside it), one panel per name in `panels`
+    (the script's; None: evaluated(records)); return its path, or None when matplotlib is not installed (one line
+    printed). A file that cannot be read, holds a line that is not JSON or none of the panels raises OSError or
+    ValueError, checked before matplotlib is looked for."""
     png_path = png_path or os.path.join(os.path.dirname(metrics_path), "curves.png")
     records = read_metrics(metrics_path)
-    curves, updates = series(records), reference_updates(records)
+    panels = evaluated(records) if panels is None else panels
+    curves, updates = series(records, panels), reference_updates(records)
     if not curves:
-        raise ValueError(f"{metrics_path}: none of {', '.join(PANELS)} is logged: nothing to plot")
+        raise ValueError(f"{metrics_path}: none of {', '.join(panels) or 'the evaluated metrics'} is logged: "
+                         f"nothing to plot")
     try:
         from matplotlib.figure import Figure  # no pyplot: no backend or global figure state to manage
     except ImportError:
@@ -135,9 +143,10 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("metrics", help="a run's metrics.jsonl")
     p.add_argument("-o", "--output", help="the PNG to write (default: curves.png beside the metrics file)")
+    p.add_argument("--panels", help="comma list of metrics to plot (default: every metric with an eval_ twin)")
     args = p.parse_args()
     try:
-        path = plot_curves(args.metrics, args.output)
+        path = plot_curves(args.metrics, args.output, args.panels.split(",") if args.panels else None)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -28,15 +28,13 @@ def count_tokens(examples, keys, device):
     return torch.tensor(float(n)).to(device, non_blocking=True)
 
 
-SHOW = ("loss", "reward_accuracy", "logps_margin", "kl", "ref_updates", "eval_loss", "eval_reward_accuracy")
-
-
 class Logger:
-    """Writes metrics.jsonl in output_dir, updates the tqdm bar and prints the summary; rank 0 only."""
+    """Writes metrics.jsonl in output_dir, updates the tqdm bar (the keys in `show`, the script's) and prints the
+    summary; rank 0 only."""
 
-    def __init__(self, output_dir, master, start_step, num_steps, trackers=None):
+    def __init__(self, output_dir, master, start_step, num_steps, trackers=None, show=()):
         from tqdm import tqdm
-        self.master, self.output_dir = master, output_dir
+        self.master, self.output_dir, self.show = master, output_dir, show
         self.bar = tqdm(total=num_steps, initial=start_step, disable=not master, dynamic_ncols=True)
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.latest, self.shown = {}, {}  # the last value of every key; of those the bar shows
@@ -56,8 +54,8 @@ class Logger:
             trackers.start(start_step, sent)
 
     def log(self, step, record):
-        """Append the record and send it to the trackers; the bar keeps showing the last value of each key of SHOW
-        ever logged."""
+        """Append the record and send it to the trackers; the bar keeps showing the last value of each key of
+        `show` ever logged."""
         if not self.master:
             return
         record = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}}
@@ -66,7 +64,7 @@ class Logger:
         if self.trackers:
             self.trackers.log(step, record)
         self.latest.update(record)
-        self.shown.update({k: record[k] for k in SHOW if k in record})
+        self.shown.update({k: record[k] for k in self.show if k in record})
         self.bar.set_postfix({k: f"{v:.3f}" if isinstance(v, float) else v for k, v in self.shown.items()})
 
     def rates(self, tokens, step):

@@ -32,6 +32,7 @@ see why a model was refused.
 import torch
 import torch.nn.functional as F
 
+from common import keep_mask
 from engineering.cli import InputError, first_line
 
 # config attributes by which known families change the logits after the body, or the hidden states before the head
@@ -40,22 +41,6 @@ KNOWN_POSTPROCESSING = {"final_logit_softcapping": (None,), "logits_soft_cap": (
                         "output_logit_soft_cap": (None,), "logits_scaling": (None, 1), "logit_scale": (None, 1),
                         "lm_head_multiplier": (None, 1), "logits_mup_width_multiplier": (None, 1)}
 
-
-def keep_mask(positions, shape):
-    """The flat positions n * T + t as an (N, T) boolean mask: hidden[mask] lists them in ascending order, as
-    `positions` (from nonzero()) are."""
-    keep = torch.zeros(shape[0] * shape[1], dtype=torch.bool, device=positions.device)
-    return keep.index_fill_(0, positions, True).view(shape)
-
-
-def own_logits(model, input_ids, attention_mask, positions):
-    """(M, V) logits of the model's own forward at the M flat positions n * T + t (ascending): only those rows with
-    "forward_keep", all rows then those with "forward" (or no decision)."""
-    if getattr(model, "logps_path", None) == "forward_keep":
-        keep = keep_mask(positions, input_ids.shape)
-        return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    return logits.flatten(0, 1).index_select(0, positions)
 
 # -----------------------------------------------------------------------------
 # the probe

@@ -1,7 +1,7 @@
 """
 What a training script's main() and loop call around the step, so that the step itself is all the script shows:
 launch() (flags, torch.distributed, the CPU thread count, the one-line exits) and Run, one run's bookkeeping:
-its output folder (metrics.jsonl and the progress bar, checkpoint/ and --resume, the final policy/ and
+its output folder (metrics.jsonl and the progress bar with the keys the script shows, checkpoint/ and --resume, the final policy/ and
 reference/, curves.png), the gradient clip with its non-finite guard, and preemption.
 
 Nothing here changes what a step computes. A reader learning the methods can skip this file; read it to change
@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import torch
 
-from common import cleanup_distributed, setup_distributed, update_alpha
+from common import cleanup_distributed, setup_distributed
 from engineering import adapters
 from engineering.checkpoint import (CHANGEABLE, Preemption, check_finite, check_resume, clear_run, exit_on_lost_rank,
                                     find_checkpoint, load_checkpoint, nonfinite_weights, release_folders, remove,
@@ -62,7 +62,7 @@ class Run:
     one run per folder), --overwrite clears the earlier run's files, and --resume moves the checkpoint it loaded
     into checkpoint/ when a save was killed before doing so."""
 
-    def __init__(self, args, d, model, ref, opt, sched, num_steps):
+    def __init__(self, args, d, model, ref, opt, sched, num_steps, show=()):
         self.args, self.d, self.model, self.ref, self.opt, self.sched = args, d, model, ref, opt, sched
         self.num_steps, self.out = num_steps, args.output_dir
         positions = getattr(model.config, "max_position_embeddings", None)  # learned positions end there (GPT-2's 1024)
@@ -72,7 +72,8 @@ class Run:
         small = d.device.type == "cpu" and sum(p.numel() for p in model.parameters()) < SMALL
         if args.threads or small:  # a small model's matrices are too small to split; a busy core would stall it
             torch.set_num_threads(args.threads or 1)
-        self.start, self.state = 0, {"skipped_steps": 0}  # state: what checkpoints keep besides the weights
+        # state: what checkpoints keep besides the weights; the reference updates are counted as they happen
+        self.start, self.state = 0, {"skipped_steps": 0, "ref_updates": 0, "last_ref_update": 0}
         self.saved, self.record, loaded = None, None, None  # the step checkpoint/ holds; run.json's fields
         if args.resume:
             loaded = self.resume()
@@ -80,7 +81,7 @@ class Run:
         # --report_to: the records go on to W&B / TensorBoard too; a resumed run continues its W&B run by its id
         trackers = Trackers(args.report_to, self.out, args.run_name, args.project, run_flags(args),
                             loaded[1].get("tracker_id") if loaded else None)
-        self.logger, self.preemption = Logger(self.out, d.master, self.start, num_steps, trackers), Preemption(d)
+        self.logger, self.preemption = Logger(self.out, d.master, self.start, num_steps, trackers, show), Preemption(d)
 
     def resume(self):
         """Load the checkpoint (checked against the flags in launch); a new --lr takes effect from here, the
@@ -89,7 +90,8 @@ class Run:
         need(self.num_steps >= rec["step"], f"--resume: {path} is at step {rec['step']}, beyond this run's "
                                             f"{self.num_steps} steps; raise --max_steps (or --epochs) to continue it")
         peaks = [g["initial_lr"] for g in self.opt.param_groups]  # this run's --lr
-        self.start, self.state = load_checkpoint(path, self.d, self.model, self.ref, self.opt, self.sched)
+        self.start, loaded = load_checkpoint(path, self.d, self.model, self.ref, self.opt, self.sched)
+        self.state.update(loaded)
         self.sched.base_lrs = peaks  # what LambdaLR multiplies by its factor at every step from here on
         for g, peak, factor in zip(self.opt.param_groups, peaks, self.sched.lr_lambdas):
             g["initial_lr"], g["lr"] = peak, peak * factor(self.sched.last_epoch)  # as LambdaLR.step sets it
@@ -156,10 +158,16 @@ class Run:
         tokens_per_s, s_per_step = self.logger.rates(record["tokens"], step)
         record.update(tokens_per_s=tokens_per_s, s_per_step=s_per_step, lr=lr)
         if self.ref is not None:
-            a = self.args
-            updates = [s for s in range(1, step + 1) if update_alpha(s, a.ref_update, a.alpha, a.tau)]
-            record.update(ref_updates=len(updates), steps_since_ref_update=step - (updates[-1] if updates else 0))
+            record.update(ref_updates=self.state["ref_updates"],
+                          steps_since_ref_update=step - self.state["last_ref_update"])
         self.log_eval(step, record)
+
+    def reference_updated(self, step, alpha):
+        """Count a reference update made after optimizer step `step`, for the log (ref_updates,
+        steps_since_ref_update) and the summary (checkpoints keep the count); a tracker gets it as an event."""
+        self.logger.event(step, "ref_update", alpha)
+        self.state["ref_updates"] += 1
+        self.state["last_ref_update"] = step
 
     def log_eval(self, step, record):
         with self.writing(f"cannot append to {self.out}/metrics.jsonl at step {step}"):
@@ -209,13 +217,9 @@ class Run:
         return f"{self.out}/checkpoint (step {self.saved}) is intact: --resume continues from it"
 
     def end_step(self, step):
-        """The end of every step: the progress bar, a reference update as a tracker event (its alpha
-        at its step); after SIGTERM/SIGINT, checkpoint/ is written and the run ends
+        """The end of every step: the progress bar; after SIGTERM/SIGINT, checkpoint/ is written and the run ends
         with the shell's exit code for the signal (128 + its number: 143, 130)."""
         self.logger.bar.update(1)
-        alpha = self.ref is not None and update_alpha(step, self.args.ref_update, self.args.alpha, self.args.tau)
-        if alpha:
-            self.logger.event(step, "ref_update", alpha)
         signum = 0 if step == self.num_steps else self.preemption.stop_requested()
         if signum:
             self.save(step)
@@ -225,13 +229,14 @@ class Run:
 
     def finish(self, tokenizer, keys):
         """policy/ and reference/ (save_pretrained, with the tokenizer; peft adapter folders with --lora_r, and
-        policy_merged/ with --save_merged), curves.png, and the summary on stdout with the last train and eval
-        values of `keys`. A policy with a non-finite weight is not saved (the last checkpoint is named)."""
+        policy_merged/ with --save_merged), curves.png with a panel per key of `keys`, and the summary on stdout
+        with their last train and eval values. A policy with a non-finite weight is not saved (the last
+        checkpoint is named)."""
         self.logger.close()
         self.check_finite_weights(f"step {self.num_steps}", f"no {self.out}/policy is written")
         with self.writing(f"cannot write the final weights into {self.out}"):
             written = save_final(self.out, self.d, self.model, self.ref, tokenizer, self.args.save_merged)
-            png = plot_curves(os.path.join(self.out, "metrics.jsonl")) if self.d.master else None  # None: no matplotlib
+            png = plot_curves(os.path.join(self.out, "metrics.jsonl"), panels=keys) if self.d.master else None  # None: no matplotlib
         tb = ("tensorboard/",) if "tensorboard" in self.args.report_to else ()
         self.logger.summary(keys, tuple(written) + ("metrics.jsonl",) + (("curves.png",) if png else ()) + tb)
 

@@ -12,9 +12,8 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from common import collate_pairs, sequence_logps, summed_logps
+from common import collate_pairs, keep_mask, sequence_logps, summed_logps
 from engineering.cli import InputError, first_line
-from engineering.logits import keep_mask
 
 # -----------------------------------------------------------------------------
 # --share_prompt: each prompt once, its KV cache reused for every response

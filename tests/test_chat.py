@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from common import build_sequence, split_hh, tokenize_rows
 from conftest import FIXTURES, LOGPS_LINE
-from engineering.chat import chat_row, is_chat, render_chat, split_chat
+from engineering.chat import chat_row, is_chat, render_chat, render_rows, split_chat
 from engineering.cli import DataError
 from engineering.data import load_preferences, load_sft, load_unpaired
 from engineering.models import byte_tokenizer
@@ -228,23 +228,24 @@ def test_render_refuses_a_template_whose_prompt_is_not_a_prefix(byte_tok):
 # the loaders and tokenize_rows: chat rows beside text rows, local files and folders laid out like hub datasets
 
 
-def test_tokenize_rows_appends_eos_to_text_rows_only(byte_tok):
+def test_rendered_chat_rows_get_no_eos(byte_tok):
     text = {"prompt": "Q: 2+2?\nA:", "chosen": " 4.", "rejected": " 5."}
     chat = chat_row(fixture("chat.jsonl")[0], PAIR)
     eos = byte_tok.eos_token_id  # 256: the byte tokenizer's <|endoftext|>
-    t, c = tokenize_rows(byte_tok, [text, chat], ("chosen", "rejected"), 512, 256)
+    t, c = tokenize_rows(byte_tok, render_rows(byte_tok, [text, chat], PAIR[1:]), ("chosen", "rejected"), 512, 256)
     assert t == {"prompt": list(b"Q: 2+2?\nA:"), "chosen": [*b" 4.", eos], "rejected": [*b" 5.", eos]}
     prompt = SYSTEM + "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
     assert c == {"prompt": list(prompt.encode()), "chosen": list(b"4.<|im_end|>\n"),
                  "rejected": list(b"5.<|im_end|>\n")}  # the template's end of turn ends the response: no EOS
     # KTO's and SFT's one response per row, the same way
-    (u,) = tokenize_rows(byte_tok, [chat_row(fixture("chat_unpaired.jsonl")[1], UNPAIRED)], ("completion",), 512, 256)
+    unpaired = render_rows(byte_tok, [chat_row(fixture("chat_unpaired.jsonl")[1], UNPAIRED)], ("completion",))
+    (u,) = tokenize_rows(byte_tok, unpaired, ("completion",), 512, 256)
     assert u == {"prompt": list(prompt.encode()), "completion": list(b"5.<|im_end|>\n")}
 
 
-def test_tokenize_rows_refuses_chat_rows_without_a_template():
+def test_render_rows_refuses_chat_rows_without_a_template():
     with pytest.raises(DataError, match="^chat-format rows need a tokenizer with a chat template"):
-        tokenize_rows(byte_tokenizer(), [chat_row(fixture("chat.jsonl")[0], PAIR)], ("chosen", "rejected"), 64, 32)
+        render_rows(byte_tokenizer(), [chat_row(fixture("chat.jsonl")[0], PAIR)], ("chosen", "rejected"))
 
 
 def test_loaders_read_every_chat_layout():
