@@ -575,7 +575,7 @@ def get_args(argv=None):
     g.add_argument("--api_base", default="https://api.openai.com/v1", help="base URL of an OpenAI-compatible API; no user, password or query (the key goes in --api_key_env's variable)")
     g.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key, 8 characters or more (set it empty for a server without one)")
     g.add_argument("--api_timeout", type=api_judge.timeout_s, default=60.0, help="seconds a judge request may take in all, from connecting to the reply's last byte")
-    g.add_argument("--api_retries", type=api_judge.retries, default=5, help="retries on 408, 409, 429, 5xx, dropped connections and timeouts, after the server's Retry-After or openai's back-off (0.5 s doubling to 8 s)")
+    g.add_argument("--api_retries", type=api_judge.retries, default=5, help="retries on 408, 409, 429, 5xx, lost connections, timeouts; waits Retry-After or openai's back-off (docs/faults.md)")
     g.add_argument("--api_concurrency", type=api_judge.concurrency, default=8, help="requests in flight at once")
     g.add_argument("--judge_max_new_tokens", type=cli.count, default=256, help="tokens of each judge answer, at most")
     g.add_argument("--judge_batch_size", type=cli.count, default=8, help="local judge: prompts per generate call")

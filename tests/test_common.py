@@ -268,7 +268,7 @@ def test_every_numeric_flag_is_refused_outside_its_range_in_one_line(script, fla
     n = int(text) if ok and RANGES[flag][0] is INT else 2
     partners = {"batch_size": ["--micro_batch_size", "1"],
                 "micro_batch_size": ["--batch_size", str(2 * n if 2 * n <= I64 else n)],
-                "max_length": ["--max_prompt_length", "1"], "max_prompt_length": ["--max_length", str(n + 1)],
+                "max_length": ["--max_prompt_length", "1"], "max_prompt_length": ["--max_length", str(min(n + 1, I64))],
                 "eval_size": ["--dataset", HH], "lora_alpha": ["--lora_r", "4"],
                 "weight_decay": ["--lr", "0"]}  # lr x weight_decay < 1 is a rule across the two
     if flag == "max_prompt_length":
