@@ -58,7 +58,8 @@ def train_loop(args, d):
     # data: {"prompt", "completion"} rows, validated before anything is written; tokenised once
     train_rows, eval_rows = data.load_sft(args.dataset, args.eval_size, args.seed, args.skip_bad_rows)
     model, tokenizer = models.load_model(args.model, args.seed, args.trust_remote_code, args.gradient_checkpointing,
-                                         args.lora_r, args.lora_alpha, args.lora_targets, args.base_dtype)
+                                         args.lora_r, args.lora_alpha, args.lora_targets, args.base_dtype,
+                                         fsdp=args.fsdp)  # --fsdp: rank 0 alone reads the weights
     keys = ("completion",)
     # chat-format rows are first rendered as text by the model's chat template (engineering/chat.py)
     tok = lambda rows: tokenize_rows(tokenizer, chat.render_rows(tokenizer, rows, keys), keys, args.max_length,  # noqa: E731
@@ -70,7 +71,7 @@ def train_loop(args, d):
 
     # -------------------------------------------------------------------------
     # model and optimiser; SFT has no reference model
-    model.to(d.device).train()
+    model.train()
     policy, policy_lm, _ = parallel.wrap_models(model, None, d, args.fsdp)
     opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.warmup_steps, args.lr_schedule, num_steps)
     run = Run(args, d, model, None, opt, sched, num_steps, SHOW)  # metrics.jsonl, checkpoint/ (and --resume), policy/

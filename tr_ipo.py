@@ -85,7 +85,8 @@ def train_loop(args, d):
     # data: validated before anything is written; tokenised once
     train_rows, eval_rows = data.load_preferences(args.dataset, args.eval_size, args.seed, args.skip_bad_rows)
     model, tokenizer = models.load_model(args.model, args.seed, args.trust_remote_code, args.gradient_checkpointing,
-                                         args.lora_r, args.lora_alpha, args.lora_targets, args.base_dtype)
+                                         args.lora_r, args.lora_alpha, args.lora_targets, args.base_dtype,
+                                         fsdp=args.fsdp)  # --fsdp: rank 0 alone reads the weights
     keys = ("chosen", "rejected")
     # chat-format rows are first rendered as text by the model's chat template (engineering/chat.py)
     tok = lambda rows: tokenize_rows(tokenizer, chat.render_rows(tokenizer, rows, keys), keys, args.max_length,  # noqa: E731
@@ -97,8 +98,8 @@ def train_loop(args, d):
 
     # -------------------------------------------------------------------------
     # models: the policy (fp32 master weights) and its frozen reference (--lora_r: an adapter), under DDP or FSDP2
-    model.to(d.device).train()
-    ref = make_reference(model, getattr(torch, args.ref_dtype))
+    model.train()
+    ref = make_reference(model, getattr(torch, args.ref_dtype))  # --fsdp: a meta copy, filled in wrap_models
     # common.collate_pairs and common.sequence_logps, or with --share_prompt each prompt run once for both responses
     collate, logps_fn = speed.pair_layout(args.share_prompt, model)
     policy, policy_lm, ref_lm = parallel.wrap_models(model, ref, d, args.fsdp, logps_fn)

@@ -176,7 +176,8 @@ def train_loop(args, d):
     train_rows, eval_rows = data.load_unpaired(args.dataset, args.eval_size, args.seed, args.skip_bad_rows)
     class_balance_warning(train_rows, args.desirable_weight, args.undesirable_weight, show=d.master)
     model, tokenizer = models.load_model(args.model, args.seed, args.trust_remote_code, args.gradient_checkpointing,
-                                         args.lora_r, args.lora_alpha, args.lora_targets, args.base_dtype)
+                                         args.lora_r, args.lora_alpha, args.lora_targets, args.base_dtype,
+                                         fsdp=args.fsdp)  # --fsdp: rank 0 alone reads the weights
     pad = tokenizer.pad_token_id
     train, evals = (tokenize_examples(tokenizer, rows, args.max_length, args.max_prompt_length)
                     for rows in (train_rows, eval_rows))
@@ -186,8 +187,8 @@ def train_loop(args, d):
 
     # -------------------------------------------------------------------------
     # models: the policy (fp32 master weights) and its frozen reference (--lora_r: an adapter), under DDP or FSDP2
-    model.to(d.device).train()
-    ref = make_reference(model, getattr(torch, args.ref_dtype))
+    model.train()
+    ref = make_reference(model, getattr(torch, args.ref_dtype))  # --fsdp: a meta copy, filled in wrap_models
     policy, policy_lm, ref_lm = parallel.wrap_models(model, ref, d, args.fsdp)
     opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.warmup_steps, args.lr_schedule, num_steps)
     amp = lambda: models.autocast(args.dtype, d.device)  # noqa: E731  (--dtype)

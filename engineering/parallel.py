@@ -34,13 +34,23 @@ class SequenceLogps(torch.nn.Module):
 
 def wrap_models(model, ref, d: Dist, fsdp=False, logps=sequence_logps):
     """(policy, policy_lm, ref_lm): SequenceLogps wrappers, the policy one under DDP or FSDP2 when distributed.
+    model and ref (make_reference's) are moved to d.device first.
 
     DDP keeps a full policy, gradients and AdamW state on every rank. fsdp shards policy and reference per
     transformer block (the model's _no_split_modules) with FSDP2's fully_shard, bf16 compute with fp32
     reduction on GPU, fp32 on CPU; the wrapper is the root, so its forward gathers the embeddings and head too.
+    A model on the meta device (models.load_on_rank0) is built sharded: fully_shard on the meta device, each rank
+    allocates its own shards only, rank 0's weights (model.full_weights) fill them through set_model_state_dict's
+    broadcast, and the reference (a meta copy) is filled from the policy's shards on each rank, in its own dtype
+    (fill_shards): no rank ever holds a full model on its device, and the host one full copy (rank 0's).
     Call before creating the optimizer (FSDP2 replaces the parameters by sharded DTensors). ref=None (SFT): ref_lm
     is None. policy_lm is the policy without DDP's forward, for evaluation (no collectives).
     """
+    meta = any(p.is_meta for p in model.parameters())
+    if not meta:
+        model.to(d.device)
+        if ref is not None and not isinstance(ref, AdapterReference):
+            ref.to(d.device)
     policy_lm = SequenceLogps(model, logps)
     if isinstance(ref, AdapterReference):  # --lora_r: the policy's own module with the reference adapter, no DDP
         ref_lm = SequenceLogps(ref.model, logps, ref.active)
@@ -55,6 +65,10 @@ def wrap_models(model, ref, d: Dist, fsdp=False, logps=sequence_logps):
                 if type(m).__name__ in (model._no_split_modules or []):
                     fully_shard(m, mp_policy=mp)
             fully_shard(lm, mp_policy=mp)
+            if meta:
+                lm.to_empty(device=d.device)  # this rank's shards only, uninitialised
+        if meta:
+            fill_shards(model, ref)
         # FSDP2 keeps the root's parameters gathered after a forward, expecting a backward; the reference never
         # has one, so reshard it explicitly: it frees the memory and keeps its shards aligned with the policy's.
         if ref is not None:
@@ -67,6 +81,28 @@ def wrap_models(model, ref, d: Dist, fsdp=False, logps=sequence_logps):
         new = "forward_sync_buffers" in inspect.signature(DDP).parameters
         return DDP(policy_lm, **{"forward_sync_buffers" if new else "broadcast_buffers": False}), policy_lm, ref_lm
     return policy_lm, policy_lm, ref_lm
+
+
+@torch.no_grad()
+def fill_shards(model, ref):
+    """The weights of a model built sharded on the meta device: rank 0's full copy (model.full_weights, read by
+    models.load_on_rank0) is broadcast into every rank's shards, one tensor at a time, and dropped; the buffers
+    (not sharded; some are not in the state dict, like rotary frequencies) are broadcast whole. The reference
+    (ref, sharded alike) is the policy's shards, in its own dtype."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    weights, buffers = model.full_weights or ({}, {})
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, b in model.named_buffers():
+        if dist.get_rank() == 0:
+            b.copy_(buffers[name])
+        dist.broadcast(b, src=0)
+    model.full_weights = None
+    if ref is not None:  # shard by shard (policy and reference are sharded alike), rounded to the reference's dtype
+        local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
+        policy_tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        for name, r in (*ref.named_parameters(), *ref.named_buffers()):
+            local(r).copy_(local(policy_tensors[name]))
 
 
 def no_sync(policy, fsdp, last):

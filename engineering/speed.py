@@ -120,7 +120,12 @@ def shared_prompt_logps(model, prompt_ids, prompt_mask, response_ids, response_m
 def check_share_prompt(model):
     """InputError unless shared_prompt_logps gives sequence_logps's log-probs on a probe batch (pair_layout calls it
     once, with --share_prompt). A model whose cache is not a plain per-layer KV cache (RWKV, Mamba,
-    RecurrentGemma, ...) cannot share its prompts: it fails, or its numbers differ."""
+    RecurrentGemma, ...) cannot share its prompts: it fails, or its numbers differ. A model on the meta device
+    (models.load_on_rank0) carries rank 0's outcome of this check as model.share_prompt_error."""
+    if next(model.parameters()).is_meta:
+        if model.share_prompt_error:
+            raise InputError(model.share_prompt_error)
+        return
     g, vocab = torch.Generator().manual_seed(0), model.get_input_embeddings().num_embeddings
     ids = lambda n: torch.randint(vocab, (n,), generator=g).tolist()  # noqa: E731
     examples = [{"prompt": ids(3), "chosen": ids(2), "rejected": ids(4)},
