@@ -14,6 +14,7 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -58,3 +59,14 @@ def naive_logp(model, prompt_ids, response_ids):
     ids = torch.tensor([prompt_ids + response_ids])
     logp = F.log_softmax(model(input_ids=ids).logits[0].double(), -1)
     return sum(logp[len(prompt_ids) - 1 + t, tok].item() for t, tok in enumerate(response_ids))
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    """The built-in tiny model and its tokenizer saved as a folder, for tests that damage or edit a copy of it."""
+    from engineering.models import load_model  # after the offline settings above
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    model, tok = load_model("tiny")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -22,7 +22,6 @@ from conftest import ENV, ROOT
 from engineering import checkpoint
 from engineering.cli import DataError
 from engineering.data import read_json_rows
-from engineering.models import load_model
 
 RUN = ["--batch_size", "4", "--micro_batch_size", "4", "--eval_size", "4", "--log_every", "1", "--eval_every", "0",
        "--max_steps", "1"]
@@ -282,15 +281,6 @@ def test_sigint_writes_the_checkpoint_and_exits_130(tmp_path):
 # model, tokenizer and adapter folders that load and would fail later
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    model, tok = load_model("tiny")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def edited(src, tmp_path, edit):
     dst = tmp_path / "model"
     shutil.copytree(src, dst)
@@ -336,9 +326,9 @@ CHAT = [{"prompt": [{"role": "user", "content": f"q{i}"}, {"role": "user", "cont
     (raising_template, ["--dataset", "CHAT"], "the chat template fails on the row whose prompt begins 'q0' "
                                               "(TemplateError: roles must alternate); fix or drop that row"),
 ])
-def test_a_model_folder_that_would_fail_at_the_first_batch_is_one_line(tiny_folder, tmp_path, capfd, edit, flags,
+def test_a_model_folder_that_would_fail_at_the_first_batch_is_one_line(saved_tiny, tmp_path, capfd, edit, flags,
                                                                        message):
-    m = edited(tiny_folder, tmp_path, edit)
+    m = edited(saved_tiny, tmp_path, edit)
     chat = write_lines(tmp_path / "chat.jsonl", [json.dumps(r) for r in CHAT])
     out = tmp_path / "run"
     flags = [chat if f == "CHAT" else f for f in flags]

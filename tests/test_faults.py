@@ -537,14 +537,6 @@ def test_inputs_inside_the_output_folder_are_refused(tmp_path):
 # -----------------------------------------------------------------------------
 # model and dataset folders that cannot be used: one line each
 
-@pytest.fixture(scope="module")
-def saved_tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    model, tok = load_model("tiny")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
 
 def damaged(saved, tmp_path, keep=None, write=None):
     path = tmp_path / "model"
