@@ -195,7 +195,8 @@ def test_a_folder_holding_a_run_is_not_overwritten(tmp_path, capfd):
     out = tmp_path / "run"
     (out / "policy").mkdir(parents=True)
     assert bad_input(tr_dpo, ["--output_dir", str(out)], capfd) == (
-        2, "", f"error: {out} holds a run (policy/): pass --overwrite to replace it, or choose another --output_dir\n")
+        2, "", f"error: {out} holds a run (policy/, reference/, metrics.jsonl, curves.png): pass --overwrite to "
+               f"replace it, or choose another --output_dir\n")
     (out / "checkpoint").mkdir()
     assert bad_input(sft, ["--output_dir", str(out)], capfd) == (
         2, "", f"error: {out} holds a run (policy/, checkpoint/): pass --overwrite to replace it, --resume to "
@@ -316,7 +317,8 @@ def test_a_run_ends_with_a_summary_and_is_not_overwritten(tmp_path, capfd):
     assert len(expected) == 4  # eval_init_ logged
     assert stdout[-1].startswith(f"wrote {out}/policy/, {out}/reference/, {out}/metrics.jsonl")
     assert bad_input(tr_dpo, flags, capfd) == (
-        2, "", f"error: {out} holds a run (policy/): pass --overwrite to replace it, or choose another --output_dir\n")
+        2, "", f"error: {out} holds a run (policy/, reference/, metrics.jsonl, curves.png): pass --overwrite to "
+               f"replace it, or choose another --output_dir\n")
     tr_dpo.main(flags + ["--overwrite", "--max_steps", "3"])
     assert [m["step"] for m in metrics(out, "loss")] == [1, 2, 3]  # a fresh metrics.jsonl
 
