@@ -195,8 +195,7 @@ def test_a_folder_holding_a_run_is_not_overwritten(tmp_path, capfd):
     out = tmp_path / "run"
     (out / "policy").mkdir(parents=True)
     assert bad_input(tr_dpo, ["--output_dir", str(out)], capfd) == (
-        2, "", f"error: {out} holds a run (policy/, reference/, metrics.jsonl, curves.png): pass --overwrite to "
-               f"replace it, or choose another --output_dir\n")
+        2, "", f"error: {out} holds a run (policy/): pass --overwrite to replace it, or choose another --output_dir\n")
     (out / "checkpoint").mkdir()
     assert bad_input(sft, ["--output_dir", str(out)], capfd) == (
         2, "", f"error: {out} holds a run (policy/, checkpoint/): pass --overwrite to replace it, --resume to "
