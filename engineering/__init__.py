@@ -12,9 +12,10 @@ Engineering a reader learning the methods can skip: each module opens with a par
     toy.py         the toy task (digit puzzles) and its exact gold score
     parallel.py    DDP and FSDP2 around the policy; log-probs of a data set across ranks
     speed.py       --share_prompt (each prompt once, its KV cache reused) and --group_by_length's sort keys
-    logger.py      metrics.jsonl, the progress bar and the summary at the end of a run
+    logger.py      metrics.jsonl, the progress bar, the summary at the end of a run; --report_to wandb/tensorboard
     checkpoint.py  checkpoints, the final save, preemption, non-finite steps, a lost rank
     adapters.py    --lora_r: a frozen base, the policy and reference as LoRA adapters; the exact TR update
     curves.py      a PNG of a run's metrics.jsonl
+    api_judge.py   evaluate.py --judge api: an OpenAI-compatible judge through the openai package, the key kept safe
     jsonio.py      the one JSON reader: deep nesting, huge numbers, lone surrogates refused in one line
 """
