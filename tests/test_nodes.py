@@ -1,0 +1,50 @@
+"""More than one node: two torchrun launchers on 127.0.0.1 with --nnodes 2 and a c10d rendezvous (docs/scaling.md's
+multi-node command, one process per "node"), sharing one output folder as nodes share a file system."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ENV, FAST, ROOT, torchrun, weights
+from test_faults import free_port
+
+# two micro-batches of 2 per rank under two processes, a reference update every 2 steps
+FLAGS = FAST + ["--micro_batch_size", "2", "--tau", "2", "--alpha", "0.5", "--fsdp"]
+
+
+def two_nodes(*flags, timeout=300):
+    """tr_dpo.py under two launchers (nodes 0 and 1, one process each) meeting at a c10d rendezvous on a free
+    port; both must exit 0. A launcher still running at the timeout, or left behind by its partner's failure, is
+    killed with its workers (each starts its own process group)."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                               "--node_rank", str(node), "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint,
+                               "--rdzv_id", "two-nodes", "--local_addr", "127.0.0.1",
+                               os.path.join(ROOT, "tr_dpo.py"), *flags], env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True) for node in (0, 1)]
+    try:
+        errs = [p.communicate(timeout=timeout)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-3000:] for e in errs)
+
+
+@pytest.mark.slow
+def test_two_nodes_save_and_resume_on_one_node(tmp_path):
+    straight, nodes = str(tmp_path / "straight"), str(tmp_path / "nodes")
+    torchrun("tr_dpo.py", *FLAGS, "--max_steps", "4", "--output_dir", straight)
+    # two nodes to step 2 with a checkpoint, then the same world size (2) on one node to step 4
+    two_nodes(*FLAGS, "--max_steps", "2", "--save_every", "2", "--output_dir", nodes)
+    with open(os.path.join(nodes, "checkpoint", "run.json")) as f:
+        assert json.load(f)["world_size"] == 2  # the launchers met: one run of two ranks, not two runs of one
+    torchrun("tr_dpo.py", *FLAGS, "--max_steps", "4", "--resume", "--output_dir", nodes)
+    for name in ("policy", "reference"):
+        a, b = weights(straight, name), weights(nodes, name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
