@@ -36,7 +36,8 @@ Component 'fsdp_memory' measures host memory under --fsdp (a separate command, b
 --fsdp_procs, `torchrun --standalone` runs tr_dpo.py --fsdp on the data file for one step with a save, then again
 with --resume; every rank prints its peak resident memory (VmHWM) phase by phase: at start (models built and
 sharded), the step, the save, the resume, the final folders, and the whole process, with the save, resume and final
-times (bench.fsdp_rank). --max_rss_gb kills a run whose processes together hold more than that.
+times (bench.fsdp_rank). --max_rss_gb kills a run whose processes together hold more than that; --no_resume runs
+the save run alone.
 
 With --data, the padding share of a whole epoch is also computed for each layout from the lengths alone.
 
@@ -157,6 +158,7 @@ def get_args(argv=None):
                    help="fsdp_memory: comma list of process counts, run one after another")
     g.add_argument("--max_rss_gb", type=cli.nonnegative, default=0.0,
                    help="fsdp_memory: kill a run whose processes together hold more resident memory (0: no cap)")
+    g.add_argument("--no_resume", action="store_true", help="fsdp_memory: the save run only, no --resume run")
     g.add_argument("--out", default="bench.json")
     g.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one run, as JSON
     return p.parse_args(argv)
@@ -762,16 +764,17 @@ def session_rss_gb(pgid):
 
 
 def torchrun_ranks(nproc, spec, cap_gb):
-    """Each rank's fsdp_rank result for `torchrun --standalone --nproc_per_node nproc`; {"error": ...} when a rank
-    fails, or when the launcher and its ranks together hold more than cap_gb (0: no cap), in which case they are
-    killed at once: a shared machine's memory is not this benchmark's alone."""
+    """Each rank's fsdp_rank result for `torchrun --standalone --nproc_per_node nproc`, and held_gb: the most resident
+    memory the launcher and its ranks held together (sampled every 0.2 s); {"error": ...} when a rank fails, or when
+    they together hold more than cap_gb (0: no cap), in which case they are killed at once: a shared machine's
+    memory is not this benchmark's alone."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            os.path.abspath(__file__), "--worker", json.dumps({**spec, "kind": "fsdp_rank"})]
     with tempfile.TemporaryFile("w+") as log:
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         held = 0.0
         while p.poll() is None:
-            held = max(held, session_rss_gb(p.pid)) if cap_gb else 0.0
+            held = max(held, session_rss_gb(p.pid))
             if cap_gb and held > cap_gb:
                 os.killpg(p.pid, 9)
                 p.wait()
@@ -782,7 +785,7 @@ def torchrun_ranks(nproc, spec, cap_gb):
     ranks = [json.loads(line[len("BENCH_RESULT "):]) for line in text.splitlines() if line.startswith("BENCH_RESULT ")]
     if p.returncode or len(ranks) != nproc:
         return {"error": text[-3000:]}
-    return {"ranks": sorted(ranks, key=lambda r: r["rank"])}
+    return {"ranks": sorted(ranks, key=lambda r: r["rank"]), "held_gb": held}
 
 
 def fsdp_memory(spec):
@@ -802,6 +805,7 @@ def fsdp_memory(spec):
             if os.path.isdir(ckpt):
                 files = [os.path.join(dp, f) for dp, _, fs in os.walk(ckpt) for f in fs]
                 row["checkpoint_gb"], row["checkpoint_files"] = sum(map(os.path.getsize, files)) / 1e9, len(files)
+            if os.path.isdir(ckpt) and not spec["no_resume"]:
                 row["resume_run"] = torchrun_ranks(nproc, {**spec, "argv": argv + ["--resume"]}, spec["max_rss_gb"])
         rows.append(row)
     return rows
@@ -810,7 +814,7 @@ def fsdp_memory(spec):
 def fsdp_memory_table(rows):
     """The fsdp_memory rows as one line per rank and run."""
     cols = ["procs", "run", "rank", "start_peak_gb", "step_peak_gb", "save_peak_gb", "save_s", "resume_peak_gb",
-            "resume_s", "final_peak_gb", "final_s", "process_peak_gb", "checkpoint_gb"]
+            "resume_s", "final_peak_gb", "final_s", "process_peak_gb", "all_procs_gb", "checkpoint_gb"]
     lines, errors = [], []
     for row in rows:
         for run in ("save_run", "resume_run"):
@@ -820,8 +824,8 @@ def fsdp_memory_table(rows):
             if "error" in res:
                 errors.append(f"{row['procs']} process(es), {run}: {res['error']}")
                 continue
-            lines += [{"procs": row["procs"], "run": run[:-4], "checkpoint_gb": row.get("checkpoint_gb"), **r}
-                      for r in res["ranks"]]
+            lines += [{"procs": row["procs"], "run": run[:-4], "checkpoint_gb": row.get("checkpoint_gb"),
+                       "all_procs_gb": res["held_gb"], **r} for r in res["ranks"]]
     return table(lines, cols) + "".join("\n" + e for e in errors)
 
 
@@ -944,7 +948,8 @@ def main(argv=None):
     components = {}
     for comp in [c for c in args.components.split(",") if c and c != "none"]:
         P, R = (int(round(mean(0))), int(round((mean(1) + mean(2)) / 2)))
-        spec = {**base, "P": P, "R": R, "data": data, "procs": args.fsdp_procs, "max_rss_gb": args.max_rss_gb}
+        spec = {**base, "P": P, "R": R, "data": data, "procs": args.fsdp_procs, "max_rss_gb": args.max_rss_gb,
+                "no_resume": args.no_resume}
         if comp in ("update", "lora_memory", "fsdp_memory"):
             components[comp] = spawn({**spec, "kind": comp})
         else:
