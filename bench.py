@@ -60,6 +60,7 @@ import json
 import os
 import random
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -749,14 +750,28 @@ def fsdp_rank(spec):
     return {"rank": int(os.environ["RANK"]), **out, "process_peak_gb": gb(max(peak[0], rss_kib("VmHWM")))}
 
 
-def session_rss_gb(pgid):
-    """Resident memory of every process in the process group `pgid` (a launcher and its ranks), GB."""
-    total = 0
+def process_tree(root):
+    """The pids of `root` and all its descendants (a launcher and its ranks: torchrun starts each rank in a session
+    of its own, so a process group would miss them)."""
+    children = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[2]) != pgid:
-                    continue
+                children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(pid))
+        except (OSError, ValueError, IndexError):  # the process ended meanwhile
+            continue
+    tree, todo = [], [root]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def tree_rss_gb(pids):
+    """Resident memory of the processes `pids` together, GB."""
+    total = 0
+    for pid in pids:
+        try:
             total += rss_kib("VmRSS", pid)
         except (OSError, ValueError, StopIteration):  # the process ended meanwhile
             continue
@@ -771,14 +786,19 @@ def torchrun_ranks(nproc, spec, cap_gb):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            os.path.abspath(__file__), "--worker", json.dumps({**spec, "kind": "fsdp_rank"})]
     with tempfile.TemporaryFile("w+") as log:
-        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
         held = 0.0
         while p.poll() is None:
-            held = max(held, session_rss_gb(p.pid))
+            tree = process_tree(p.pid)
+            held = max(held, tree_rss_gb(tree))
             if cap_gb and held > cap_gb:
-                os.killpg(p.pid, 9)
+                for pid in tree:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
                 p.wait()
-                return {"error": f"killed: {held:.1f} GB resident, above --max_rss_gb {cap_gb}"}
+                return {"error": f"killed: {held:.2f} GB resident, above --max_rss_gb {cap_gb}"}
             time.sleep(0.2)
         log.seek(0)
         text = log.read()

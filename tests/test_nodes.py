@@ -18,21 +18,25 @@ FLAGS = FAST + ["--micro_batch_size", "2", "--tau", "2", "--alpha", "0.5", "--fs
 
 def two_nodes(*flags, timeout=300):
     """tr_dpo.py under two launchers (nodes 0 and 1, one process each) meeting at a c10d rendezvous on a free
-    port; both must exit 0. A launcher still running at the timeout, or left behind by its partner's failure, is
-    killed with its workers (each starts its own process group)."""
+    port; both must exit 0. A launcher still running at the timeout, or left waiting by its partner's failure, is
+    stopped as a scheduler stops one: SIGTERM, on which torchrun stops its workers, then SIGKILL."""
     endpoint = f"127.0.0.1:{free_port()}"
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                                "--node_rank", str(node), "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint,
                                "--rdzv_id", "two-nodes", "--local_addr", "127.0.0.1",
                                os.path.join(ROOT, "tr_dpo.py"), *flags], env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True) for node in (0, 1)]
+                              stderr=subprocess.PIPE, text=True) for node in (0, 1)]
     try:
         errs = [p.communicate(timeout=timeout)[1] for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
     assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-3000:] for e in errs)
 
 
