@@ -1,5 +1,6 @@
-"""More than one node: two torchrun launchers on 127.0.0.1 with --nnodes 2 and a c10d rendezvous (docs/scaling.md's
-multi-node command, one process per "node"), sharing one output folder as nodes share a file system."""
+"""Past one process (docs/scaling.md): the sharded build keeps one full copy of the weights on the host, and more
+than one node: two torchrun launchers on 127.0.0.1 with --nnodes 2 and a c10d rendezvous (the multi-node command,
+one process per "node"), sharing one output folder as nodes share a file system."""
 import json
 import os
 import signal
@@ -8,9 +9,28 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 
+from common import Dist, make_reference
 from conftest import ENV, FAST, ROOT, torchrun, weights
+from engineering.models import load_model
+from engineering.parallel import wrap_models
 from test_faults import free_port
+
+
+def test_the_reference_never_copies_rank_0s_full_weights(tmp_path):
+    """A one-process Gloo group, --fsdp's build: make_reference's deepcopy of the meta policy shares rank 0's full
+    copy instead of copying it (a second full copy on the host, for the whole run), and wrap_models drops it for
+    both once the shards are filled."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        model, _ = load_model("tiny", fsdp=True)
+        ref = make_reference(model)
+        assert model.full_weights.weights is not None and ref.full_weights.weights is model.full_weights.weights
+        wrap_models(model, ref, Dist(0, 0, 1, torch.device("cpu")), fsdp=True)
+        assert model.full_weights.weights is None and ref.full_weights.weights is None
+    finally:
+        dist.destroy_process_group()
 
 # two micro-batches of 2 per rank under two processes, a reference update every 2 steps
 FLAGS = FAST + ["--micro_batch_size", "2", "--tau", "2", "--alpha", "0.5", "--fsdp"]
