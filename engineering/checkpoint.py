@@ -31,31 +31,58 @@ from engineering.data import fingerprint
 # checkpoints and final save
 
 
-def full_state(model, opt=None, trainable_only=False):
-    """Full (unsharded) state dicts of a model and its optimizer, gathered to the CPU. A collective under FSDP:
-    every rank calls it; with FSDP only rank 0 receives the tensors. Parameter names are the model's own.
-    trainable_only: without the frozen parameters (a LoRA policy's base, rebuilt from --model on resume)."""
+def full_weights(model):
+    """The full (unsharded) state dict of one model, gathered to the CPU, for the final save. A collective under
+    FSDP: every rank calls it; only rank 0 receives the tensors (cpu_offload), and only this one model's: the
+    optimizer and the other model stay sharded. Parameter names are the model's own."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized()))
+
+
+def sharded_state(policy, ref, opt, lora=None):
+    """What torch.distributed.checkpoint (DCP) saves and loads: policy, reference and optimizer state dicts as each
+    rank holds them (FSDP2: its DTensor shards; DDP or one process: whole tensors, written once), named by the
+    model's own parameter names, so that a checkpoint written by N processes, with or without --fsdp, loads on M
+    (DCP reshards). A LoRA run (lora: adapters.signature) keeps only the trainable adapters of the policy; its
+    reference adapter travels in trainer.pt."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    o = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized(), ignore_frozen_params=trainable_only)
-    return get_model_state_dict(model, options=o), (get_optimizer_state_dict(model, opt, options=o) if opt else None)
+    o = StateDictOptions(ignore_frozen_params=lora is not None)
+    state = {"policy": get_model_state_dict(policy, options=o), "optimizer": get_optimizer_state_dict(policy, opt, options=o)}
+    if ref is not None and lora is None:
+        state["reference"] = get_model_state_dict(ref)
+    return state
+
+
+@contextmanager
+def one_process_quiet():
+    """DCP warns on every save and load of one process ("assuming the intent is to ... in a single process"): it is
+    the intent, so that warning is not the user's to read."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        yield
 
 
 def save_checkpoint(output_dir, d: Dist, policy, ref, opt, sched, step, extra=None, record=None):
     """Write output_dir/checkpoint atomically: into checkpoint.tmp, with run.json (`record`, the step and every
     file's size) last, then swapped in (swap_in), so a crash mid-save leaves the previous checkpoint intact. The
-    reference is part of a TR method's training state and is saved with the policy, optimizer, LR schedule, step,
-    RNG states (one file per rank) and `extra` (counters). SFT has no reference: ref=None. A LoRA run (--lora_r)
-    saves its adapters, not the frozen base (adapters.py)."""
+    reference is part of a TR method's training state and is saved with the policy and optimizer as DCP shards
+    (sharded_state: every rank writes its own, in parallel; no rank holds another's), and the small rest without
+    pickled code: trainer.pt (LR schedule, step, `extra` counters; torch.load weights_only) and one rng_<rank>.pt
+    per rank. SFT has no reference: ref=None. A LoRA run (--lora_r) saves its adapters, not the frozen base."""
+    import torch.distributed.checkpoint as dcp
     final, tmp = (os.path.join(output_dir, n) for n in ("checkpoint", "checkpoint.tmp"))
     lora = adapters.signature(policy)
-    pol, optim = full_state(policy, opt, trainable_only=lora is not None)
-    refw = None if ref is None else ref.state_dict() if lora else full_state(ref)[0]
     if d.master:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        torch.save({"policy": pol, "reference": refw, "optimizer": optim, "scheduler": sched.state_dict(),
-                    "step": step, "extra": extra or {}, "lora": lora}, os.path.join(tmp, "state.pt"))
     barrier()
+    with one_process_quiet():
+        dcp.save(sharded_state(policy, ref, opt, lora), checkpoint_id=tmp, no_dist=not dist.is_initialized())
+    if d.master:
+        torch.save({"scheduler": sched.state_dict(), "step": step, "extra": extra or {}, "lora": lora,
+                    "reference_adapters": ref.state_dict() if lora and ref is not None else None},
+                   os.path.join(tmp, "trainer.pt"))
     torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                os.path.join(tmp, f"rng_{d.rank}.pt"))
@@ -81,36 +108,47 @@ def swap_in(path):
 
 
 def load_checkpoint(path, d: Dist, policy, ref, opt, sched):
-    """Restore everything save_checkpoint wrote into the folder `path` (every rank reads the files); returns
-    (step, extra). A rank the checkpoint's run did not have (a larger world) keeps its fresh RNG state."""
+    """Restore everything save_checkpoint wrote into the folder `path`: each rank reads the DCP shards it needs for
+    its own part of the state (any world size, with or without --fsdp) and trainer.pt and its rng file, none of
+    them unpickling code; returns (step, extra). A rank the checkpoint's run did not have (a larger world) keeps its
+    fresh RNG state."""
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-    state = read(os.path.join(path, "state.pt"))
+    trainer = read(os.path.join(path, "trainer.pt"))
     lora = adapters.signature(policy)
     kind = lambda s: "full fine-tuning" if s is None else (  # noqa: E731
         f"LoRA r {s['r']}, lora_alpha {s['lora_alpha']} on {len(s['target_modules'])} modules")
-    need(state.get("lora") == lora, f"--resume: {path} holds {kind(state.get('lora'))}, this run asks for "
-                                    f"{kind(lora)}; resume with the run's own --lora_r, --lora_alpha, --lora_targets")
-    o = StateDictOptions(full_state_dict=True, ignore_frozen_params=lora is not None)
+    need(trainer.get("lora") == lora, f"--resume: {path} holds {kind(trainer.get('lora'))}, this run asks for "
+                                      f"{kind(lora)}; resume with the run's own --lora_r, --lora_alpha, --lora_targets")
+    state = sharded_state(policy, ref, opt, lora)
+    try:
+        with one_process_quiet():
+            dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+    except Exception as e:  # noqa: BLE001 - a shard missing or of another model: the checkpoint does not fit
+        raise InputError(f"--resume: cannot load the weights of {path} ({type(e).__name__}: {first_line(e)}); "
+                         f"resume with the run's own --model, or start a new run (--overwrite)") from None
+    o = StateDictOptions(ignore_frozen_params=lora is not None)
     set_model_state_dict(policy, state["policy"], options=o)
-    if lora and ref is not None:
-        ref.load_state_dict(state["reference"])
-    elif ref is not None:
-        set_model_state_dict(ref, state["reference"], options=o)
     set_optimizer_state_dict(policy, opt, state["optimizer"], options=o)
-    sched.load_state_dict(state["scheduler"])
+    if "reference" in state:
+        set_model_state_dict(ref, state["reference"])
+    elif ref is not None:
+        ref.load_state_dict(trainer["reference_adapters"])
+    sched.load_state_dict(trainer["scheduler"])
     if os.path.exists(os.path.join(path, f"rng_{d.rank}.pt")):
         rng = read(os.path.join(path, f"rng_{d.rank}.pt"))
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         if rng["cuda"] is not None:
             torch.cuda.set_rng_state_all(rng["cuda"])
-    return state["step"], state["extra"]
+    return trainer["step"], trainer["extra"]
 
 
 def read(path):
-    """torch.load of a checkpoint file; a file that does not load is one line naming it."""
+    """torch.load of a checkpoint's small file, weights_only (tensors and plain values: loading runs no code); a file
+    that does not load is one line naming it."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated, garbage, another format: the file is unusable
         raise InputError(f"--resume: cannot read {path} ({type(e).__name__}: {first_line(e)}); start a new run "
                          f"(--overwrite)") from None
@@ -131,7 +169,7 @@ def save_final(output_dir, d: Dist, policy, ref, tokenizer, merged=False):
         if adapters.has_adapters(policy):  # rank 0 alone: every rank holds the same adapters, no collective
             return adapters.save_final(output_dir, policy, ref, tokenizer, merged) if d.master else []
         for name, m in (("policy", policy), ("reference", ref)) if ref is not None else (("policy", policy),):
-            weights, _ = full_state(m)
+            weights = full_weights(m)
             if d.master:
                 paths.append(os.path.join(output_dir, name))
                 shutil.rmtree(paths[-1] + ".tmp", ignore_errors=True)
@@ -151,7 +189,7 @@ def save_final(output_dir, d: Dist, policy, ref, tokenizer, merged=False):
 # -----------------------------------------------------------------------------
 # what a checkpoint knows of its run, checked by --resume before any model or data is loaded
 
-RECORD, FORMAT = "run.json", 1  # the record, written last into a checkpoint; its layout's version
+RECORD, FORMAT = "run.json", 2  # the record, written last into a checkpoint; its layout's version (2: DCP shards)
 # the flags --resume may change: limits, remedies, intervals and parallelism; every other flag (and every flag a
 # later version adds) must be the checkpoint's, so that a resumed run computes what the run it continues would have
 CHANGEABLE = frozenset({"lr", "max_steps", "epochs", "max_grad_norm", "skip_nonfinite", "log_every", "eval_every",
@@ -185,6 +223,9 @@ def complete(path):
         return None, f"no {RECORD}"
     except (OSError, ValueError) as e:
         return None, f"{RECORD} unreadable ({first_line(e)})"
+    if isinstance(rec, dict) and rec.get("format") == 1:
+        return None, ("one state.pt of an older version of this code, which --resume no longer reads (loading it "
+                      "unpickles code); finish it with the commit that wrote it")
     if not (isinstance(rec, dict) and rec.get("format") == FORMAT and isinstance(rec.get("files"), dict)
             and isinstance(rec.get("step"), int)):
         return None, f"{RECORD} of another format"

@@ -40,8 +40,17 @@ def weights(out, name="policy"):
     return AutoModelForCausalLM.from_pretrained(os.path.join(out, name)).state_dict()
 
 
-def checkpoint(out):
-    return torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=False)
+def checkpoint(out, name="checkpoint"):
+    """out/checkpoint as one dict: trainer.pt's entries (step, extra, scheduler, ...) and the DCP shards' full
+    tensors ("policy", "reference", "optimizer"), read the way a user inspects a checkpoint offline."""
+    import warnings
+
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+    path = os.path.join(out, name)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        shards = _load_state_dict_from_keys(checkpoint_id=path)
+    return {**torch.load(os.path.join(path, "trainer.pt"), weights_only=True), **shards}
 
 
 def torchrun(script, *flags, nproc=2, timeout=300):
