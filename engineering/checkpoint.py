@@ -2,9 +2,12 @@
 Checkpoints, the final save, and what a long run does when something goes wrong: preemption (SIGTERM/SIGINT), a
 non-finite gradient, a lost rank, a second run in the same folder.
 
-A checkpoint records its run (run.json: the script, the flags, a hash of the data, its files and their sizes), so
-that --resume continues only the run it was written by; checkpoints and final folders are written beside their
-place and renamed into it, so that a kill at any moment leaves a complete one.
+A checkpoint holds the weights and optimizer state as torch.distributed.checkpoint (DCP) shards, which every rank
+writes and reads in parallel, so that it resumes on any number of processes, with or without --fsdp; the rest is
+read without unpickling code (docs/faults.md has the layout). It records its run (run.json: the script, the flags,
+a hash of the data, its files and their sizes), so that --resume continues only the run it was written by;
+checkpoints and final folders are written beside their place and renamed into it, so that a kill at any moment
+leaves a complete one.
 
 None of this changes what a training step computes; it lets a run of hours or days stop and continue to the same
 weights (bit for bit on CPU, tested). A reader learning the methods can skip this file; read it before running on a
@@ -82,8 +85,9 @@ def save_checkpoint(output_dir, d: Dist, policy, ref, opt, sched, step, extra=No
         with one_process_quiet():
             dcp.save(sharded_state(policy, ref, opt, lora), checkpoint_id=tmp, no_dist=not dist.is_initialized())
     except CheckpointException as e:  # every rank gets every rank's failures: they all stop alike
-        if isinstance(failure(e), OSError):  # a full disk: the one line of any failed write (Run.writing)
-            raise failure(e) from None
+        err = failure(e)  # a full disk: an OSError, or torch.save's RuntimeError inside DCP's writer (as in write)
+        if isinstance(err, (OSError, RuntimeError)):  # the one line of any failed write (Run.writing)
+            raise OSError(f"{tmp}: {first_line(err)}") if isinstance(err, RuntimeError) else err from None
         raise
     if d.master:
         write(os.path.join(tmp, "trainer.pt"), {"scheduler": sched.state_dict(), "step": step, "extra": extra or {},
