@@ -39,7 +39,8 @@ def gathered_weights(model):
     FSDP: every rank calls it; only rank 0 receives the tensors (cpu_offload), and only this one model's: the
     optimizer and the other model stay sharded. Parameter names are the model's own."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized()))
+    o = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized())
+    return get_model_state_dict(model, options=o)
 
 
 def sharded_state(policy, ref, opt, lora=None):
@@ -50,7 +51,8 @@ def sharded_state(policy, ref, opt, lora=None):
     reference adapter travels in trainer.pt."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     o = StateDictOptions(ignore_frozen_params=lora is not None)
-    state = {"policy": get_model_state_dict(policy, options=o), "optimizer": get_optimizer_state_dict(policy, opt, options=o)}
+    state = {"policy": get_model_state_dict(policy, options=o),
+             "optimizer": get_optimizer_state_dict(policy, opt, options=o)}
     if ref is not None and lora is None:
         state["reference"] = get_model_state_dict(ref)
     return state
@@ -151,7 +153,7 @@ def load_checkpoint(path, d: Dist, policy, ref, opt, sched):
     state = sharded_state(policy, ref, opt, lora)
     try:
         with one_process_quiet():
-            dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+            dcp.load(state, checkpoint_id=path, planner=weights_only_planner(), no_dist=not dist.is_initialized())
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - a damaged shard, another model: it does not fit
         e = failure(e) if isinstance(e, CheckpointException) else e
         raise InputError(f"--resume: cannot load the weights of {path} ({type(e).__name__}: {first_line(e)}); "
@@ -173,6 +175,19 @@ def load_checkpoint(path, d: Dist, policy, ref, opt, sched):
         if rng["cuda"] is not None:
             torch.cuda.set_rng_state_all(rng["cuda"])
     return trainer["step"], trainer["extra"]
+
+
+def weights_only_planner():
+    """DCP's default load planner, except that the plain values in the shards (the optimizer's hyperparameters) must
+    load weights_only: DCP's own torch.load of them would unpickle anything."""
+    import torch.distributed.checkpoint as dcp
+
+    class WeightsOnly(dcp.DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            torch.load(value, weights_only=True)  # raises on anything but tensors and plain values
+            value.seek(0)
+            super().load_bytes(read_item, value)
+    return WeightsOnly()
 
 
 # what a DCP .metadata file may name besides the classes of torch.distributed.checkpoint.metadata and torch's dtypes

@@ -388,9 +388,10 @@ def test_resume_refuses_edited_data_and_an_old_checkpoint(tmp_path, capfd):
     record = json.load(open(record_path))
     json.dump({**record, "format": 1}, open(record_path, "w"))
     code, err = refused(tr_dpo, flags + ["--max_steps", "4", "--resume", "--output_dir", out], capfd)
-    assert code == 2 and err == (f"error: --resume: no complete checkpoint in {out} (checkpoint/: one pickled state.pt, "
-                                 f"which --resume does not read (loading it could run code stored in it); finish that "
-                                 f"run with the version of this code that wrote it); start a new run (--overwrite)\n")
+    assert code == 2 and err == (f"error: --resume: no complete checkpoint in {out} (checkpoint/: one pickled "
+                                 f"state.pt, which --resume does not read (loading it could run code stored in it); "
+                                 f"finish that run with the version of this code that wrote it); start a new run "
+                                 f"(--overwrite)\n")
     # a checkpoint of the code before run records: one line, not a guess
     os.remove(record_path)
     open(os.path.join(out, "checkpoint", "state.pt"), "wb").close()
@@ -449,6 +450,33 @@ def test_a_checkpoint_index_that_would_run_code_is_refused(dpo_run, tmp_path, ca
     assert (code, err) == (2, f"error: --resume: cannot read {out}/checkpoint/.metadata (it names posix.mkdir, not a "
                               f"part of a checkpoint's index); start a new run (--overwrite)\n")
     assert not os.path.exists(ran) and snapshot(out) == before
+
+
+@slow
+def test_a_shard_value_that_would_run_code_is_refused(dpo_run, tmp_path, capfd):
+    """DCP's own loader unpickles the plain values of the shards (the optimizer's hyperparameters) with
+    weights_only=False; --resume reads them weights_only: a value that names a function (os.mkdir) is refused in one
+    line, the function never called, the run's files as they were."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    out, ran = copy_of(dpo_run, tmp_path), str(tmp_path / "ran")
+    path = os.path.join(out, "checkpoint")
+    state = {k: v for k, v in saved(out).items() if k in ("policy", "reference", "optimizer")}
+    state["optimizer"]["param_groups"][0]["lr"] = RunsCode(ran)
+    for name in os.listdir(path):
+        if name == ".metadata" or name.endswith(".distcp"):
+            os.remove(os.path.join(path, name))
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(state, checkpoint_id=path, no_dist=True)
+    record = json.load(open(os.path.join(path, "run.json")))
+    record["files"] = {n: os.path.getsize(os.path.join(path, n)) for n in os.listdir(path) if n != "run.json"}
+    json.dump(record, open(os.path.join(path, "run.json"), "w"))
+    before = snapshot(out)
+    code, err = refused(tr_dpo, RUN + ["--max_steps", "6", "--resume", "--output_dir", out], capfd)
+    assert code == 2 and err.startswith(f"error: --resume: cannot load the weights of {path} (UnpicklingError: ")
+    assert err.count("\n") == 1 and not os.path.exists(ran) and snapshot(out) == before
 
 
 @slow
