@@ -138,8 +138,9 @@ def load_checkpoint(path, d: Dist, policy, ref, opt, sched):
     its own part of the state (any world size, with or without --fsdp) and trainer.pt and its rng file, none of
     them unpickling code; returns (step, extra). The world may differ from the one that wrote it (DCP reshards, and
     the batch order is a function of --seed and the step): rank r restores rng_<r>.pt, and a rank the writing run
-    did not have keeps the state launch seeded it with (--seed + rank); the other ranks' files stay unread. So with
-    dropout (the only draw from these generators in a step) a resume on another world size draws other masks."""
+    did not have keeps its generators as launch seeded them (--seed + rank) and model loading left them; the other
+    ranks' files stay unread. So with dropout (the only draw from these generators in a step) a resume on another
+    world size draws other masks."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
