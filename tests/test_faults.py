@@ -36,24 +36,7 @@ def steps_logged(out):
 
 
 # -----------------------------------------------------------------------------
-# FSDP2
-
-@slow
-def test_fsdp_matches_ddp_and_resumes(tmp_path):
-    ddp, fsdp, resumed = (str(tmp_path / n) for n in ("ddp", "fsdp", "resumed"))
-    torchrun("tr_dpo.py", *FLAGS, "--max_steps", "4", "--output_dir", ddp)
-    torchrun("tr_dpo.py", *FLAGS, "--max_steps", "4", "--fsdp", "--output_dir", fsdp)
-    for name in ("policy", "reference"):
-        a, b = weights(ddp, name), weights(fsdp, name)
-        for k in a:
-            assert torch.allclose(a[k], b[k], atol=1e-5), (name, k)
-    # resume under FSDP: stop at step 2 with a checkpoint, continue to 4: the same weights as the straight run
-    torchrun("tr_dpo.py", *FLAGS, "--max_steps", "2", "--save_every", "2", "--fsdp", "--output_dir", resumed)
-    torchrun("tr_dpo.py", *FLAGS, "--max_steps", "4", "--resume", "--fsdp", "--output_dir", resumed)
-    for name in ("policy", "reference"):
-        a, b = weights(fsdp, name), weights(resumed, name)
-        assert all(torch.equal(a[k], b[k]) for k in a), name
-
+# FSDP2 and resuming on another world size
 
 def assert_close_weights(a_out, b_out, atol):
     for name in ("policy", "reference"):
@@ -64,13 +47,27 @@ def assert_close_weights(a_out, b_out, atol):
 
 
 @slow
+def test_fsdp_matches_ddp_and_resumes(tmp_path):
+    ddp, fsdp, resumed = (str(tmp_path / n) for n in ("ddp", "fsdp", "resumed"))
+    torchrun("tr_dpo.py", *FLAGS, "--max_steps", "4", "--output_dir", ddp)
+    torchrun("tr_dpo.py", *FLAGS, "--max_steps", "4", "--fsdp", "--output_dir", fsdp)
+    assert_close_weights(ddp, fsdp, atol=1e-5)
+    # resume under FSDP: stop at step 2 with a checkpoint, continue to 4: the same weights as the straight run
+    torchrun("tr_dpo.py", *FLAGS, "--max_steps", "2", "--save_every", "2", "--fsdp", "--output_dir", resumed)
+    torchrun("tr_dpo.py", *FLAGS, "--max_steps", "4", "--resume", "--fsdp", "--output_dir", resumed)
+    for name in ("policy", "reference"):
+        a, b = weights(fsdp, name), weights(resumed, name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@slow
 def test_resume_on_another_world_size(tmp_path):
     """A checkpoint written by N processes continues on M, with or without --fsdp: two steps each on 1 process, 2
     (DDP), 2 (FSDP), 2 (DDP), 1 process end with the weights of one uninterrupted process within float error (sums
     over ranks add in another order). Equal up to that only because every step's draw of the RNG is nothing: the
-    tiny model has no dropout; a rank without its rng_<rank>.pt starts from --seed + rank. The optimizer state
-    matters here: without its moments the first step after a resume moves the weights by about --lr (1e-4 at
-    step 3 of the warmup), far beyond the tolerance."""
+    tiny model has no dropout; a rank without its rng_<rank>.pt starts from --seed + rank. The tolerance tells
+    float error from a lost state: one process and two differ by up to 1e-6 after these 10 steps, and a resume at
+    step 2 that dropped AdamW's moments ends 6e-3 away."""
     straight, chain = str(tmp_path / "straight"), str(tmp_path / "chain")
     tr_dpo.main(FLAGS + ["--max_steps", "10", "--output_dir", straight])
     flags = FLAGS + ["--save_every", "2", "--output_dir", chain]
@@ -85,14 +82,12 @@ def test_resume_on_another_world_size(tmp_path):
     torchrun("tr_dpo.py", *flags, "--max_steps", "8", "--resume")
     tr_dpo.main(flags + ["--max_steps", "10", "--resume"])
     assert saved(chain)["step"] == 10 and metrics(chain)[-1]["step"] == 10
-    assert_close_weights(straight, chain, atol=1e-6)
+    assert_close_weights(straight, chain, atol=1e-5)
 
 
 def test_the_final_folders_are_sharded_safetensors_with_an_index(tmp_path):
     """save_final writes each model in safetensors files of at most max_shard_size with an index when there are
     several, and from_pretrained loads them to the model's own weights."""
-    import json as js
-
     from transformers import AutoModelForCausalLM
 
     from common import make_reference
@@ -105,7 +100,7 @@ def test_the_final_folders_are_sharded_safetensors_with_an_index(tmp_path):
     written = checkpoint.save_final(out, Dist(0, 0, 1, torch.device("cpu")), model, ref, tok, max_shard_size="200KB")
     assert written == ["policy/", "reference/"]
     for name, m in (("policy", model), ("reference", ref)):
-        index = js.load(open(os.path.join(out, name, "model.safetensors.index.json")))
+        index = json.load(open(os.path.join(out, name, "model.safetensors.index.json")))
         files = sorted(set(index["weight_map"].values()))
         assert len(files) == 3  # 532,480 bytes of float32 weights in files of at most 200 kB
         loaded = AutoModelForCausalLM.from_pretrained(os.path.join(out, name)).state_dict()
