@@ -18,7 +18,8 @@ Conventions (stated here once, pinned by tests/test_common.py):
   the right to fit. Decided per example on its longest response, so chosen and rejected share one prompt.
 - Log-probs. sequence_logps() returns per-sequence SUMS of response-token log-probs and the token counts;
   a loss that wants averages divides (IPO does by default; DPO and KTO use sums). They are the model's own:
-  log_softmax(model(...).logits) up to float rounding, whatever its forward does after the LM head.
+  log_softmax(model(...).logits) up to float rounding, whatever its forward does after the LM head. The scripts'
+  networks are SequenceLogps modules: policy(**batch) and ref(**batch) give these sums and counts.
 - Reference dtype. The reference is kept in float32 unless --ref_dtype bfloat16; update_reference() then
   computes the lerp in float32 and rounds once, and the reference's forward runs in bfloat16 too (its
   log-probs are still summed in float32). With --lora_r the reference is an adapter (engineering/adapters.py).

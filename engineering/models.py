@@ -132,7 +132,7 @@ def load_on_rank0(name, seed=0, trust_remote_code=False, gradient_checkpointing=
     0 alone runs load_model, keeps its weights aside as model.full_weights (a state dict and the buffers, on the
     CPU) and moves the model to the meta device; the meta model (its structure, config and log-probs decision, no
     weights; --share_prompt's check done) and the tokenizer are pickled to the other ranks, whose model.full_weights is None.
-    parallel.wrap_models shards the meta model (inside the policy) and fills the shards from rank 0's copy. An InputError on rank 0 is
+    parallel.wrap_models shards the meta model and fills the shards from rank 0's copy. An InputError on rank 0 is
     raised on every rank."""
     out, weights = [None], None
     if dist.get_rank() == 0:
