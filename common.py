@@ -379,10 +379,10 @@ def total_steps(n_train, batch_size, max_steps, epochs):
 # optimiser
 
 
-def make_optimizer(model, lr, weight_decay, warmup_steps, schedule, num_steps):
-    """AdamW (fused for a model on CUDA) and an LR schedule: linear warmup, then "constant" or "cosine" to 0 at
-    num_steps."""
-    params = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapter, not the frozen base
+def make_optimizer(policy, lr, weight_decay, warmup_steps, schedule, num_steps):
+    """AdamW over the policy's trainable parameters (fused on CUDA) and an LR schedule: linear warmup, then
+    "constant" or "cosine" to 0 at num_steps."""
+    params = [p for p in policy.parameters() if p.requires_grad]  # LoRA: the adapter, not the frozen base
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=params[0].is_cuda)
 
     def lr_lambda(step):
