@@ -642,12 +642,13 @@ def test_a_full_disk_at_the_final_save_is_one_line_and_leaves_no_half_folder(tmp
 
 
 def test_a_policy_with_a_nan_weight_is_never_checkpointed(tmp_path):
+    from common import SequenceLogps
     from engineering.run import Run
     model, _ = load_model("tiny")
     args = tr_dpo.get_args(["--output_dir", str(tmp_path / "run")])
     opt = torch.optim.AdamW(model.parameters())
-    run = Run(args, Dist(0, 0, 1, torch.device("cpu")), model, None, opt, torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 1.0), 1)
+    run = Run(args, Dist(0, 0, 1, torch.device("cpu")), SequenceLogps(model), None, opt,
+              torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), 1)
     try:
         with torch.no_grad():
             next(model.parameters())[0, 0] = float("nan")
