@@ -213,11 +213,11 @@ def step_batches(rows, tok, spec, config, n_steps):
     """What a script collates at each of its first n_steps optimizer steps, one process, replayed through the
     scripts' own functions from the tokenised training rows: per step (KTO's mismatched-pair batches for z0, or [];
     the micro-batches of examples)."""
-    from common import collate_unpaired, global_batch
-    from engineering.speed import example_lengths, pair_layout
+    from common import collate_pairs, collate_unpaired, global_batch
+    from engineering.speed import collate_shared_prompt, example_lengths
     from tr_kto import mismatched_pairs
     kto, mb = spec["method"] == "kto", spec["micro_batch_size"]
-    collate = collate_unpaired if kto else pair_layout("share_prompt" in config)[0]
+    collate = collate_unpaired if kto else collate_shared_prompt if "share_prompt" in config else collate_pairs
     lengths = example_lengths(rows, "share_prompt" in config) if "group_by_length" in config else None
     cut = lambda xs: [collate(xs[i:i + mb], tok.pad_token_id) for i in range(0, len(xs), mb)]  # noqa: E731
     out = []
@@ -406,7 +406,7 @@ def run_trl(spec, clock=None):
     import torch
     from transformers import TrainerCallback
 
-    from common import global_batch, make_reference
+    from common import SequenceLogps, global_batch, make_reference
     from engineering.data import load_preferences, load_unpaired
     from engineering.models import load_model
     cuda = torch.cuda.is_available()
@@ -435,7 +435,7 @@ def run_trl(spec, clock=None):
         cfg, Trainer = DPOConfig(beta=0.05 if spec["method"] == "dpo" else 0.1,
                                  loss_type=["sigmoid" if spec["method"] == "dpo" else "ipo"], **common_cfg), DPOTrainer
     model.to("cuda" if cuda else "cpu")
-    trainer = Trainer(model=model, ref_model=make_reference(model), args=cfg,
+    trainer = Trainer(model=model, ref_model=make_reference(SequenceLogps(model)).lm, args=cfg,
                       train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
 
     trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
@@ -500,39 +500,39 @@ def bench_update(spec):
     the fp32 update with a plain copy of as many fp32 values, the least any update writing every weight costs."""
     import torch
 
-    from common import make_reference, update_reference
+    from common import SequenceLogps, make_reference, update_reference
     from engineering.models import load_model
     cuda = torch.cuda.is_available()
-    model = load_model(spec["model"])[0].to("cuda" if cuda else "cpu")
-    n = sum(p.numel() for p in model.parameters())
+    policy = SequenceLogps(load_model(spec["model"])[0].to("cuda" if cuda else "cpu"))
+    n = sum(p.numel() for p in policy.parameters())
     res, k = {"n_params": n}, spec.get("k", 7)
     for dtype in (torch.float32, torch.bfloat16):
-        ref = make_reference(model, dtype)
-        update_reference(ref, model, 0.6)  # warm-up
-        t = median_time(lambda: update_reference(ref, model, 0.6), k, cuda)
+        ref = make_reference(policy, dtype)
+        update_reference(ref, policy, 0.6)  # warm-up
+        t = median_time(lambda: update_reference(ref, policy, 0.6), k, cuda)
         res[f"ours_{str(dtype)[6:]}"] = {"ms": 1e3 * t, "gb_per_s": n * (4 + 2 * dtype.itemsize) / t / 1e9}
         del ref
     try:
         from trl.trainer.callbacks import SyncRefModelCallback
-        ref = make_reference(model)
-        t = median_time(lambda: SyncRefModelCallback._sync_target_model(model, ref, 0.6), k, cuda)
+        ref = make_reference(policy)
+        t = median_time(lambda: SyncRefModelCallback._sync_target_model(policy, ref, 0.6), k, cuda)
         res["trl_float32"] = {"ms": 1e3 * t, "gb_per_s": n * 12 / t / 1e9}
     except ImportError:
         pass
     # the floor: a copy of n fp32 values (what a hard update must do at least) on this machine and thread count
-    src = torch.ones(n, device=model.device)
+    src = torch.ones(n, device=policy.lm.device)
     dst = torch.empty_like(src)
     t = median_time(lambda: dst.copy_(src), k, cuda)
     res["copy_float32"] = {"ms": 1e3 * t, "gb_per_s": n * 8 / t / 1e9}
     res["gb_per_s"] = res["ours_float32"]["gb_per_s"]
     res["time_vs_copy"] = res["ours_float32"]["ms"] / res["copy_float32"]["ms"]
     if importlib.util.find_spec("peft"):  # --lora_r 16: the exact update concatenates factors (adapters.py)
-        del model, src, dst
-        model = load_model(spec["model"], lora_r=16)[0].to("cuda" if cuda else "cpu")
-        ref = make_reference(model)
+        del policy, src, dst
+        policy = SequenceLogps(load_model(spec["model"], lora_r=16)[0].to("cuda" if cuda else "cpu"))
+        ref = make_reference(policy)
         for _ in range(4):  # the reference after 4 soft updates (--tau 512 over an epoch of HH): rank 5R
-            update_reference(ref, model, 0.6)
-        t = median_time(lambda: update_reference(ref, model, 0.6), 3, cuda)  # the 5th to 7th soft updates
+            update_reference(ref, policy, 0.6)
+        t = median_time(lambda: update_reference(ref, policy, 0.6), 3, cuda)  # the 5th to 7th soft updates
         res["ours_lora16"] = {"ms": 1e3 * t, "ref_rank_after": max(ref.ranks().values())}
     return res
 

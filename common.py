@@ -18,13 +18,15 @@ Conventions (stated here once, pinned by tests/test_common.py):
   the right to fit. Decided per example on its longest response, so chosen and rejected share one prompt.
 - Log-probs. sequence_logps() returns per-sequence SUMS of response-token log-probs and the token counts;
   a loss that wants averages divides (IPO does by default; DPO and KTO use sums). They are the model's own:
-  log_softmax(model(...).logits) up to float rounding, whatever its forward does after the LM head.
+  log_softmax(model(...).logits) up to float rounding, whatever its forward does after the LM head. The scripts'
+  networks are SequenceLogps modules: policy(**batch) and ref(**batch) give these sums and counts.
 - Reference dtype. The reference is kept in float32 unless --ref_dtype bfloat16; update_reference() then
   computes the lerp in float32 and rounds once, and the reference's forward runs in bfloat16 too (its
   log-probs are still summed in float32). With --lora_r the reference is an adapter (engineering/adapters.py).
 - Reference schedule. After optimizer step s (counted from 1), the reference is updated when s % tau == 0:
   never at step 0, first at step tau; update_alpha() is the one place that decides it.
 """
+import contextlib
 import copy
 import datetime
 import math
@@ -99,32 +101,32 @@ def barrier():
 
 
 def make_reference(policy, dtype=torch.float32):
-    """A frozen copy of the policy, in `dtype`, always in eval mode. A LoRA policy (--lora_r) carries its own maker,
-    policy.lora_reference(): the reference is then an adapter on the policy's own frozen base, no second model
-    (engineering/adapters.py)."""
-    if hasattr(policy, "lora_reference"):
-        return policy.lora_reference()
+    """The reference at step 0 of a policy (a SequenceLogps): a frozen copy, in `dtype`, always in eval mode, whose
+    forward gives the same log-probs. A LoRA policy's model carries its own maker, lora_reference(policy): the
+    reference is then the policy's own module with a reference adapter, no second model (engineering/adapters.py)."""
+    if hasattr(policy.lm, "lora_reference"):
+        return policy.lm.lora_reference(policy)
     ref = copy.deepcopy(policy).to(dtype).eval()
     ref.requires_grad_(False)
     return ref
 
 
 @torch.no_grad()
-def update_reference(ref_model, policy_model, alpha):
+def update_reference(ref, policy, alpha):
     """Trust-region update, in place: theta_ref <- alpha * theta + (1 - alpha) * theta_ref (arXiv 2404.09656).
 
     alpha = 1 copies the policy (the hard update). Parameters are matched by name (tied weights appear once). A
     reference kept in a lower precision than the policy (--ref_dtype bfloat16) is updated in float32 and rounded
     once. No communication: under DDP each rank updates its own full copy from identical weights; under FSDP
     policy and reference are sharded alike and each rank updates its own shards (DTensor.to_local()). A LoRA
-    reference (--lora_r) makes the same update of the adapted weights itself, exactly: ref_model.update_towards.
+    reference (--lora_r) makes the same update of the adapted weights itself, exactly: ref.update_towards.
     """
-    if hasattr(ref_model, "update_towards"):  # a LoRA reference: its adapter updated exactly, adapters.py
-        return ref_model.update_towards(policy_model, alpha)
+    if hasattr(ref, "update_towards"):  # a LoRA reference: its adapter updated exactly, adapters.py
+        return ref.update_towards(policy, alpha)
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731  (FSDP2 parameters are DTensors)
-    ref = dict(ref_model.named_parameters())
-    for name, p in policy_model.named_parameters():
-        r = local(ref[name])
+    ref_params = dict(ref.named_parameters())
+    for name, p in policy.named_parameters():
+        r = local(ref_params[name])
         r.copy_(r.float().lerp_(local(p).float(), alpha))  # lerp: r + alpha * (p - r); float() is r itself in fp32
 
 
@@ -317,6 +319,22 @@ def sequence_logps(model, input_ids, attention_mask, labels, positions=None):
     logps = summed_logps(logits, labels.flatten().index_select(0, positions + 1), positions // T, N)
     return logps, (labels[:, 1:] != -100).sum(1)
 
+
+class SequenceLogps(torch.nn.Module):
+    """A network as the step runs it: forward(**batch) is logps(lm, **batch), the summed response log-probs and
+    token counts of a collated batch under the causal LM `lm` (sequence_logps, or a speed path of the same contract
+    that a script picks), inside scope() (a LoRA reference's switch to its adapter). A module, not a function,
+    because DDP and FSDP2 act through a module's forward: DDP's gradient hooks and FSDP2's gathering of sharded
+    weights must see the whole log-prob computation as one forward. Its parameters are lm's, named "lm.<name>"."""
+
+    def __init__(self, lm, logps=sequence_logps, scope=contextlib.nullcontext):
+        super().__init__()
+        self.lm, self.logps, self.scope = lm, logps, scope
+
+    def forward(self, **batch):
+        with self.scope():
+            return self.logps(self.lm, **batch)
+
 # -----------------------------------------------------------------------------
 # global-batch order: a function of (seed, epoch) only, never of the world size
 
@@ -361,10 +379,10 @@ def total_steps(n_train, batch_size, max_steps, epochs):
 # optimiser
 
 
-def make_optimizer(model, lr, weight_decay, warmup_steps, schedule, num_steps):
-    """AdamW (fused for a model on CUDA) and an LR schedule: linear warmup, then "constant" or "cosine" to 0 at
-    num_steps."""
-    params = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapter, not the frozen base
+def make_optimizer(policy, lr, weight_decay, warmup_steps, schedule, num_steps):
+    """AdamW over the policy's trainable parameters (fused on CUDA) and an LR schedule: linear warmup, then
+    "constant" or "cosine" to 0 at num_steps."""
+    params = [p for p in policy.parameters() if p.requires_grad]  # LoRA: the adapter, not the frozen base
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=params[0].is_cuda)
 
     def lr_lambda(step):

@@ -30,8 +30,8 @@ and schedule below are not the paper's verified values):
 """
 import torch
 
-from common import (Metrics, collate_unpaired, global_batch, make_optimizer, rank_micro_batches, to_device,
-                    tokenize_rows, total_steps)
+from common import (Metrics, SequenceLogps, collate_unpaired, global_batch, make_optimizer, rank_micro_batches,
+                    to_device, tokenize_rows, total_steps)
 from engineering import chat, cli, data, logger, models, parallel, speed
 from engineering.run import Run, launch
 
@@ -57,9 +57,9 @@ def train_loop(args, d):
     # -------------------------------------------------------------------------
     # data: {"prompt", "completion"} rows, validated before anything is written; tokenised once
     train_rows, eval_rows = data.load_sft(args.dataset, args.eval_size, args.seed, args.skip_bad_rows)
-    model, tokenizer = models.load_model(args.model, args.seed, args.trust_remote_code, args.gradient_checkpointing,
-                                         args.lora_r, args.lora_alpha, args.lora_targets, args.base_dtype,
-                                         fsdp=args.fsdp)  # --fsdp: rank 0 alone reads the weights
+    lm, tokenizer = models.load_model(args.model, args.seed, args.trust_remote_code, args.gradient_checkpointing,
+                                      args.lora_r, args.lora_alpha, args.lora_targets, args.base_dtype,
+                                      fsdp=args.fsdp)  # --fsdp: rank 0 alone reads the weights
     keys = ("completion",)
     # chat-format rows are first rendered as text by the model's chat template (engineering/chat.py)
     tok = lambda rows: tokenize_rows(tokenizer, chat.render_rows(tokenizer, rows, keys), keys, args.max_length,  # noqa: E731
@@ -70,17 +70,20 @@ def train_loop(args, d):
     lengths = speed.example_lengths(train) if args.group_by_length else None  # batches of similar length: less padding
 
     # -------------------------------------------------------------------------
-    # model and optimiser; SFT has no reference model
-    model.train()
-    policy, policy_lm, _ = parallel.wrap_models(model, None, d, args.fsdp)
-    opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.warmup_steps, args.lr_schedule, num_steps)
-    run = Run(args, d, model, None, opt, sched, num_steps, SHOW)  # metrics.jsonl, checkpoint/ (and --resume), policy/
+    # the policy, a common.SequenceLogps: policy(**batch) -> (summed response log-probs, token counts); no reference
+    policy = SequenceLogps(lm).train()  # lm: the Hugging Face model; fp32 master weights; common.sequence_logps
+    # ddp: the policy's training forward, under DDP when torchrun starts several processes (it all-reduces the
+    # gradients in backward); with --fsdp the policy sharded in place; with one process the policy itself
+    ddp = parallel.wrap_models(policy, None, d, args.fsdp)
+    opt, sched = make_optimizer(policy, args.lr, args.weight_decay, args.warmup_steps, args.lr_schedule, num_steps)
+    run = Run(args, d, policy, None, opt, sched, num_steps, SHOW)  # metrics.jsonl, checkpoint/ (and --resume), policy/
 
-    def sft_batch(examples, metrics, lm):
-        """Summed response log-probs (B,) of a micro-batch; its token-mean NLL is logged as `loss`."""
+    def sft_batch(examples, metrics, net):
+        """Summed response log-probs (B,) of a micro-batch through net (ddp or policy); its token-mean NLL is logged
+        as `loss`."""
         batch = to_device(collate_unpaired(examples, tokenizer.pad_token_id), d.device)
         with models.autocast(args.dtype, d.device):
-            logps, n_tokens = lm(**batch)
+            logps, n_tokens = net(**batch)
         metrics.mean(count=n_tokens, loss=-logps)  # the mean over response tokens
         metrics.mean(logps=logps)  # the mean over sequences
         metrics.total(response_tokens=n_tokens)
@@ -91,10 +94,10 @@ def train_loop(args, d):
     def evaluate():
         """Held-out token-mean NLL, each rank on its eval_batches, summed across ranks."""
         metrics = Metrics()
-        model.eval()
-        for ids in eval_batches:  # policy_lm, not DDP's forward: no collectives
-            sft_batch([evals[j] for j in ids], metrics, policy_lm)
-        model.train()
+        policy.eval()
+        for ids in eval_batches:  # policy, not ddp: no collectives
+            sft_batch([evals[j] for j in ids], metrics, policy)
+        policy.train()
         return metrics.reduce("eval_")
 
     # -------------------------------------------------------------------------
@@ -106,8 +109,8 @@ def train_loop(args, d):
         micro = rank_micro_batches(batch_ids, d, args.micro_batch_size)
         for i, idx in enumerate(micro):
             # gradients are all-reduced (DDP) or reduce-scattered (FSDP) once per step, on the last micro-batch
-            with parallel.no_sync(policy, args.fsdp, last=i == len(micro) - 1):
-                logps = sft_batch([train[j] for j in idx], metrics, policy)
+            with parallel.no_sync(ddp, args.fsdp, last=i == len(micro) - 1):
+                logps = sft_batch([train[j] for j in idx], metrics, ddp)
                 # the ranks' gradients are averaged, hence * world_size: the sum is the global token-mean NLL
                 (-logps.sum() * d.world_size / n_global).backward()
         done = step + 1  # optimizer steps finished, counted from 1

@@ -30,8 +30,9 @@ The paper's setting on 8 GPUs (alpha once every tau steps, as the authors' code 
 import torch
 import torch.nn.functional as F
 
-from common import (Metrics, global_batch, make_optimizer, make_reference, rank_micro_batches, to_device, tokenize_rows,
-                    total_steps, update_alpha, update_reference)
+from common import (Metrics, SequenceLogps, collate_pairs, global_batch, make_optimizer, make_reference,
+                    rank_micro_batches, sequence_logps, to_device, tokenize_rows, total_steps, update_alpha,
+                    update_reference)
 from engineering import chat, cli, data, logger, models, parallel, speed
 from engineering.run import Run, launch
 
@@ -78,9 +79,9 @@ def train_loop(args, d):
     # -------------------------------------------------------------------------
     # data: validated before anything is written; tokenised once
     train_rows, eval_rows = data.load_preferences(args.dataset, args.eval_size, args.seed, args.skip_bad_rows)
-    model, tokenizer = models.load_model(args.model, args.seed, args.trust_remote_code, args.gradient_checkpointing,
-                                         args.lora_r, args.lora_alpha, args.lora_targets, args.base_dtype,
-                                         fsdp=args.fsdp)  # --fsdp: rank 0 alone reads the weights
+    lm, tokenizer = models.load_model(args.model, args.seed, args.trust_remote_code, args.gradient_checkpointing,
+                                      args.lora_r, args.lora_alpha, args.lora_targets, args.base_dtype,
+                                      fsdp=args.fsdp)  # --fsdp: rank 0 alone reads the weights
     keys = ("chosen", "rejected")
     # chat-format rows are first rendered as text by the model's chat template (engineering/chat.py)
     tok = lambda rows: tokenize_rows(tokenizer, chat.render_rows(tokenizer, rows, keys), keys, args.max_length,  # noqa: E731
@@ -91,27 +92,30 @@ def train_loop(args, d):
     lengths = speed.example_lengths(train, args.share_prompt) if args.group_by_length else None  # less padding
 
     # -------------------------------------------------------------------------
-    # models: the policy (fp32 master weights) and its frozen reference (--lora_r: an adapter), under DDP or FSDP2
-    model.train()
-    ref = make_reference(model, getattr(torch, args.ref_dtype))  # --fsdp: a meta copy, filled in wrap_models
-    # common.collate_pairs and common.sequence_logps, or with --share_prompt each prompt run once for both responses
-    collate, logps_fn = speed.pair_layout(args.share_prompt, model)
-    policy, policy_lm, ref_lm = parallel.wrap_models(model, ref, d, args.fsdp, logps_fn)
-    opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.warmup_steps, args.lr_schedule, num_steps)
+    # networks: policy and ref, each a common.SequenceLogps: net(**batch) -> (summed response log-probs, token counts)
+    collate, logps_fn = collate_pairs, sequence_logps  # the plain path (common.py)
+    if args.share_prompt:  # the flagged alternative: each prompt run once for both responses (engineering/speed.py)
+        collate, logps_fn = speed.shared_prompt_layout(lm)
+    policy = SequenceLogps(lm, logps_fn).train()  # lm: the Hugging Face model; fp32 master weights
+    ref = make_reference(policy, getattr(torch, args.ref_dtype))  # a frozen copy; --lora_r: an adapter on the same base
+    # ddp: the policy's training forward, under DDP when torchrun starts several processes (it all-reduces the
+    # gradients in backward); with --fsdp the policy sharded in place; with one process the policy itself
+    ddp = parallel.wrap_models(policy, ref, d, args.fsdp)
+    opt, sched = make_optimizer(policy, args.lr, args.weight_decay, args.warmup_steps, args.lr_schedule, num_steps)
     amp = lambda: models.autocast(args.dtype, d.device)  # noqa: E731  (--dtype)
-    run = Run(args, d, model, ref, opt, sched, num_steps, SHOW)  # metrics.jsonl, checkpoint/ (and --resume), outputs
+    run = Run(args, d, policy, ref, opt, sched, num_steps, SHOW)  # metrics.jsonl, checkpoint/ (and --resume), outputs
     # the initial reference's eval log-probs, once: eval_init_* score against them, comparable over time
     init_ref_logps = run.initial("init_ref_logps", lambda: parallel.example_logps(
-        ref_lm, evals, eval_batches, collate, tokenizer.pad_token_id, 2, d.device, amp))
+        ref, evals, eval_batches, collate, tokenizer.pad_token_id, 2, d.device, amp))
 
-    def dpo_batch(examples, metrics, lm, init_logps=None):
-        """Loss per pair for a micro-batch; chosen and rejected go through the model in one forward pass.
+    def dpo_batch(examples, metrics, net, init_logps=None):
+        """Loss per pair for a micro-batch; chosen and rejected go through net (ddp or policy) in one forward pass.
         init_logps (eval only): the initial reference's log-probs of these pairs, laid out as ref_logps."""
         batch = to_device(collate(examples, tokenizer.pad_token_id), d.device)
         with amp():
-            logps, _ = lm(**batch)
+            logps, _ = net(**batch)
             with torch.inference_mode():  # no autograd bookkeeping at all for the reference
-                ref_logps, _ = ref_lm(**batch)
+                ref_logps, _ = ref(**batch)
         pi_c, pi_r = logps.chunk(2)
         ref_c, ref_r = ref_logps.clone().chunk(2)  # clone: autograd may not save inference tensors for backward
         losses, r_c, r_r = dpo_loss(pi_c, pi_r, ref_c, ref_r, args.beta)
@@ -129,10 +133,10 @@ def train_loop(args, d):
     def evaluate():
         """Held-out metrics, each rank on its eval_batches, summed across ranks."""
         metrics = Metrics()
-        model.eval()
-        for ids in eval_batches:  # policy_lm, not DDP's forward: no collectives
-            dpo_batch([evals[j] for j in ids], metrics, policy_lm, init_ref_logps[:, ids].flatten())
-        model.train()
+        policy.eval()
+        for ids in eval_batches:  # policy, not ddp: no collectives
+            dpo_batch([evals[j] for j in ids], metrics, policy, init_ref_logps[:, ids].flatten())
+        policy.train()
         return metrics.reduce("eval_")
 
     # -------------------------------------------------------------------------
@@ -143,8 +147,8 @@ def train_loop(args, d):
         micro = rank_micro_batches(batch_ids, d, args.micro_batch_size)
         for i, idx in enumerate(micro):
             # gradients are all-reduced (DDP) or reduce-scattered (FSDP) once per step, on the last micro-batch
-            with parallel.no_sync(policy, args.fsdp, last=i == len(micro) - 1):
-                losses = dpo_batch([train[j] for j in idx], metrics, policy)
+            with parallel.no_sync(ddp, args.fsdp, last=i == len(micro) - 1):
+                losses = dpo_batch([train[j] for j in idx], metrics, ddp)
                 (losses.mean() / len(micro)).backward()  # the mean over the global batch, after the ranks' average
         done = step + 1  # optimizer steps finished, counted from 1
 
@@ -157,7 +161,7 @@ def train_loop(args, d):
         # trust region: after optimizer step s, when s % tau == 0 (never at step 0); alpha is 1 for a hard update
         alpha = update_alpha(done, args.ref_update, args.alpha, args.tau)
         if alpha:
-            update_reference(ref, model, alpha)
+            update_reference(ref, policy, alpha)
             run.reference_updated(done, alpha)  # counted for the log, an event for the trackers
 
         # log, evaluate and checkpoint on their intervals

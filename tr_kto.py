@@ -32,8 +32,9 @@ from contextlib import nullcontext
 
 import torch
 
-from common import (Metrics, all_reduce_sum, collate_unpaired, global_batch, make_optimizer, make_reference,
-                    rank_micro_batches, to_device, tokenize_rows, total_steps, truncate, update_alpha, update_reference)
+from common import (Metrics, SequenceLogps, all_reduce_sum, collate_unpaired, global_batch, make_optimizer,
+                    make_reference, rank_micro_batches, to_device, tokenize_rows, total_steps, truncate, update_alpha,
+                    update_reference)
 from engineering import chat, cli, data, logger, models, parallel, speed
 from engineering.run import Run, launch
 
@@ -75,7 +76,7 @@ def mismatched_pairs(examples, max_length, max_prompt_length):
 
 
 @torch.no_grad()
-def estimate_kl(policy_lm, ref_lm, pairs, positions, micro_batch_size, pad_id, device, amp=nullcontext,
+def estimate_kl(policy, ref, pairs, positions, micro_batch_size, pad_id, device, amp=nullcontext,
                 init_ref_logps=None):
     """Mean of log pi_theta(y'|x) - log pi_ref(y'|x) over the mismatched pairs of ALL ranks, each rank scoring the
     pairs at its positions (its micro-batches of indices into pairs): sums and counts are all-reduced, so every rank
@@ -89,8 +90,8 @@ def estimate_kl(policy_lm, ref_lm, pairs, positions, micro_batch_size, pad_id, d
     for i in range(0, len(pairs), micro_batch_size):
         batch = to_device(collate_unpaired(pairs[i:i + micro_batch_size], pad_id), device)
         with amp():
-            logps, _ = policy_lm(**batch)
-            ref_logps, _ = ref_lm(**batch)
+            logps, _ = policy(**batch)
+            ref_logps, _ = ref(**batch)
         init = [] if init_ref_logps is None else [(logps - init_ref_logps[i:i + micro_batch_size]).sum()]
         total += torch.stack([(logps - ref_logps).sum(), *init, torch.tensor(float(len(logps)), device=device)])
     total = all_reduce_sum(total)
@@ -175,9 +176,9 @@ def train_loop(args, d):
     # data: unpaired examples {"prompt", "completion", "label"}, validated before anything is written; tokenised once
     train_rows, eval_rows = data.load_unpaired(args.dataset, args.eval_size, args.seed, args.skip_bad_rows)
     class_balance_warning(train_rows, args.desirable_weight, args.undesirable_weight, show=d.master)
-    model, tokenizer = models.load_model(args.model, args.seed, args.trust_remote_code, args.gradient_checkpointing,
-                                         args.lora_r, args.lora_alpha, args.lora_targets, args.base_dtype,
-                                         fsdp=args.fsdp)  # --fsdp: rank 0 alone reads the weights
+    lm, tokenizer = models.load_model(args.model, args.seed, args.trust_remote_code, args.gradient_checkpointing,
+                                      args.lora_r, args.lora_alpha, args.lora_targets, args.base_dtype,
+                                      fsdp=args.fsdp)  # --fsdp: rank 0 alone reads the weights
     pad = tokenizer.pad_token_id
     train, evals = (tokenize_examples(tokenizer, rows, args.max_length, args.max_prompt_length)
                     for rows in (train_rows, eval_rows))
@@ -186,28 +187,30 @@ def train_loop(args, d):
     lengths = speed.example_lengths(train) if args.group_by_length else None  # batches of similar length: less padding
 
     # -------------------------------------------------------------------------
-    # models: the policy (fp32 master weights) and its frozen reference (--lora_r: an adapter), under DDP or FSDP2
-    model.train()
-    ref = make_reference(model, getattr(torch, args.ref_dtype))  # --fsdp: a meta copy, filled in wrap_models
-    policy, policy_lm, ref_lm = parallel.wrap_models(model, ref, d, args.fsdp)
-    opt, sched = make_optimizer(model, args.lr, args.weight_decay, args.warmup_steps, args.lr_schedule, num_steps)
+    # networks: policy and ref, each a common.SequenceLogps: net(**batch) -> (summed response log-probs, token counts)
+    policy = SequenceLogps(lm).train()  # lm: the Hugging Face model; fp32 master weights; common.sequence_logps
+    ref = make_reference(policy, getattr(torch, args.ref_dtype))  # a frozen copy; --lora_r: an adapter on the same base
+    # ddp: the policy's training forward, under DDP when torchrun starts several processes (it all-reduces the
+    # gradients in backward); with --fsdp the policy sharded in place; with one process the policy itself
+    ddp = parallel.wrap_models(policy, ref, d, args.fsdp)
+    opt, sched = make_optimizer(policy, args.lr, args.weight_decay, args.warmup_steps, args.lr_schedule, num_steps)
     amp = lambda: models.autocast(args.dtype, d.device)  # noqa: E731  (--dtype)
-    run = Run(args, d, model, ref, opt, sched, num_steps, SHOW)  # metrics.jsonl, checkpoint/ (and --resume), outputs
+    run = Run(args, d, policy, ref, opt, sched, num_steps, SHOW)  # metrics.jsonl, checkpoint/ (and --resume), outputs
     # the initial reference's log-probs of the eval examples and of their pairs (2, len(evals)), once
     init_ref_logps = run.initial("init_ref_logps", lambda: torch.cat([parallel.example_logps(
-        ref_lm, examples, eval_batches, collate_unpaired, pad, 1, d.device, amp) for examples in (evals, eval_pairs)]))
+        ref, examples, eval_batches, collate_unpaired, pad, 1, d.device, amp) for examples in (evals, eval_pairs)]))
     kl_of = lambda pairs, positions, init=None: estimate_kl(  # noqa: E731  (z0: this, clamped at 0)
-        policy_lm, ref_lm, pairs, positions, args.micro_batch_size, pad, d.device, amp, init).clamp(min=0)
+        policy, ref, pairs, positions, args.micro_batch_size, pad, d.device, amp, init).clamp(min=0)
     weights = dict(beta=args.beta, desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight)
 
-    def kto_batch(examples, kl, metrics, lm, init=None):
-        """Loss per example for a micro-batch, given z0. init (eval): z0 and log-probs of the initial reference."""
+    def kto_batch(examples, kl, metrics, net, init=None):
+        """Loss per example for a micro-batch (through net: ddp or policy), given z0. init (eval): z0 and log-probs of the initial reference."""
         batch = to_device(collate_unpaired(examples, pad), d.device)
         desirable = torch.tensor([e["label"] for e in examples], device=d.device)
         with amp():
-            logps, _ = lm(**batch)
+            logps, _ = net(**batch)
             with torch.inference_mode():  # no autograd bookkeeping at all for the reference
-                ref_logps, _ = ref_lm(**batch)
+                ref_logps, _ = ref(**batch)
         losses, rewards = kto_loss(logps, ref_logps.clone(), desirable, kl, **weights)  # clone: see tr_dpo.py
         metrics.mean(loss=losses, kl=kl)
         class_means(metrics, desirable, reward=rewards, logps=logps)
@@ -223,11 +226,11 @@ def train_loop(args, d):
     def evaluate():
         """Held-out metrics, each rank on its eval_batches of examples and of their mismatched pairs."""
         metrics = Metrics()
-        model.eval()
+        policy.eval()
         kl, init_kl = kl_of(eval_pairs, eval_batches, init_ref_logps[1])
-        for ids in eval_batches:  # policy_lm, not DDP's forward: no collectives
-            kto_batch([evals[j] for j in ids], kl, metrics, policy_lm, (init_kl, init_ref_logps[0, ids]))
-        model.train()
+        for ids in eval_batches:  # policy, not ddp: no collectives
+            kto_batch([evals[j] for j in ids], kl, metrics, policy, (init_kl, init_ref_logps[0, ids]))
+        policy.train()
         return with_margins(metrics.reduce("eval_"), "eval_")
 
     # -------------------------------------------------------------------------
@@ -241,8 +244,8 @@ def train_loop(args, d):
         kl = kl_of(mismatched_pairs(batch, args.max_length, args.max_prompt_length), micro)
         for i, pos in enumerate(micro):
             # gradients are all-reduced (DDP) or reduce-scattered (FSDP) once per step, on the last micro-batch
-            with parallel.no_sync(policy, args.fsdp, last=i == len(micro) - 1):
-                losses = kto_batch([batch[k] for k in pos], kl, metrics, policy)
+            with parallel.no_sync(ddp, args.fsdp, last=i == len(micro) - 1):
+                losses = kto_batch([batch[k] for k in pos], kl, metrics, ddp)
                 (losses.mean() / len(micro)).backward()  # the mean over the global batch, after the ranks' average
         done = step + 1  # optimizer steps finished, counted from 1
 
@@ -255,7 +258,7 @@ def train_loop(args, d):
         # trust region: after optimizer step s, when s % tau == 0 (never at step 0); alpha is 1 for a hard update
         alpha = update_alpha(done, args.ref_update, args.alpha, args.tau)
         if alpha:
-            update_reference(ref, model, alpha)
+            update_reference(ref, policy, alpha)
             run.reference_updated(done, alpha)  # counted for the log, an event for the trackers
 
         # log, evaluate and checkpoint on their intervals

@@ -23,9 +23,9 @@ With --tau 512 over one epoch of Anthropic-HH at batch 64 (about 2.5k steps) tha
 
 Both adapters live in peft's LoRA layers ("default" is the policy, "reference" the reference); the model the scripts
 train is the ordinary Hugging Face model with those layers inside, so model.base_model is its backbone and
-common.sequence_logps runs unchanged. The reference's forward is the same module inside `with ref.active():`, which
-switches every LoRA layer to the reference adapter and the model to eval mode, and back (parallel.SequenceLogps
-takes it as `scope`): the policy's graph, its DDP hooks and its requires_grad flags are never touched.
+common.sequence_logps runs unchanged. The reference (AdapterReference, a common.SequenceLogps) runs the same module
+inside `with ref.active():`, which switches every LoRA layer to the reference adapter and the model to eval mode,
+and back: the policy's graph, its DDP hooks and its requires_grad flags are never touched.
 
 Without peft installed, --lora_r ends in one line: pip install peft. FSDP is refused (--fsdp with --lora_r).
 docs/lora.md has the commands, the measured cost and the memory table. A reader learning the methods can skip this
@@ -40,6 +40,7 @@ from contextlib import contextmanager
 
 import torch
 
+from common import SequenceLogps, sequence_logps
 from engineering import jsonio
 from engineering.cli import InputError, first_line, need
 
@@ -148,7 +149,7 @@ def add_lora(model, r, alpha=None, targets="all-linear", adapter=None, base_dtyp
     pm.peft_config[POLICY].base_model_name_or_path = base_name
     # the reference adapter: frozen and inactive; make_reference makes it a copy of the policy's
     pm.add_adapter(REFERENCE, dataclasses.replace(pm.peft_config[POLICY], inference_mode=True))
-    model.lora_reference = lambda: make_reference(model)  # what common.make_reference calls for this model
+    model.lora_reference = lambda policy: make_reference(model, policy.logps)  # what common.make_reference calls
     return model  # pm is dropped: model.peft_config and the LoRA layers inside carry everything
 
 
@@ -210,13 +211,15 @@ def lora_layers(model):
 # the reference: the shared base with the reference adapter active
 
 
-class AdapterReference:
-    """pi_ref for a LoRA policy: `model` (the policy's own module, shared) run inside active(). Holds no weights;
+class AdapterReference(SequenceLogps):
+    """pi_ref for a LoRA policy: its forward is logps(model, **batch) inside active(), `model` being the policy's own
+    module, shared (self.lm; never move it or switch its mode through the reference). Holds no weights of its own:
     its state is the "reference" adapter's factors in the model's LoRA layers, per layer A (r x in), B (out x r),
-    scaling and lora_alpha."""
+    scaling and lora_alpha; state_dict() and load_state_dict() are that state."""
 
-    def __init__(self, model):
-        self.model, self.layers = model, lora_layers(model)
+    def __init__(self, model, logps=sequence_logps):
+        super().__init__(model, logps, self.active)
+        self.layers = lora_layers(model)
         self.base_sums = base_fingerprint(model)  # checked on resume: the base is rebuilt from --model, not saved
 
     @contextmanager
@@ -224,20 +227,21 @@ class AdapterReference:
         """Forward passes inside this block are the reference's: every LoRA layer uses the reference adapter and
         the model is in eval mode (no dropout, as a separate frozen reference would be). Restored on exit, before
         the policy's backward (gradient checkpointing recomputes the policy's forward there)."""
-        was_training, previous = self.model.training, [m.active_adapters for m in self.layers.values()]
+        was_training, previous = self.lm.training, [m.active_adapters for m in self.layers.values()]
         for m in self.layers.values():
             m._active_adapter = [REFERENCE]  # peft's set_adapter would also flip requires_grad
-        self.model.eval()
+        self.lm.eval()
         try:
             yield
         finally:
             for m, p in zip(self.layers.values(), previous):
                 m._active_adapter = p
-            self.model.train(was_training)
+            self.lm.train(was_training)
 
     def update_towards(self, policy, alpha):
-        """What common.update_reference calls for this reference: update_reference below."""
-        update_reference(self, policy, alpha)
+        """What common.update_reference calls for this reference and the policy (a SequenceLogps): update_reference
+        below."""
+        update_reference(self, policy.lm, alpha)
 
     def ranks(self):
         return {n: m.lora_A[REFERENCE].weight.shape[0] for n, m in self.layers.items()}
@@ -280,10 +284,10 @@ def set_factors(layer, A, B, scaling, alpha):
     layer.r[REFERENCE], layer.scaling[REFERENCE], layer.lora_alpha[REFERENCE] = A.shape[0], scaling, alpha
 
 
-def make_reference(model):
+def make_reference(model, logps=sequence_logps):
     """The reference at step 0: its adapter an exact copy of the policy's (the bare base for a fresh adapter, since
-    B = 0; base + the SFT adapter when continuing one)."""
-    ref = AdapterReference(model)
+    B = 0; base + the SFT adapter when continuing one); its forward is logps(model, **batch) with that adapter."""
+    ref = AdapterReference(model, logps)
     update_reference(ref, model, 1.0)
     return ref
 
@@ -297,7 +301,7 @@ def update_reference(ref, policy, alpha):
     rank m = min(out, in), keeps D = alpha*s*B*A + (1-alpha)*Delta_ref as D @ I or I @ D (rank m). No
     communication: under DDP every rank holds the same adapters and updates its own copy.
     """
-    assert policy is ref.model, "the reference adapter lives in the policy's own model"
+    assert policy is ref.lm, "the reference adapter lives in the policy's own model"
     for m in ref.layers.values():
         A, B, s = m.lora_A[POLICY].weight, m.lora_B[POLICY].weight, m.scaling[POLICY]
         if alpha == 1.0:
@@ -332,7 +336,7 @@ def save_adapter(model, name, path, config):
 def reference_config(ref, base):
     """The reference adapter's LoraConfig as it is now: the policy's after a hard update (same ranks and scalings);
     after a soft update scaling 1 (lora_alpha = r) per layer, ranks in rank_pattern where they differ."""
-    policy_cfg = ref.model.peft_config[POLICY]
+    policy_cfg = ref.lm.peft_config[POLICY]
     ranks = ref.ranks()
     if all(m.scaling[REFERENCE] == m.scaling[POLICY] and ranks[n] == m.r[POLICY] for n, m in ref.layers.items()):
         return dataclasses.replace(policy_cfg, base_model_name_or_path=base, inference_mode=True)

@@ -2,9 +2,12 @@
 Checkpoints, the final save, and what a long run does when something goes wrong: preemption (SIGTERM/SIGINT), a
 non-finite gradient, a lost rank, a second run in the same folder.
 
-A checkpoint records its run (run.json: the script, the flags, a hash of the data, its files and their sizes), so
-that --resume continues only the run it was written by; checkpoints and final folders are written beside their
-place and renamed into it, so that a kill at any moment leaves a complete one.
+A checkpoint holds the weights and optimizer state as torch.distributed.checkpoint (DCP) shards, which every rank
+writes and reads in parallel, so that it resumes on any number of processes, with or without --fsdp; the rest is
+read without unpickling code (docs/faults.md has the layout). It records its run (run.json: the script, the flags,
+a hash of the data, its files and their sizes), so that --resume continues only the run it was written by;
+checkpoints and final folders are written beside their place and renamed into it, so that a kill at any moment
+leaves a complete one.
 
 None of this changes what a training step computes; it lets a run of hours or days stop and continue to the same
 weights (bit for bit on CPU, tested). A reader learning the methods can skip this file; read it before running on a
@@ -31,32 +34,67 @@ from engineering.data import fingerprint
 # checkpoints and final save
 
 
-def full_state(model, opt=None, trainable_only=False):
-    """Full (unsharded) state dicts of a model and its optimizer, gathered to the CPU. A collective under FSDP:
-    every rank calls it; with FSDP only rank 0 receives the tensors. Parameter names are the model's own.
-    trainable_only: without the frozen parameters (a LoRA policy's base, rebuilt from --model on resume)."""
+def gathered_weights(model):
+    """The full (unsharded) state dict of one model, gathered to the CPU, for the final save. A collective under
+    FSDP: every rank calls it; only rank 0 receives the tensors (cpu_offload), and only this one model's: the
+    optimizer and the other model stay sharded. Parameter names are the model's own."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    o = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized())
+    return get_model_state_dict(model, options=o)
+
+
+def sharded_state(policy, ref, opt, lora=None):
+    """What torch.distributed.checkpoint (DCP) saves and loads: policy, reference and optimizer state dicts as each
+    rank holds them (FSDP2: its DTensor shards; DDP or one process: whole tensors, written once), named by the
+    model's own parameter names, so that a checkpoint written by N processes, with or without --fsdp, loads on M
+    (DCP reshards). A LoRA run (lora: adapters.signature) keeps only the trainable adapters of the policy; its
+    reference adapter travels in trainer.pt."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    o = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized(), ignore_frozen_params=trainable_only)
-    return get_model_state_dict(model, options=o), (get_optimizer_state_dict(model, opt, options=o) if opt else None)
+    o = StateDictOptions(ignore_frozen_params=lora is not None)
+    state = {"policy": get_model_state_dict(policy, options=o),
+             "optimizer": get_optimizer_state_dict(policy, opt, options=o)}
+    if ref is not None and lora is None:
+        state["reference"] = get_model_state_dict(ref)
+    return state
+
+
+@contextmanager
+def one_process_quiet():
+    """DCP warns on every save and load of one process ("assuming the intent is to ... in a single process"): it is
+    the intent, so that warning is not the user's to read."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        yield
 
 
 def save_checkpoint(output_dir, d: Dist, policy, ref, opt, sched, step, extra=None, record=None):
     """Write output_dir/checkpoint atomically: into checkpoint.tmp, with run.json (`record`, the step and every
     file's size) last, then swapped in (swap_in), so a crash mid-save leaves the previous checkpoint intact. The
-    reference is part of a TR method's training state and is saved with the policy, optimizer, LR schedule, step,
-    RNG states (one file per rank) and `extra` (counters). SFT has no reference: ref=None. A LoRA run (--lora_r)
-    saves its adapters, not the frozen base (adapters.py)."""
+    reference is part of a TR method's training state and is saved with the policy and optimizer as DCP shards
+    (sharded_state: every rank writes its own, in parallel; no rank holds another's), and the small rest without
+    pickled code: trainer.pt (LR schedule, step, `extra` counters; torch.load weights_only) and one rng_<rank>.pt
+    per rank. SFT has no reference: ref=None. A LoRA run (--lora_r) saves its adapters, not the frozen base."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     final, tmp = (os.path.join(output_dir, n) for n in ("checkpoint", "checkpoint.tmp"))
     lora = adapters.signature(policy)
-    pol, optim = full_state(policy, opt, trainable_only=lora is not None)
-    refw = None if ref is None else ref.state_dict() if lora else full_state(ref)[0]
     if d.master:
         remove(tmp)
         os.makedirs(tmp)
-        write(os.path.join(tmp, "state.pt"), {"policy": pol, "reference": refw, "optimizer": optim,
-                                              "scheduler": sched.state_dict(), "step": step, "extra": extra or {},
-                                              "lora": lora})
     barrier()
+    try:
+        with one_process_quiet():
+            dcp.save(sharded_state(policy, ref, opt, lora), checkpoint_id=tmp, no_dist=not dist.is_initialized())
+    except CheckpointException as e:  # every rank gets every rank's failures: they all stop alike
+        err = failure(e)  # a full disk: an OSError, or torch.save's RuntimeError inside DCP's writer (as in write)
+        if isinstance(err, (OSError, RuntimeError)):  # the one line of any failed write (Run.writing)
+            raise OSError(f"{tmp}: {first_line(err)}") if isinstance(err, RuntimeError) else err from None
+        raise
+    if d.master:
+        write(os.path.join(tmp, "trainer.pt"), {"scheduler": sched.state_dict(), "step": step, "extra": extra or {},
+                                                "lora": lora, "reference_adapters": ref.state_dict()
+                                                if lora and ref is not None else None})
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     write(os.path.join(tmp, f"rng_{d.rank}.pt"), {"torch": torch.get_rng_state(), "python": random.getstate(),
                                                  "cuda": cuda})
@@ -67,6 +105,11 @@ def save_checkpoint(output_dir, d: Dist, policy, ref, opt, sched, step, extra=No
             json.dump({**(record or {}), "step": step, "files": files}, f, indent=1)
         swap_in(final)
     barrier()
+
+
+def failure(e):
+    """The exception behind DCP's CheckpointException (which holds one per failed rank): the lowest rank's."""
+    return e.failures[min(e.failures)][0]
 
 
 def write(path, obj):
@@ -91,47 +134,111 @@ def swap_in(path):
 
 
 def load_checkpoint(path, d: Dist, policy, ref, opt, sched):
-    """Restore everything save_checkpoint wrote into the folder `path` (every rank reads the files); returns
-    (step, extra). A rank the checkpoint's run did not have (a larger world) keeps its fresh RNG state."""
+    """Restore everything save_checkpoint wrote into the folder `path`: each rank reads the DCP shards it needs for
+    its own part of the state (any world size, with or without --fsdp) and trainer.pt and its rng file, none of
+    them unpickling code; returns (step, extra). The world may differ from the one that wrote it (DCP reshards, and
+    the batch order is a function of --seed and the step): rank r restores rng_<r>.pt, and a rank the writing run
+    did not have keeps its generators as launch seeded them (--seed + rank) and model loading left them; the other
+    ranks' files stay unread. So with dropout (the only draw from these generators in a step) a resume on another
+    world size draws other masks."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-    state = read(os.path.join(path, "state.pt"))
+    trainer = read(os.path.join(path, "trainer.pt"))
     lora = adapters.signature(policy)
     kind = lambda s: "full fine-tuning" if s is None else (  # noqa: E731
         f"LoRA r {s['r']}, lora_alpha {s['lora_alpha']} on {len(s['target_modules'])} modules")
-    need(state.get("lora") == lora, f"--resume: {path} holds {kind(state.get('lora'))}, this run asks for "
-                                    f"{kind(lora)}; resume with the run's own --lora_r, --lora_alpha, --lora_targets")
-    o = StateDictOptions(full_state_dict=True, ignore_frozen_params=lora is not None)
+    need(trainer.get("lora") == lora, f"--resume: {path} holds {kind(trainer.get('lora'))}, this run asks for "
+                                      f"{kind(lora)}; resume with the run's own --lora_r, --lora_alpha, --lora_targets")
+    check_metadata(path)
+    state = sharded_state(policy, ref, opt, lora)
+    try:
+        with one_process_quiet():
+            dcp.load(state, checkpoint_id=path, planner=weights_only_planner(), no_dist=not dist.is_initialized())
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - a damaged shard, another model: it does not fit
+        e = failure(e) if isinstance(e, CheckpointException) else e
+        raise InputError(f"--resume: cannot load the weights of {path} ({type(e).__name__}: {first_line(e)}); "
+                         f"resume with the run's own --model, or start a new run (--overwrite)") from None
+    # a LoRA policy's state holds its adapters only (the frozen base is rebuilt from --model): not strict; dcp.load
+    # already refused a checkpoint missing any of them
+    o = StateDictOptions(ignore_frozen_params=lora is not None, strict=lora is None)
     set_model_state_dict(policy, state["policy"], options=o)
-    if lora and ref is not None:
-        ref.load_state_dict(state["reference"])
-    elif ref is not None:
-        set_model_state_dict(ref, state["reference"], options=o)
     set_optimizer_state_dict(policy, opt, state["optimizer"], options=o)
-    sched.load_state_dict(state["scheduler"])
+    if "reference" in state:
+        set_model_state_dict(ref, state["reference"])
+    elif ref is not None:
+        ref.load_state_dict(trainer["reference_adapters"])
+    sched.load_state_dict(trainer["scheduler"])
     if os.path.exists(os.path.join(path, f"rng_{d.rank}.pt")):
         rng = read(os.path.join(path, f"rng_{d.rank}.pt"))
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         if rng["cuda"] is not None:
             torch.cuda.set_rng_state_all(rng["cuda"])
-    return state["step"], state["extra"]
+    return trainer["step"], trainer["extra"]
+
+
+def weights_only_planner():
+    """DCP's default load planner, except that the plain values in the shards (the optimizer's hyperparameters) must
+    load weights_only: DCP's own torch.load of them would unpickle anything."""
+    import torch.distributed.checkpoint as dcp
+
+    class WeightsOnly(dcp.DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            torch.load(value, weights_only=True)  # raises on anything but tensors and plain values
+            value.seek(0)
+            super().load_bytes(read_item, value)
+    return WeightsOnly()
+
+
+# what a DCP .metadata file may name besides the classes of torch.distributed.checkpoint.metadata and torch's dtypes
+METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                    ("pathlib", "WindowsPath"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+
+
+def check_metadata(path):
+    """DCP reads a checkpoint's index, .metadata, with pickle, which runs whatever callable the file names: read it
+    here first with only DCP's own metadata classes, torch sizes, dtypes and layouts, and paths allowed, so that a
+    .metadata naming anything else is refused in one line, never run."""
+    import pickle
+
+    class Allowed(pickle.Unpickler):
+        def find_class(self, module, name):
+            value = getattr(sys.modules.get(module), name, None)
+            if not ((module, name) in METADATA_GLOBALS or isinstance(value, torch.dtype) and module == "torch"
+                    or module == "torch.distributed.checkpoint.metadata" and getattr(value, "__module__", "") == module
+                    and isinstance(value, type)):
+                raise pickle.UnpicklingError(f"it names {module}.{name}, not a part of a checkpoint's index")
+            return super().find_class(module, name)
+    try:
+        with open(os.path.join(path, ".metadata"), "rb") as f:
+            Allowed(f).load()
+    except Exception as e:  # noqa: BLE001 - truncated, garbage, or code: the index is unusable
+        raise InputError(f"--resume: cannot read {path}/.metadata ({first_line(e)}); start a new run (--overwrite)"
+                         ) from None
 
 
 def read(path):
-    """torch.load of a checkpoint file; a file that does not load is one line naming it."""
+    """torch.load of a checkpoint's small file, weights_only (tensors and plain values: loading runs no code); a file
+    that does not load is one line naming it."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated, garbage, another format: the file is unusable
         raise InputError(f"--resume: cannot read {path} ({type(e).__name__}: {first_line(e)}); start a new run "
                          f"(--overwrite)") from None
 
 
-def save_final(output_dir, d: Dist, policy, ref, tokenizer, merged=False):
-    """policy/ and reference/ with save_pretrained (+ tokenizer), loadable with from_pretrained. Under FSDP the
-    full weights are gathered to rank 0 first. With ref=None (SFT) only policy/. Each is written whole into
-    <name>.tmp/ first and swapped in after all are written: a failed save (a full disk) leaves the folders as they
-    were and no .tmp behind. A LoRA run writes peft adapter folders instead, base/ for a model built in code, and
-    policy_merged/ when `merged` (adapters.save_final, in place: its adapters name base/ by its final path).
+SHARD = "5GB"  # the final folders' safetensors files hold at most this much; a larger model gets several and an index
+
+
+def save_final(output_dir, d: Dist, policy, ref, tokenizer, merged=False, max_shard_size=SHARD):
+    """policy/ and reference/ with save_pretrained (+ tokenizer), loadable with from_pretrained: safetensors files
+    of at most max_shard_size, with model.safetensors.index.json when there are several. One model at a time: its
+    full weights are gathered to rank 0's CPU (gathered_weights; under FSDP a collective, tensor by tensor), written and
+    dropped before the next; the optimizer stays sharded. With ref=None (SFT) only policy/. Each is written whole
+    into <name>.tmp/ first and swapped in after all are written: a failed save (a full disk) leaves the folders as
+    they were and no .tmp behind. A LoRA run writes peft adapter folders instead, base/ for a model built in code,
+    and policy_merged/ when `merged` (adapters.save_final, in place: its adapters name base/ by its final path).
     Returns the folders written."""
     from transformers.utils import logging as hf_logging
     bars = hf_logging.is_progress_bar_enabled()
@@ -141,12 +248,13 @@ def save_final(output_dir, d: Dist, policy, ref, tokenizer, merged=False):
         if adapters.has_adapters(policy):  # rank 0 alone: every rank holds the same adapters, no collective
             return adapters.save_final(output_dir, policy, ref, tokenizer, merged) if d.master else []
         for name, m in (("policy", policy), ("reference", ref)) if ref is not None else (("policy", policy),):
-            weights, _ = full_state(m)
+            weights = gathered_weights(m)
             if d.master:
                 paths.append(os.path.join(output_dir, name))
                 shutil.rmtree(paths[-1] + ".tmp", ignore_errors=True)
-                m.save_pretrained(paths[-1] + ".tmp", state_dict=weights)
+                m.save_pretrained(paths[-1] + ".tmp", state_dict=weights, max_shard_size=max_shard_size)
                 tokenizer.save_pretrained(paths[-1] + ".tmp")
+            del weights  # before the next model's are gathered
         for path in paths:
             swap_in(path)
         return ["policy/", "reference/"] if ref is not None else ["policy/"]
@@ -161,7 +269,7 @@ def save_final(output_dir, d: Dist, policy, ref, tokenizer, merged=False):
 # -----------------------------------------------------------------------------
 # what a checkpoint knows of its run, checked by --resume before any model or data is loaded
 
-RECORD, FORMAT = "run.json", 1  # the record, written last into a checkpoint; its layout's version
+RECORD, FORMAT = "run.json", 2  # the record, written last into a checkpoint; its layout's version
 RECORD_FIELDS = {"step": int, "world_size": int, "script": str, "flags": dict, "files": dict,  # what --resume reads
                  "data": (str, type(None))}
 # the flags --resume may change: limits, remedies, intervals and parallelism; every other flag (and every flag a
@@ -197,6 +305,9 @@ def complete(path):
         return None, f"no {RECORD}"
     except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
         return None, f"{RECORD} unreadable ({first_line(e)})"
+    if isinstance(rec, dict) and rec.get("format") == 1:
+        return None, ("one pickled state.pt, which --resume does not read (loading it could run code stored in it); "
+                      "finish that run with the version of this code that wrote it")
     if not (isinstance(rec, dict) and rec.get("format") == FORMAT and all(
             isinstance(rec.get(k), kind) and not isinstance(rec.get(k), bool) for k, kind in RECORD_FIELDS.items())
             and all(isinstance(n, str) and type(size) is int for n, size in rec["files"].items())):

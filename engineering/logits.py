@@ -14,8 +14,8 @@ choose_logps_path() stores the decision on the model as `model.logps_path`:
     "forward"       model(x).logits at every position, then those positions: exact, but the full (N, T, V) logits
                     cost memory
 A model nobody checked (no attribute: one a test or a user built by hand) gets "forward": exact first, fast where
-proven. The attribute travels with the model: make_reference's deepcopy, DDP and FSDP2 (they wrap the model in
-parallel.SequenceLogps, whose forward hands the Hugging Face model itself to sequence_logps).
+proven. The attribute travels with the model: make_reference's deepcopy, DDP and FSDP2 (they wrap the scripts' networks,
+common.SequenceLogps, whose forward hands the Hugging Face model itself to sequence_logps).
 
 The probe trusts no list of model families, so that a family added to transformers next month gets exact numbers
 too. It runs the model's own forward on 2 x 6 random tokens with a hook on the LM head that keeps the head's real

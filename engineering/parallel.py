@@ -2,11 +2,11 @@
 Data parallelism: the policy under DDP (a full copy per rank) or FSDP2 (--fsdp, sharded per transformer block).
 
 The scripts call wrap_models once and then no_sync around each micro-batch; with one process both do nothing.
-eval_micro_batches splits the eval set across ranks, and example_logps runs a wrapped model over every rank's share
+eval_micro_batches splits the eval set across ranks, and example_logps runs a network over every rank's share
 (the initial reference's eval log-probs).
-A reader needs this file to know why `policy(**batch)` returns log-probs (SequenceLogps: DDP must wrap a module
-whose forward is the whole computation, so that its hooks see the pass) or to change how a model is sharded; the
-arithmetic of a step is the same with one process or many (tested).
+The networks are common.SequenceLogps modules, whose forward is the whole log-prob computation: what DDP's hooks
+and FSDP2's weight gathering act through. A reader needs this file to change how a model is sharded; the arithmetic
+of a step is the same with one process or many (tested).
 """
 import inspect
 from contextlib import nullcontext
@@ -14,73 +14,54 @@ from contextlib import nullcontext
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import Dist, all_reduce_sum, sequence_logps, to_device
+from common import Dist, all_reduce_sum, to_device
 from engineering.adapters import AdapterReference
 
 
-class SequenceLogps(torch.nn.Module):
-    """Wraps a causal LM so that forward(**batch) is logps(lm, **batch): sequence_logps(), or another function of
-    the same contract such as speed.shared_prompt_logps (the script chooses). scope: a context every forward runs
-    in; a LoRA reference's active() (the policy's own module with the reference adapter, engineering/adapters.py)."""
+def wrap_models(policy, ref, d: Dist, fsdp=False):
+    """The policy's training forward: policy under DDP when distributed, else policy itself (with fsdp, policy after
+    sharding it in place). policy and ref (common.SequenceLogps, make_reference's) are moved to d.device first.
 
-    def __init__(self, lm, logps=sequence_logps, scope=nullcontext):
-        super().__init__()
-        self.lm, self.logps, self.scope = lm, logps, scope
-
-    def forward(self, **batch):
-        with self.scope():
-            return self.logps(self.lm, **batch)
-
-
-def wrap_models(model, ref, d: Dist, fsdp=False, logps=sequence_logps):
-    """(policy, policy_lm, ref_lm): SequenceLogps wrappers, the policy one under DDP or FSDP2 when distributed.
-    model and ref (make_reference's) are moved to d.device first.
-
-    DDP keeps a full policy, gradients and AdamW state on every rank. fsdp shards policy and reference per
-    transformer block (the model's _no_split_modules) with FSDP2's fully_shard, bf16 compute with fp32
-    reduction on GPU, fp32 on CPU; the wrapper is the root, so its forward gathers the embeddings and head too.
+    DDP keeps a full policy, gradients and AdamW state on every rank; policy(**batch) itself runs without DDP's
+    collectives (evaluation). fsdp shards policy and reference in place per transformer block (the model's
+    _no_split_modules) with FSDP2's fully_shard, bf16 compute with fp32 reduction on GPU, fp32 on CPU; the wrapper
+    is the root, so its forward gathers the embeddings and head too.
     A model on the meta device (models.load_on_rank0) is built sharded: fully_shard on the meta device, each rank
     allocates its own shards only, rank 0's weights (model.full_weights) fill them through set_model_state_dict's
     broadcast, and the reference (a meta copy) is filled from the policy's shards on each rank, in its own dtype
-    (fill_shards): no rank ever holds a full model on its device, and the host one full copy (rank 0's).
-    Call before creating the optimizer (FSDP2 replaces the parameters by sharded DTensors). ref=None (SFT): ref_lm
-    is None. policy_lm is the policy without DDP's forward, for evaluation (no collectives).
+    (fill_shards): no rank ever holds a full model on its device.
+    Call before creating the optimizer (FSDP2 replaces the parameters by sharded DTensors). ref=None: SFT.
     """
-    meta = any(p.is_meta for p in model.parameters())
+    meta = any(p.is_meta for p in policy.parameters())
     if not meta:
-        model.to(d.device)
-        if ref is not None and not isinstance(ref, AdapterReference):
+        policy.to(d.device)
+        if ref is not None and not isinstance(ref, AdapterReference):  # a LoRA reference is the policy's module
             ref.to(d.device)
-    policy_lm = SequenceLogps(model, logps)
-    if isinstance(ref, AdapterReference):  # --lora_r: the policy's own module with the reference adapter, no DDP
-        ref_lm = SequenceLogps(ref.model, logps, ref.active)
-    else:
-        ref_lm = SequenceLogps(ref, logps) if ref is not None else None
     if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if d.device.type == "cuda" else MixedPrecisionPolicy())
-        for lm in (policy_lm, ref_lm) if ref is not None else (policy_lm,):
-            for m in lm.modules():
-                if type(m).__name__ in (model._no_split_modules or []):
+        for net in (policy, ref) if ref is not None else (policy,):
+            for m in net.modules():
+                if type(m).__name__ in (policy.lm._no_split_modules or []):
                     fully_shard(m, mp_policy=mp)
-            fully_shard(lm, mp_policy=mp)
+            fully_shard(net, mp_policy=mp)
             if meta:
-                lm.to_empty(device=d.device)  # this rank's shards only, uninitialised
+                net.to_empty(device=d.device)  # this rank's shards only, uninitialised
         if meta:
-            fill_shards(model, ref)
+            fill_shards(policy.lm, None if ref is None else ref.lm)
         # FSDP2 keeps the root's parameters gathered after a forward, expecting a backward; the reference never
         # has one, so reshard it explicitly: it frees the memory and keeps its shards aligned with the policy's.
         if ref is not None:
-            ref_lm.register_forward_hook(lambda module, inputs, output: module.reshard())
-        return policy_lm, policy_lm, ref_lm
+            ref.register_forward_hook(lambda module, inputs, output: module.reshard())
+        return policy
     if d.world_size > 1:
         # no buffer sync per forward: buffers never change here, and the broadcast is a collective per forward.
         # Newer PyTorch (2.13 here) names the flag forward_sync_buffers and warns on broadcast_buffers; the new flag
         # still syncs once at init, which changes nothing for buffers that are equal on every rank.
         new = "forward_sync_buffers" in inspect.signature(DDP).parameters
-        return DDP(policy_lm, **{"forward_sync_buffers" if new else "broadcast_buffers": False}), policy_lm, ref_lm
-    return policy_lm, policy_lm, ref_lm
+        return DDP(policy, **{"forward_sync_buffers" if new else "broadcast_buffers": False})
+    return policy
 
 
 @torch.no_grad()
@@ -105,12 +86,12 @@ def fill_shards(model, ref):
             local(r).copy_(local(policy_tensors[name]))
 
 
-def no_sync(policy, fsdp, last):
-    """Skip the gradient all-reduce on all but the last micro-batch of an optimizer step."""
+def no_sync(ddp, fsdp, last):
+    """Skip the gradient all-reduce on all but the last micro-batch of an optimizer step (ddp: wrap_models's)."""
     if fsdp:
-        policy.set_requires_gradient_sync(last)
+        ddp.set_requires_gradient_sync(last)
         return nullcontext()
-    return policy.no_sync() if isinstance(policy, DDP) and not last else nullcontext()
+    return ddp.no_sync() if isinstance(ddp, DDP) and not last else nullcontext()
 
 
 def eval_micro_batches(n_examples, d: Dist, micro_batch_size):
@@ -121,17 +102,17 @@ def eval_micro_batches(n_examples, d: Dist, micro_batch_size):
 
 
 @torch.no_grad()
-def example_logps(lm, examples, batches, collate, pad_id, per_example, device, amp):
-    """Summed log-probs under `lm` of every sequence of `examples`, as a (per_example, len(examples)) float32 tensor
-    on `device` holding the rows of all ranks, so that [:, ids].flatten() is laid out as lm's output for the
-    micro-batch ids (per_example = 2 for pairs: chosen, then rejected; 1 for unpaired examples). `batches` are this
-    rank's micro-batches (lists of indices), collated and run as the caller's own loop runs them, so every value is
-    bit for bit what that loop gets from the same weights. The scripts keep the initial reference's eval log-probs
-    this way, once at step 0. Every rank must call it (one all-reduce; FSDP forwards)."""
+def example_logps(net, examples, batches, collate, pad_id, per_example, device, amp):
+    """Summed log-probs under `net` (a common.SequenceLogps) of every sequence of `examples`, as a (per_example,
+    len(examples)) float32 tensor on `device` holding the rows of all ranks, so that [:, ids].flatten() is laid out
+    as net's output for the micro-batch ids (per_example = 2 for pairs: chosen, then rejected; 1 for unpaired
+    examples). `batches` are this rank's micro-batches (lists of indices), collated and run as the caller's own loop
+    runs them, so every value is bit for bit what that loop gets from the same weights. The scripts keep the initial
+    reference's eval log-probs this way, once at step 0. Every rank must call it (one all-reduce; FSDP forwards)."""
     out = torch.zeros(per_example, len(examples), device=device)
     for ids in batches:
         batch = to_device(collate([examples[j] for j in ids], pad_id), device)
         with amp():
-            logps, _ = lm(**batch)
+            logps, _ = net(**batch)
         out[:, ids] = logps.view(per_example, len(ids))
     return all_reduce_sum(out)

@@ -56,13 +56,19 @@ def launch(train_loop, get_args, argv=None):
 
 class Run:
     """One run's folder and bookkeeping (rank 0 writes, every rank takes part in saves). With --resume it starts
-    from checkpoint/: `start` is the number of optimizer steps already done. ref=None: SFT, no reference.
+    from checkpoint/: `start` is the number of optimizer steps already done. policy and ref: the script's networks
+    (common.SequenceLogps); ref=None: SFT, no reference.
 
     Everything that can refuse the run is checked before its first write; then the run takes its folder (a lock:
     one run per folder), --overwrite clears the earlier run's files, and --resume moves the checkpoint it loaded
     into checkpoint/ when a save was killed before doing so."""
 
-    def __init__(self, args, d, model, ref, opt, sched, num_steps, show=()):
+    def __init__(self, args, d, policy, ref, opt, sched, num_steps, show=()):
+        # what checkpoints and the final folders hold: the Hugging Face models, under their own parameter names
+        # (save_pretrained's), or a LoRA reference's adapter state (adapters.AdapterReference)
+        model = policy.lm
+        if ref is not None and not isinstance(ref, adapters.AdapterReference):
+            ref = ref.lm
         self.args, self.d, self.model, self.ref, self.opt, self.sched = args, d, model, ref, opt, sched
         self.num_steps, self.out = num_steps, args.output_dir
         positions = getattr(model.config, "max_position_embeddings", None)  # learned positions end there (GPT-2's 1024)

@@ -19,13 +19,12 @@ from engineering.cli import InputError, first_line
 # --share_prompt: each prompt once, its KV cache reused for every response
 
 
-def pair_layout(share_prompt, model=None):
-    """(collate, logps) of the preference-pair scripts: common.collate_pairs and common.sequence_logps, or with
-    --share_prompt collate_shared_prompt and shared_prompt_logps below, once check_share_prompt(model) has passed
-    (the scripts pass their model; a model whose cache cannot be shared exactly is refused in one line)."""
-    if share_prompt and model is not None:
-        check_share_prompt(model)
-    return (collate_shared_prompt, shared_prompt_logps) if share_prompt else (collate_pairs, sequence_logps)
+def shared_prompt_layout(model):
+    """(collate, logps) of --share_prompt for the preference-pair scripts, in place of common.collate_pairs and
+    common.sequence_logps: collate_shared_prompt and shared_prompt_logps below, once check_share_prompt(model) has
+    passed (a model whose cache cannot be shared exactly is refused in one line)."""
+    check_share_prompt(model)
+    return collate_shared_prompt, shared_prompt_logps
 
 
 def collate_shared_prompt(examples, pad_id, keys=("chosen", "rejected")):
@@ -118,9 +117,9 @@ def shared_prompt_logps(model, prompt_ids, prompt_mask, response_ids, response_m
 
 @torch.no_grad()
 def check_share_prompt(model):
-    """InputError unless shared_prompt_logps gives sequence_logps's log-probs on a probe batch (pair_layout calls it
-    once, with --share_prompt). A model whose cache is not a plain per-layer KV cache (RWKV, Mamba,
-    RecurrentGemma, ...) cannot share its prompts: it fails, or its numbers differ. A model on the meta device
+    """InputError unless shared_prompt_logps gives sequence_logps's log-probs on a probe batch (shared_prompt_layout
+    calls it). A model whose cache is not a plain per-layer KV cache (RWKV, Mamba, RecurrentGemma, ...) cannot share
+    its prompts: it fails, or its numbers differ. A model on the meta device
     (models.load_on_rank0) carries rank 0's outcome of this check as model.share_prompt_error."""
     if next(model.parameters()).is_meta:
         if model.share_prompt_error:

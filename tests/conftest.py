@@ -41,8 +41,18 @@ def weights(out, name="policy"):
     return AutoModelForCausalLM.from_pretrained(os.path.join(out, name)).state_dict()
 
 
-def checkpoint(out):
-    return torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=False)
+def checkpoint(out, name="checkpoint"):
+    """out/checkpoint as one dict: trainer.pt's entries (step, extra, scheduler, ...) and the DCP shards' full
+    tensors ("policy", "reference", "optimizer"), read the way a user inspects a checkpoint offline: DCP's own
+    converter to one torch.save file, loaded weights_only."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    path = os.path.join(out, name)
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(path, os.path.join(tmp, "shards.pt"))
+        shards = torch.load(os.path.join(tmp, "shards.pt"), weights_only=True)
+    return {**torch.load(os.path.join(path, "trainer.pt"), weights_only=True), **shards}
 
 
 def torchrun(script, *flags, nproc=2, timeout=300):

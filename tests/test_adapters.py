@@ -68,7 +68,7 @@ def logits(model, x=X):
 @torch.no_grad()
 def ref_logits(ref, x=X):
     with ref.active():
-        return ref.model(input_ids=x).logits
+        return ref.lm(input_ids=x).logits
 
 
 @torch.no_grad()
@@ -138,15 +138,16 @@ def test_reference_forward_is_the_exact_lerp_over_soft_and_hard_updates(arch, R,
 
 
 def test_common_update_reference_dispatches_to_the_exact_update():
-    """The scripts' one call, common.update_reference(ref, model, alpha), on a LoRA reference: the same exact lerp,
-    and common.make_reference returns an adapter reference, not a copy of the model."""
+    """The scripts' one call, common.update_reference(ref, policy, alpha), on a LoRA reference: the same exact lerp,
+    and common.make_reference returns an adapter reference on the policy's own model, not a copy of the model."""
     import common
     base = neox()
     model = add_lora(copy.deepcopy(base), R)
-    ref = common.make_reference(model)
-    assert isinstance(ref, adapters.AdapterReference) and ref.model is model
+    policy = common.SequenceLogps(model)
+    ref = common.make_reference(policy)
+    assert isinstance(ref, adapters.AdapterReference) and ref.lm is model and ref.logps is policy.logps
     move_policy(model, seed=0)
-    common.update_reference(ref, model, 0.6)
+    common.update_reference(ref, policy, 0.6)
     assert max_diff(ref_logits(ref), logits(plain(base, {n: 0.6 * d for n, d in policy_deltas(model).items()}))) < 1e-5
 
 

@@ -256,7 +256,8 @@ def test_a_checkpoint_moved_away_and_linked_back_keeps_saving(data_run, tmp_path
         code, err = outcome(flags + ["--max_steps", steps], capfd)
         assert code == 0, err[-2000:]
     assert checkpoint.find_checkpoint(str(out))[1]["step"] == 4
-    assert sorted(os.listdir(tmp_path / "elsewhere")) == ["rng_0.pt", "run.json", "state.pt"]  # never deleted
+    assert sorted(os.listdir(tmp_path / "elsewhere")) == [".metadata", "__0_0.distcp", "rng_0.pt", "run.json",
+                                                         "trainer.pt"]  # never deleted
     assert not os.path.lexists(out / "checkpoint.old")
 
 

@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common import (Dist, Metrics, collate_pairs, global_batch, rank_micro_batches, sequence_logps, split_hh,
-                    tokenize_rows, truncate)
+from common import (Dist, Metrics, SequenceLogps, collate_pairs, global_batch, make_reference, rank_micro_batches,
+                    sequence_logps, split_hh, tokenize_rows, truncate)
 from conftest import FIXTURES, naive_logp
 from engineering.cli import ArgumentParser, DataError, InputError, add_common_args, check_args
 from engineering.data import load_preferences
@@ -164,6 +164,39 @@ def test_sequence_logps_padded_batch_equals_naive():
         for i, (e, key) in enumerate([(e, k) for k in ("chosen", "rejected") for e in ex]):
             assert counts[i].item() == len(e[key])
             assert logps[i].item() == pytest.approx(naive_logp(model, e["prompt"], e[key]), abs=1e-5)
+
+
+def test_the_networks_run_their_logps_and_the_reference_is_a_frozen_copy_of_the_policy():
+    """SequenceLogps(lm, logps, scope)(**batch) is logps(lm, **batch) inside scope(); make_reference copies the whole
+    network: the same log-prob function (a speed path reaches the reference too), its own frozen weights in the asked
+    dtype under the policy's parameter names, in eval mode; the policy keeps training."""
+    model, tok = load_model("tiny", seed=0)
+    ex = tokenize_rows(tok, [{"prompt": "sort 312", "chosen": " 123", "rejected": " 12"}], ("chosen", "rejected"),
+                       64, 32)
+    batch, seen = collate_pairs(ex, tok.pad_token_id), []
+
+    def logps(lm, **b):
+        seen.append(("logps", lm))
+        return sequence_logps(lm, **b)
+
+    class Scope:
+        def __enter__(self):
+            seen.append("enter")
+
+        def __exit__(self, *exc):
+            seen.append("exit")
+
+    policy = SequenceLogps(model, logps, Scope).train()
+    got, n = policy(**batch)
+    want, n_want = sequence_logps(model, **batch)
+    assert torch.equal(got, want) and torch.equal(n, n_want) and seen == ["enter", ("logps", model), "exit"]
+    ref = make_reference(policy, torch.bfloat16)
+    assert ref.logps is logps and ref.lm is not model and not ref.training and not ref.lm.training
+    assert [k for k, _ in ref.named_parameters()] == [k for k, _ in policy.named_parameters()]
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in ref.parameters())
+    assert policy.training and all(p.dtype == torch.float32 and p.requires_grad for p in policy.parameters())
+    ref(**batch)
+    assert seen[-2] == ("logps", ref.lm)
 
 
 # -----------------------------------------------------------------------------

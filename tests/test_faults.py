@@ -19,6 +19,7 @@ import tr_dpo
 import tr_kto
 from common import Dist, global_batch, tokenize_rows
 from conftest import ENV, FAST, ROOT, metrics, torchrun, weights
+from conftest import checkpoint as saved
 from engineering import checkpoint
 from engineering.cli import DataError, InputError, check_paths
 from engineering.data import load_preferences
@@ -35,23 +36,76 @@ def steps_logged(out):
 
 
 # -----------------------------------------------------------------------------
-# FSDP2
+# FSDP2 and resuming on another world size
+
+def assert_close_weights(a_out, b_out, atol):
+    for name in ("policy", "reference"):
+        a, b = weights(a_out, name), weights(b_out, name)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.allclose(a[k], b[k], rtol=0, atol=atol), (name, k, (a[k] - b[k]).abs().max().item())
+
 
 @slow
 def test_fsdp_matches_ddp_and_resumes(tmp_path):
     ddp, fsdp, resumed = (str(tmp_path / n) for n in ("ddp", "fsdp", "resumed"))
     torchrun("tr_dpo.py", *FLAGS, "--max_steps", "4", "--output_dir", ddp)
     torchrun("tr_dpo.py", *FLAGS, "--max_steps", "4", "--fsdp", "--output_dir", fsdp)
-    for name in ("policy", "reference"):
-        a, b = weights(ddp, name), weights(fsdp, name)
-        for k in a:
-            assert torch.allclose(a[k], b[k], atol=1e-5), (name, k)
+    assert_close_weights(ddp, fsdp, atol=1e-5)
     # resume under FSDP: stop at step 2 with a checkpoint, continue to 4: the same weights as the straight run
     torchrun("tr_dpo.py", *FLAGS, "--max_steps", "2", "--save_every", "2", "--fsdp", "--output_dir", resumed)
     torchrun("tr_dpo.py", *FLAGS, "--max_steps", "4", "--resume", "--fsdp", "--output_dir", resumed)
     for name in ("policy", "reference"):
         a, b = weights(fsdp, name), weights(resumed, name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@slow
+def test_resume_on_another_world_size(tmp_path):
+    """A checkpoint written by N processes continues on M, with or without --fsdp: two steps each on 1 process, 2
+    (DDP), 2 (FSDP), 2 (DDP), 1 process end with the weights of one uninterrupted process within float error (sums
+    over ranks add in another order). Equal up to that only because every step's draw of the RNG is nothing: the
+    tiny model has no dropout; a rank without its rng_<rank>.pt starts from --seed + rank. The tolerance tells
+    float error from a lost state: one process and two differ by up to 1e-6 after these 10 steps, and a resume at
+    step 2 that dropped AdamW's moments ends 6e-3 away."""
+    straight, chain = str(tmp_path / "straight"), str(tmp_path / "chain")
+    tr_dpo.main(FLAGS + ["--max_steps", "10", "--output_dir", straight])
+    flags = FLAGS + ["--save_every", "2", "--output_dir", chain]
+    tr_dpo.main(flags + ["--max_steps", "2"])
+    r = torchrun("tr_dpo.py", *flags, "--max_steps", "4", "--resume")
+    assert f"resume: {chain}/checkpoint at step 2; --max_steps 2 -> 4; 1 -> 2 processes" in r.stdout
+    r = torchrun("tr_dpo.py", *flags, "--max_steps", "6", "--resume", "--fsdp")
+    assert f"resume: {chain}/checkpoint at step 4; --fsdp False -> True; --max_steps 4 -> 6" in r.stdout
+    # each rank wrote its own shards and RNG state; run.json last, listing them all
+    assert sorted(os.listdir(os.path.join(chain, "checkpoint"))) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "rng_0.pt", "rng_1.pt", "run.json", "trainer.pt"]
+    torchrun("tr_dpo.py", *flags, "--max_steps", "8", "--resume")
+    tr_dpo.main(flags + ["--max_steps", "10", "--resume"])
+    assert saved(chain)["step"] == 10 and metrics(chain)[-1]["step"] == 10
+    assert_close_weights(straight, chain, atol=1e-5)
+
+
+def test_the_final_folders_are_sharded_safetensors_with_an_index(tmp_path):
+    """save_final writes each model in safetensors files of at most max_shard_size with an index when there are
+    several, and from_pretrained loads them to the model's own weights."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+    model, tok = load_model("tiny")
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.mul_(0.5)  # the reference's own weights, not a second copy of the policy's
+    out = str(tmp_path / "run")
+    written = checkpoint.save_final(out, Dist(0, 0, 1, torch.device("cpu")), model, ref, tok, max_shard_size="200KB")
+    assert written == ["policy/", "reference/"]
+    for name, m in (("policy", model), ("reference", ref)):
+        index = json.load(open(os.path.join(out, name, "model.safetensors.index.json")))
+        files = sorted(set(index["weight_map"].values()))
+        assert len(files) == 3  # 532,480 bytes of float32 weights in files of at most 200 kB
+        loaded = AutoModelForCausalLM.from_pretrained(os.path.join(out, name)).state_dict()
+        own = m.state_dict()
+        assert loaded.keys() == own.keys() and all(torch.equal(loaded[k], own[k]) for k in own)
 
 
 # -----------------------------------------------------------------------------
@@ -72,7 +126,7 @@ def test_sigterm_saves_and_resume_matches(tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 143  # the shell's code for SIGTERM, after the checkpoint is written
-    ck = torch.load(os.path.join(stopped, "checkpoint", "state.pt"), weights_only=False)
+    ck = saved(stopped)
     assert 3 <= ck["step"] < 40 and f"stopped by a signal after step {ck['step']}" in out
     assert not os.path.exists(os.path.join(stopped, "policy"))  # not finished: only the checkpoint
     run("--resume", "--output_dir", stopped)
@@ -92,8 +146,10 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     real_save, calls = torch.save, []
 
     def failing_save(obj, path, *a, **k):
+        if not isinstance(path, str):  # DCP's own torch.save into memory (the optimizer's plain values)
+            return real_save(obj, path, *a, **k)
         calls.append(path)
-        if len(calls) == 3:  # the second checkpoint's state.pt (1: state.pt, 2: rng_0.pt, 3: state.pt of step 4)
+        if len(calls) == 3:  # the second checkpoint's trainer.pt (1: trainer.pt, 2: rng_0.pt, 3: trainer.pt of step 4)
             with open(path, "wb") as f:
                 f.write(b"half a file")
             raise OSError("disk full (simulated)")
@@ -105,11 +161,31 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert str(e.value) == (f"error: step 4: cannot write the checkpoint (disk full (simulated)); {crashed}/checkpoint "
                             f"(step 2) is intact: --resume continues from it")
     monkeypatch.undo()
-    ck = torch.load(os.path.join(crashed, "checkpoint", "state.pt"), weights_only=False)
+    ck = saved(crashed)
     assert ck["step"] == 2 and not os.path.exists(os.path.join(crashed, "checkpoint.tmp"))  # the half one removed
     tr_dpo.main(flags + ["--resume", "--output_dir", crashed])
     a, b = weights(straight), weights(crashed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@slow
+def test_a_full_disk_while_writing_the_shards_is_one_line(tmp_path):
+    """The checkpoint's DCP shards cannot be written (a limit on file size: the write fails with EFBIG, as it fails
+    with ENOSPC on a full disk): one line naming the checkpoint that is intact, no checkpoint.tmp/ left."""
+    import resource
+    out = str(tmp_path / "run")
+    tr_dpo.main(FLAGS + ["--max_steps", "2", "--save_every", "2", "--output_dir", out])
+
+    def limited():  # in the child: files of at most 1 MiB (its shards hold about 2 MiB)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 ** 20, 2 ** 20))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tr_dpo.py"), *FLAGS, "--max_steps", "4", "--save_every",
+                        "2", "--resume", "--output_dir", out], env=ENV, cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, preexec_fn=limited)
+    assert r.returncode == 1 and r.stderr.splitlines()[-1] == (
+        f"error: step 4: cannot write the checkpoint ([Errno 27] File too large); {out}/checkpoint (step 2) is "
+        f"intact: --resume continues from it"), r.stderr[-2000:]
+    assert saved(out)["step"] == 2 and not os.path.exists(os.path.join(out, "checkpoint.tmp"))
 
 
 # -----------------------------------------------------------------------------
@@ -136,7 +212,7 @@ def test_nan_stops_with_step_and_example_ids(tmp_path, monkeypatch, capsys):
         tr_dpo.main(FLAGS + ["--max_steps", "6", "--save_every", "2", "--output_dir", out])
     ids = global_batch(2, 2048, 8, 0)  # step 3 is global batch index 2
     assert "step 3: non-finite loss or gradient" in str(e.value) and str(ids) in str(e.value)
-    ck = torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=False)
+    ck = saved(out)
     assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["policy"].values())
 
 
@@ -301,9 +377,19 @@ def test_resume_refuses_edited_data_and_an_old_checkpoint(tmp_path, capfd):
     data.write_text("".join(rows[:-1] + [rows[-1].replace("Q39", "Q39?")]))  # the same name, one row edited
     code, err = refused(tr_dpo, flags + ["--max_steps", "4", "--resume", "--output_dir", out], capfd)
     assert code == 2 and f"--dataset {data} has changed since {out}/checkpoint was written" in err
-    # a checkpoint of the code before run records: one line, not a guess
-    os.remove(os.path.join(out, "checkpoint", "run.json"))
+    # a checkpoint of one pickled state.pt (format 1): refused in one line, never unpickled
     data.write_text("".join(rows))
+    record_path = os.path.join(out, "checkpoint", "run.json")
+    record = json.load(open(record_path))
+    json.dump({**record, "format": 1}, open(record_path, "w"))
+    code, err = refused(tr_dpo, flags + ["--max_steps", "4", "--resume", "--output_dir", out], capfd)
+    assert code == 2 and err == (f"error: --resume: no complete checkpoint in {out} (checkpoint/: one pickled "
+                                 f"state.pt, which --resume does not read (loading it could run code stored in it); "
+                                 f"finish that run with the version of this code that wrote it); start a new run "
+                                 f"(--overwrite)\n")
+    # a checkpoint of the code before run records: one line, not a guess
+    os.remove(record_path)
+    open(os.path.join(out, "checkpoint", "state.pt"), "wb").close()
     code, err = refused(tr_dpo, flags + ["--max_steps", "4", "--resume", "--output_dir", out], capfd)
     assert code == 2 and err == (f"error: --resume: {out}/checkpoint was written by an older version of this code, "
                                  f"without the record of its run (run.json) that --resume checks; start a new run "
@@ -316,12 +402,12 @@ def test_resume_without_the_initial_reference_logps_is_one_line(dpo_run, tmp_pat
     KeyError): Run.initial says so in one line, the progress bar erased before it, exit code 2, the run's files
     as they were."""
     out = copy_of(dpo_run, tmp_path)
-    path = os.path.join(out, "checkpoint", "state.pt")
-    state = torch.load(path, weights_only=False)
+    path = os.path.join(out, "checkpoint", "trainer.pt")
+    state = torch.load(path, weights_only=True)
     del state["extra"]["init_ref_logps"]
     torch.save(state, path)
     record = json.load(open(os.path.join(out, "checkpoint", "run.json")))
-    record["files"]["state.pt"] = os.path.getsize(path)
+    record["files"]["trainer.pt"] = os.path.getsize(path)
     json.dump(record, open(os.path.join(out, "checkpoint", "run.json"), "w"))
     before = snapshot(out)
     code, err = refused(tr_dpo, RUN + ["--max_steps", "6", "--resume", "--output_dir", out], capfd)
@@ -332,16 +418,72 @@ def test_resume_without_the_initial_reference_logps_is_one_line(dpo_run, tmp_pat
     assert snapshot(out) == before
 
 
+class RunsCode:
+    """Pickles as a call of os.mkdir(path): what a .metadata file from a stranger could hold."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+@slow
+def test_a_checkpoint_index_that_would_run_code_is_refused(dpo_run, tmp_path, capfd):
+    """DCP unpickles a checkpoint's .metadata; one that names a function (os.mkdir here) is refused in one line
+    before DCP reads it, the function never called, the run's files as they were."""
+    import pickle
+    out, ran = copy_of(dpo_run, tmp_path), str(tmp_path / "ran")
+    path = os.path.join(out, "checkpoint", ".metadata")
+    with open(path, "wb") as f:
+        pickle.dump(RunsCode(ran), f)
+    record = json.load(open(os.path.join(out, "checkpoint", "run.json")))
+    record["files"][".metadata"] = os.path.getsize(path)
+    json.dump(record, open(os.path.join(out, "checkpoint", "run.json"), "w"))
+    before = snapshot(out)
+    code, err = refused(tr_dpo, RUN + ["--max_steps", "6", "--resume", "--output_dir", out], capfd)
+    assert (code, err) == (2, f"error: --resume: cannot read {out}/checkpoint/.metadata (it names posix.mkdir, not a "
+                              f"part of a checkpoint's index); start a new run (--overwrite)\n")
+    assert not os.path.exists(ran) and snapshot(out) == before
+
+
+@slow
+def test_a_shard_value_that_would_run_code_is_refused(dpo_run, tmp_path, capfd):
+    """DCP's own loader unpickles the plain values of the shards (the optimizer's hyperparameters) with
+    weights_only=False; --resume reads them weights_only: a value that names a function (os.mkdir) is refused in one
+    line, the function never called, the run's files as they were."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    out, ran = copy_of(dpo_run, tmp_path), str(tmp_path / "ran")
+    path = os.path.join(out, "checkpoint")
+    state = {k: v for k, v in saved(out).items() if k in ("policy", "reference", "optimizer")}
+    state["optimizer"]["param_groups"][0]["lr"] = RunsCode(ran)
+    for name in os.listdir(path):
+        if name == ".metadata" or name.endswith(".distcp"):
+            os.remove(os.path.join(path, name))
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(state, checkpoint_id=path, no_dist=True)
+    record = json.load(open(os.path.join(path, "run.json")))
+    record["files"] = {n: os.path.getsize(os.path.join(path, n)) for n in os.listdir(path) if n != "run.json"}
+    json.dump(record, open(os.path.join(path, "run.json"), "w"))
+    before = snapshot(out)
+    code, err = refused(tr_dpo, RUN + ["--max_steps", "6", "--resume", "--output_dir", out], capfd)
+    assert code == 2 and err.startswith(f"error: --resume: cannot load the weights of {path} (UnpicklingError: ")
+    assert err.count("\n") == 1 and not os.path.exists(ran) and snapshot(out) == before
+
+
 @slow
 def test_a_new_lr_on_resume_takes_effect(dpo_run, tmp_path, capfd):
     """--lr 0 from step 4 on: AdamW then moves no weight (no weight decay), so the final policy is the checkpoint's
     bit for bit; had the checkpoint's lr 1e-3 been kept, it would have moved."""
     out = copy_of(dpo_run, tmp_path)
-    saved = torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=False)["policy"]
+    before = saved(out)["policy"]
     tr_dpo.main(RUN + ["--max_steps", "6", "--lr", "0", "--resume", "--output_dir", out])
     assert f"resume: {out}/checkpoint at step 4; --lr 0.001 -> 0.0; --max_steps 4 -> 6" in capfd.readouterr().out
     final = weights(out)
-    assert all(torch.equal(final[k], saved[k]) for k in saved)
+    assert all(torch.equal(final[k], before[k]) for k in before)
     # warmup 10: step s is logged with lr * (s + 1) / 11, the schedule's factor after s steps
     assert [(m["step"], m["lr"]) for m in metrics(out, "lr")] == [
         (1, round(1e-3 * 2 / 11, 6)), (2, round(1e-3 * 3 / 11, 6)), (3, round(1e-3 * 4 / 11, 6)),
@@ -402,7 +544,7 @@ def fake_checkpoint(path, step, files=None, record=True):
     """A checkpoint folder as find_checkpoint sees it: files of given sizes and, if record, run.json listing them
     (files: {name: (size written, size listed)})."""
     os.makedirs(path)
-    files = files or {"state.pt": (10, 10), "rng_0.pt": (3, 3)}
+    files = files or {"trainer.pt": (10, 10), "rng_0.pt": (3, 3)}
     for name, (size, _) in files.items():
         with open(os.path.join(path, name), "wb") as f:
             f.write(b"x" * size)
@@ -426,7 +568,7 @@ def test_resume_finds_the_latest_complete_checkpoint(tmp_path, layout, found):
         if what == "half":  # no run.json yet: written last
             fake_checkpoint(str(tmp_path / name), 0, record=False)
         elif what == "short":  # a file shorter than written (a damaged disk, a copy cut off)
-            fake_checkpoint(str(tmp_path / name), 6, {"state.pt": (5, 10)})
+            fake_checkpoint(str(tmp_path / name), 6, {"trainer.pt": (5, 10)})
         else:
             fake_checkpoint(str(tmp_path / name), what)
     path, record = checkpoint.find_checkpoint(str(tmp_path))
@@ -435,7 +577,7 @@ def test_resume_finds_the_latest_complete_checkpoint(tmp_path, layout, found):
 
 @pytest.mark.parametrize("damage, why", [
     ("no rng file", "checkpoint/: rng_0.pt is missing"),
-    ("garbage state.pt", "checkpoint/: state.pt has 7 bytes, 10 were written"),  # also a truncated one
+    ("garbage trainer.pt", "checkpoint/: trainer.pt has 7 bytes, 10 were written"),  # also a truncated one
     ("broken run.json", "checkpoint/: run.json unreadable (not valid JSON (Expecting property name enclosed in double "
                         "quotes))"),
     ("empty folder", "checkpoint/: no run.json"),
@@ -445,8 +587,8 @@ def test_a_damaged_checkpoint_is_named_before_it_is_read(tmp_path, damage, why):
     fake_checkpoint(str(path), 4)
     if damage == "no rng file":
         os.remove(path / "rng_0.pt")
-    elif damage == "garbage state.pt":
-        (path / "state.pt").write_bytes(b"garbage")
+    elif damage == "garbage trainer.pt":
+        (path / "trainer.pt").write_bytes(b"garbage")
     elif damage == "broken run.json":
         (path / "run.json").write_text("{")
     else:
@@ -458,7 +600,7 @@ def test_a_damaged_checkpoint_is_named_before_it_is_read(tmp_path, damage, why):
 
 
 def test_a_checkpoint_file_that_does_not_load_is_one_line(tmp_path):
-    path = tmp_path / "state.pt"
+    path = tmp_path / "trainer.pt"
     path.write_bytes(b"PK\x03\x04 not a zip")
     with pytest.raises(InputError, match=rf"--resume: cannot read {path} \(.*\); start a new run"):
         checkpoint.read(str(path))
@@ -500,12 +642,13 @@ def test_a_full_disk_at_the_final_save_is_one_line_and_leaves_no_half_folder(tmp
 
 
 def test_a_policy_with_a_nan_weight_is_never_checkpointed(tmp_path):
+    from common import SequenceLogps
     from engineering.run import Run
     model, _ = load_model("tiny")
     args = tr_dpo.get_args(["--output_dir", str(tmp_path / "run")])
     opt = torch.optim.AdamW(model.parameters())
-    run = Run(args, Dist(0, 0, 1, torch.device("cpu")), model, None, opt, torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 1.0), 1)
+    run = Run(args, Dist(0, 0, 1, torch.device("cpu")), SequenceLogps(model), None, opt,
+              torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), 1)
     try:
         with torch.no_grad():
             next(model.parameters())[0, 0] = float("nan")

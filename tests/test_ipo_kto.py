@@ -11,12 +11,11 @@ import torch.nn.functional as F
 
 import tr_ipo
 import tr_kto
-from common import collate_pairs, global_batch, sequence_logps, tokenize_rows
+from common import SequenceLogps, collate_pairs, global_batch, sequence_logps, tokenize_rows
 from conftest import FAST, metrics, naive_logp
 from engineering.cli import DataError
 from engineering.data import load_preferences, load_unpaired, unpair
 from engineering.models import load_model
-from engineering.parallel import SequenceLogps
 from tr_kto import class_balance_warning, estimate_kl, mismatched_pairs
 
 slow = pytest.mark.slow

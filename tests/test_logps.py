@@ -19,14 +19,14 @@ import transformers as tf
 import evaluate
 import sft
 import tr_dpo
-from common import Dist, collate_pairs, make_reference, sequence_logps, tokenize_rows
+from common import Dist, SequenceLogps, collate_pairs, make_reference, sequence_logps, tokenize_rows
 from conftest import FAST, checkpoint, metrics, naive_logp, torchrun
 from engineering.cli import InputError
 from engineering.data import load_preferences, load_sft
 from engineering.logits import _probe, choose_logps_path
 from engineering.models import byte_tokenizer
 from engineering.parallel import wrap_models
-from engineering.speed import check_share_prompt, collate_shared_prompt, pair_layout, shared_prompt_logps
+from engineering.speed import check_share_prompt, collate_shared_prompt, shared_prompt_layout, shared_prompt_logps
 
 slow = pytest.mark.slow
 
@@ -205,10 +205,10 @@ def test_shared_prompt_exact_under_a_sliding_window(name):
 
 def test_share_prompt_checked_once_and_refused_where_the_cache_cannot_be_shared():
     """RWKV's state and Mamba's cache are no per-layer KV cache: with --share_prompt RWKV's log-probs would be off
-    (its state reads the prompts' left padding) and Mamba's forward fails. The scripts' pair_layout(share_prompt,
-    model) refuses both in one line, and passes the others."""
+    (its state reads the prompts' left padding) and Mamba's forward fails. The scripts' shared_prompt_layout(model)
+    refuses both in one line, and passes the others."""
     for name in ("llama", "gemma2", "granite"):
-        assert pair_layout(True, checked(name)[0])[1] is shared_prompt_logps
+        assert shared_prompt_layout(checked(name)[0]) == (collate_shared_prompt, shared_prompt_logps)
     rwkv = tf.RwkvForCausalLM(tf.RwkvConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2,
                                             attention_hidden_size=32, intermediate_size=64, context_length=128))
     mamba = tf.MambaForCausalLM(tf.MambaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, state_size=4))
@@ -216,8 +216,7 @@ def test_share_prompt_checked_once_and_refused_where_the_cache_cannot_be_shared(
         choose_logps_path(model)
         with pytest.raises(InputError, match=f"^--share_prompt cannot reuse {type(model).__name__}'s cache exactly: "
                                              f"{why}.*; run without --share_prompt$"):
-            pair_layout(True, model)
-        assert pair_layout(False, model)[1] is sequence_logps  # without the flag, nothing to check
+            shared_prompt_layout(model)
     check_share_prompt(checked("gpt2")[0])
 
 # -----------------------------------------------------------------------------
@@ -314,19 +313,21 @@ def test_fsdp_and_reference_keep_the_decision(tmp_path, layout):
     model = build("gemma2")
     choose_logps_path(model)
     want = naive_all(model)
-    collate, logps = pair_layout(layout == "shared")
+    collate, logps = (collate_pairs, sequence_logps) if layout == "plain" else (collate_shared_prompt,
+                                                                                shared_prompt_logps)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
-        ref = make_reference(model)
-        policy, _, ref_lm = wrap_models(model, ref, Dist(0, 0, 1, torch.device("cpu")), fsdp=True, logps=logps)
-        assert ref.logps_path == model.logps_path == "forward_keep"
+        policy = SequenceLogps(model, logps)
+        ref = make_reference(policy)
+        assert wrap_models(policy, ref, Dist(0, 0, 1, torch.device("cpu")), fsdp=True) is policy  # sharded in place
+        assert ref.lm.logps_path == model.logps_path == "forward_keep"
         for micro in (EXAMPLES[:2], EXAMPLES[2:]):
             rows = [i for i, (p, _) in enumerate(PAIRS) if any(p is e["prompt"] for e in micro)]
             got, _ = policy(**collate(micro, 0))
             got.sum().backward()
             assert worst(got.detach(), want[rows]) <= TOL
             with torch.no_grad():
-                assert worst(ref_lm(**collate(micro, 0))[0], want[rows]) <= TOL
+                assert worst(ref(**collate(micro, 0))[0], want[rows]) <= TOL
     finally:
         dist.destroy_process_group()
 

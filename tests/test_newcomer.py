@@ -107,6 +107,7 @@ def test_seed_and_threads_are_what_the_help_says(tmp_path):
     # --seed: rank r's torch RNG starts at seed + r (one process: rank 0) and the built-in model's initialisation
     # does not reseed it; --threads 0: one thread for a model of under 10M parameters (tiny: 0.13M) on a CPU,
     # restored afterwards
+    from common import SequenceLogps
     from engineering.run import Run, launch
     seen, before = [], torch.get_num_threads()
 
@@ -114,7 +115,7 @@ def test_seed_and_threads_are_what_the_help_says(tmp_path):
         want = torch.Generator().manual_seed(7 + d.rank)
         model, _ = load_model(args.model, args.seed)  # initialised from --seed, in a forked RNG
         seen.append(torch.rand(3).tolist() == torch.rand(3, generator=want).tolist())
-        Run(args, d, model, None, torch.optim.SGD(model.parameters()), None, 1)
+        Run(args, d, SequenceLogps(model), None, torch.optim.SGD(model.parameters()), None, 1)
         seen.append(torch.get_num_threads())
     launch(train_loop, tr_dpo.get_args, ["--seed", "7", "--output_dir", str(tmp_path / "out")])
     launch(train_loop, tr_dpo.get_args, ["--seed", "7", "--threads", "2", "--output_dir", str(tmp_path / "out")])
