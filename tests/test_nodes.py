@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from common import Dist, make_reference
+from common import Dist, SequenceLogps, make_reference
 from conftest import ENV, FAST, ROOT, torchrun, weights
 from engineering.models import load_model
 from engineering.parallel import wrap_models
@@ -24,11 +24,12 @@ def test_the_reference_never_copies_rank_0s_full_weights(tmp_path):
     both once the shards are filled."""
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
-        model, _ = load_model("tiny", fsdp=True)
-        ref = make_reference(model)
-        assert model.full_weights.weights is not None and ref.full_weights.weights is model.full_weights.weights
-        wrap_models(model, ref, Dist(0, 0, 1, torch.device("cpu")), fsdp=True)
-        assert model.full_weights.weights is None and ref.full_weights.weights is None
+        policy = SequenceLogps(load_model("tiny", fsdp=True)[0])
+        ref = make_reference(policy)
+        weights = policy.lm.full_weights.weights
+        assert weights is not None and ref.lm.full_weights.weights is weights
+        wrap_models(policy, ref, Dist(0, 0, 1, torch.device("cpu")), fsdp=True)
+        assert policy.lm.full_weights.weights is None and ref.lm.full_weights.weights is None
     finally:
         dist.destroy_process_group()
 
