@@ -151,10 +151,12 @@ EXPERIMENT 3 (results/toy3/; pre-registered here and in docs/experiment.md befor
 run yet). Experiment 2 compared a weak frozen anchor with no anchor on a task whose best policy lies ~1.2 nats from
 SFT. The paper's later claim is about over-optimisation: a moving reference lets the policy travel further from SFT
 while keeping quality, a better gold-versus-KL frontier. Experiment 3 tests that, for DPO only (the budget).
-- Task: the same toy, but the SFT demonstrations are SFT_ERROR3 = 90% wrong (toy_sft_rows(error_rate=0.9)), so
+- Task: the same toy, but the SFT demonstrations are SFT_ERROR3 = 95% wrong with one systematic, well-formed
+  mistake, MISTAKE3: the other operation's answer (sort for reverse, reverse for sort; toy_other_op), and every
+  pair's rejected answer is that same mistake (other_op; a toy_corrupt answer where both operations agree), so
   that K* = -E log p_SFT(correct answer) (the probe pairs' chosen answers, printed with the SFT line) is >= 3
-  nats: the best reachable policy lies several nats from SFT. Everything else is experiment 2's (model, SFT
-  recipe, 3,840 fresh pairs = 240 steps, eval prompts, judge, checkpoints).
+  nats: the best reachable policy lies several nats from SFT, in a direction the pairs point to. Everything else
+  is experiment 2's (model, SFT recipe, 3,840 fresh pairs = 240 steps, eval prompts, judge, checkpoints).
 - Arms (GRID3, 5 seeds each; the main beta 1 is where the every-step control runs):
     frozen (none)        beta 0.1, 0.3, 1, 3
     hard, soft (alpha 0.6), every tau = TAU3 = 8 steps   beta 1, 3 (shifted up: TR at beta b moves like a frozen
@@ -184,8 +186,10 @@ while keeping quality, a better gold-versus-KL frontier. Experiment 3 tests that
   (2) mean |ln KL_hard - ln KL_control| over the checkpoints after step tau >= 0.1, and >= 4 reference updates
   before the frozen run's best validation checkpoint. lr and tau are chosen from the pilots so that both hold;
   the pilots and their gate readings are committed in results/toy3/pilots/.
-  Pilot readings (lr 1e-4, tau 8, seed 0): gate 1 FAILS (beta 1: 0.347 at K* vs 0.442 at KL 0.5; beta 0.3: 0.304
-  vs 0.429); gate 2 FAILS (0.050; 2 updates before the step-24 peak). The full run is not to be started on them.
+  Pilot readings, round 1 (SFT demonstrations 90% wrong by random corruption, toy_corrupt; lr 1e-4, tau 8):
+  gate 1 FAILS (beta 1: 0.347 at K* vs 0.442 at KL 0.5; beta 0.3: 0.304 vs 0.429; gold peaks at step 24 and
+  falls as the policy moves mass onto malformed strings); gate 2 FAILS (0.050; 2 updates before the step-24
+  peak). The task above replaces it; its pilots are results/toy3/pilots/pilots.md's later rounds.
 
     python toy_experiment.py --experiment 3       # experiment 3's full run: NOT RUN YET (~60 min on 2 idle cores)
     python toy_experiment.py --experiment 3 --betas 1 --schedules none hard soft_every_step --lr 1e-4 --tau 8
@@ -220,7 +224,8 @@ import tr_ipo
 import tr_kto
 from engineering import cli
 from engineering.models import load_model
-from engineering.toy import toy_gold_score, toy_malformed, toy_preferences, toy_problem, toy_sft_rows
+from engineering.toy import (toy_expected, toy_gold_score, toy_malformed, toy_other_op, toy_preferences, toy_problem,
+                              toy_sft_rows)
 from evaluate import response_logps, sample
 
 # -----------------------------------------------------------------------------
@@ -237,10 +242,11 @@ QUICK = dict(model="tiny", sft_steps=30, sft_lr=3e-3, lr=dict.fromkeys(LR, 1e-4)
              pairs=128, tau=4, n_eval=32, samples=2, probe=16, sft_rows=512)
 
 # experiment 3 (pre-registered in the docstring; DPO only): a task where the best policy lies >= 3 nats from SFT
-SFT_ERROR3 = 0.9  # the SFT demonstrations' error rate (experiments 1 and 2: 0.3)
+SFT_ERROR3 = 0.95  # the SFT demonstrations' error rate (experiments 1 and 2: 0.3)
+MISTAKE3 = "other_op"  # every wrong demonstration and every rejected answer: the other operation's answer
 FLIP3 = 0.3       # the frontier positive control trains on pairs with this fraction of labels flipped
 TAU3 = 8
-FULL3 = dict(FULL, sft_error=SFT_ERROR3, flip=FLIP3, tau=TAU3, lr=dict(LR))
+FULL3 = dict(FULL, sft_error=SFT_ERROR3, mistake=MISTAKE3, flip=FLIP3, tau=TAU3, lr=dict(LR))
 MAIN_BETA3 = {"dpo": 1.0}  # where the every-step control runs
 GRID3 = {"dpo": {0.1: (("none",), 5), 0.3: (("none", "flipped"), 5),
                  1.0: (("none", "hard", "soft", "soft_every_step", "flipped"), 5), 3.0: (("none", "hard", "soft"), 5)}}
@@ -522,6 +528,13 @@ def write_jsonl(path, rows):
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
+def other_op(prompt, wrong):
+    """Experiment 3's systematic mistake: the other operation's answer (toy_other_op), or `wrong` (a corrupted
+    answer, toy_corrupt) where both operations give the right one."""
+    other = toy_other_op(prompt)
+    return wrong if other.strip() == toy_expected(prompt) else other
+
+
 def make_data(out, cfg):
     """Eval prompts (distinct; first half validation, second half test), SFT rows and preference pairs as local
     .jsonl files for the scripts, none of whose training rows has an eval prompt. Returns paths, prompts, overlap."""
@@ -534,6 +547,10 @@ def make_data(out, cfg):
     n_sft, n_pairs = cfg["sft_rows"] + SCRIPT_EVAL, cfg["pairs"] + SCRIPT_EVAL  # one epoch: pairs / 16 steps
     sft_stream = toy_sft_rows(2 * n_sft, 0, cfg.get("sft_error", 0.3))
     pair_stream = toy_preferences(2 * n_pairs, 0)
+    if cfg.get("mistake") == "other_op":  # experiment 3: every wrong answer is the other operation's (other_op)
+        sft_stream = [r if r["completion"].strip() == toy_expected(r["prompt"]) else
+                      {**r, "completion": other_op(r["prompt"], r["completion"])} for r in sft_stream]
+        pair_stream = [{**r, "rejected": other_op(r["prompt"], r["rejected"])} for r in pair_stream]
     sft_rows = [r for r in sft_stream if r["prompt"] not in held][:n_sft]
     pairs = [r for r in pair_stream if r["prompt"] not in held][:n_pairs]
     # the scripts train on all rows but the last SCRIPT_EVAL: those are the training prompts
@@ -641,7 +658,7 @@ def run_name(job):
 def run_key(job, cfg):
     """What a finished run's numbers depend on: a rerun skips a run whose key matches."""
     keep = {k: cfg[k] for k in ("model", "sft_steps", "sft_lr", "checkpoints", "pairs", "tau", "n_eval", "samples",
-                                "probe", "sft_rows", "sft_error", "flip") if k in cfg}
+                                "probe", "sft_rows", "sft_error", "mistake", "flip") if k in cfg}
     keep["lr"] = cfg["lr"][job["method"]]  # another method's lr is not this run's
     return hashlib.sha1(json.dumps([job, keep], sort_keys=True).encode()).hexdigest()[:12]
 
@@ -1504,7 +1521,7 @@ def sft_model(out, cfg, data):
     configuration's key and policy/ exists. done.json is written only after policy/ is complete, so a stage stopped
     by a signal (sft.py then saves a checkpoint and returns without policy/) is trained again by the next run."""
     sft_dir = os.path.join(out, "sft")
-    keys = ("model", "sft_steps", "sft_lr", "n_eval", "sft_rows", "sft_error")
+    keys = ("model", "sft_steps", "sft_lr", "n_eval", "sft_rows", "sft_error", "mistake")
     sft_key = hashlib.sha1(json.dumps([cfg[k] for k in keys if k in cfg]).encode()).hexdigest()[:12]
     sft_path, done_path = os.path.join(sft_dir, "policy"), os.path.join(sft_dir, "done.json")
     if not (os.path.exists(done_path) and json.load(open(done_path)).get("key") == sft_key
