@@ -302,6 +302,7 @@ def get_args(argv=None):
     g.add_argument("--schedules", nargs="+", choices=SCHEDULES + ("flipped",), default=["none"], help="with --betas")
     g.add_argument("--tau", type=cli.count, help="the reference update interval of hard and soft")
     g.add_argument("--seeds", type=cli.count, default=1, help="seeds per cell, with --betas")
+    g.add_argument("--sft_error", type=cli.fraction, help="the SFT demonstrations' error rate (trains its own SFT model)")
     args = p.parse_args(argv)
     args.output_dir = args.output_dir or f"out/toy{args.experiment}"
     return args
@@ -1546,8 +1547,8 @@ def main(argv=None):
     with cli.exit_on_bad_input():  # every bad flag: one error: line, exit code 2, before anything is written
         args = get_args(argv)
         pilot = args.betas is not None
-        cli.need(pilot or not (args.lr or args.checkpoints or args.tau),
-                 "--lr, --tau and --checkpoints are pilot flags: give --betas too")
+        cli.need(pilot or not (args.lr or args.checkpoints or args.tau or args.sft_error),
+                 "--lr, --tau, --checkpoints and --sft_error are pilot flags: give --betas too")
         cli.need(not args.checkpoints or len(set(args.checkpoints)) == len(args.checkpoints),
                  "--checkpoints: each step once")
     threads = torch.get_num_threads()
@@ -1569,6 +1570,8 @@ def run(args):
         cfg["lr"] = dict.fromkeys(SCRIPTS, args.lr)
     if args.checkpoints is not None:
         cfg["checkpoints"] = args.checkpoints
+    if args.sft_error is not None:
+        cfg["sft_error"] = args.sft_error
     cfg["checkpoints"] = sorted(cfg["checkpoints"])
     grid = QUICK_GRID if args.quick else GRID3 if args.experiment == 3 else GRID
     if pilot:
@@ -1593,7 +1596,8 @@ def run(args):
     # -------------------------------------------------------------------------
     # 3. the runs not finished yet, --workers at a time, each in its own (spawned) process
     runs_dir = (os.path.join(out, "runs") if not pilot else
-                os.path.join(out, "pilots", f"lr{args.lr or 'default'}" + (f"_tau{args.tau}" if args.tau else "")))
+                os.path.join(out, "pilots", f"lr{args.lr or 'default'}" + (f"_tau{args.tau}" if args.tau else "")
+                             + (f"_sft_error{args.sft_error:g}" if args.sft_error else "")))
     finished = {run_name(r) for r in load_runs(runs_dir, cfg, {m: grid[m] for m in args.methods if m in grid})}
     jobs = [j for j in jobs_of(grid, args.methods) if run_name(j) not in finished]
     print(f"{len(jobs)} runs to do, {len(finished)} finished ones skipped", flush=True)

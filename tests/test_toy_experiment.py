@@ -360,7 +360,8 @@ def test_experiment3_every_mistake_is_the_other_operation(tmp_path):
     ["--threads", "0"], ["--workers", "0"], ["--workers", "-1"], ["--seeds", "0"],
     ["--betas", "-0.1"], ["--betas", "0.1", "0"], ["--betas", "nan"], ["--betas", "0.1", "--lr", "0"],
     ["--betas", "0.1", "--checkpoints", "0", "4"], ["--betas", "0.1", "--checkpoints", "4", "4"],
-    ["--lr", "1e-4"],  # a pilot flag without --betas
+    ["--lr", "1e-4"], ["--sft_error", "0.85"],  # a pilot flag without --betas
+    ["--betas", "0.1", "--sft_error", "0"], ["--betas", "0.1", "--sft_error", "1.5"],
 ])
 def test_bad_flags_are_one_error_line_before_anything_is_written(tmp_path, capsys, flags):
     out = tmp_path / "out"
