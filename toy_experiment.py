@@ -246,7 +246,9 @@ SFT_ERROR3 = 0.95  # the SFT demonstrations' error rate (experiments 1 and 2: 0.
 MISTAKE3 = "other_op"  # every wrong demonstration and every rejected answer: the other operation's answer
 FLIP3 = 0.3       # the frontier positive control trains on pairs with this fraction of labels flipped
 TAU3 = 8
-FULL3 = dict(FULL, sft_error=SFT_ERROR3, mistake=MISTAKE3, flip=FLIP3, tau=TAU3, lr=dict(LR))
+CHECKPOINTS3 = CHECKPOINTS + (300, 360)  # 5,760 pairs, 360 steps: the frozen runs reach K* after their peak
+FULL3 = dict(FULL, sft_error=SFT_ERROR3, mistake=MISTAKE3, flip=FLIP3, tau=TAU3, lr=dict(LR), pairs=5760,
+             checkpoints=CHECKPOINTS3)
 MAIN_BETA3 = {"dpo": 1.0}  # where the every-step control runs
 GRID3 = {"dpo": {0.1: (("none",), 5), 0.3: (("none", "flipped"), 5),
                  1.0: (("none", "hard", "soft", "soft_every_step", "flipped"), 5), 3.0: (("none", "hard", "soft"), 5)}}
