@@ -151,17 +151,18 @@ EXPERIMENT 3 (results/toy3/; pre-registered here and in docs/experiment.md befor
 run yet). Experiment 2 compared a weak frozen anchor with no anchor on a task whose best policy lies ~1.2 nats from
 SFT. The paper's later claim is about over-optimisation: a moving reference lets the policy travel further from SFT
 while keeping quality, a better gold-versus-KL frontier. Experiment 3 tests that, for DPO only (the budget).
-- Task: the same toy, but the SFT demonstrations are SFT_ERROR3 = 95% wrong with one systematic, well-formed
+- Task: the same toy, but the SFT demonstrations are SFT_ERROR3 = 85% wrong with one systematic, well-formed
   mistake, MISTAKE3: the other operation's answer (sort for reverse, reverse for sort; toy_other_op), and every
-  pair's rejected answer is that same mistake (other_op; a toy_corrupt answer where both operations agree), so
-  that K* = -E log p_SFT(correct answer) (the probe pairs' chosen answers, printed with the SFT line) is >= 3
-  nats: the best reachable policy lies several nats from SFT, in a direction the pairs point to. Everything else
-  is experiment 2's (model, SFT recipe, 3,840 fresh pairs = 240 steps, eval prompts, judge, checkpoints).
-- Arms (GRID3, 5 seeds each; the main beta 1 is where the every-step control runs):
+  pair's rejected answer is that same mistake (other_op; a toy_corrupt answer where both operations agree). K* =
+  -E log p_SFT(correct answer) (the probe pairs' chosen answers, printed with the SFT line) is 5.55 nats: the best
+  reachable policy lies several nats from SFT, in a direction the pairs point to. The model, the SFT recipe, the eval
+  prompts and the judge are experiment 2's; the budget is one epoch of 5,760 fresh pairs = 360 steps at lr 1e-4, with
+  checkpoints at CHECKPOINTS3 (experiment 2's and 300, 360), so that a frozen run reaches K* after its peak.
+- Arms (GRID3, 5 seeds each; the main beta 0.3 is where the gates were piloted and the every-step control runs):
     frozen (none)        beta 0.1, 0.3, 1, 3
-    hard, soft (alpha 0.6), every tau = TAU3 = 8 steps   beta 1, 3 (shifted up: TR at beta b moves like a frozen
-                         run at a much smaller beta, experiment 2)
-    soft_every_step      beta 1: the no-anchor control
+    hard, soft (alpha 0.6), every tau = TAU3 = 32 steps   beta 0.3, 1 (the main beta and 3x: the hard pilot at beta 0.3
+                         ends at KL 14.4, the frozen one at 7.7)
+    soft_every_step      beta 0.3: the no-anchor control
     flipped              beta 0.3, 1: the FRONTIER POSITIVE CONTROL, a frozen reference trained on the same pairs
                          with FLIP3 = 30% of the labels flipped (a seeded choice): it is known to lower the frontier
   55 runs.
@@ -180,20 +181,33 @@ while keeping quality, a better gold-versus-KL frontier. Experiment 3 tests that
   per-seed Delta. On experiment 2's data the same endpoint (F(k) of hard, soft or the control minus frozen, seeds
   0-2) had sd 0.0015-0.026 (DPO 0.0015-0.004): a minimum detectable difference of 0.003-0.043 gold, about 0.007
   for DPO if its sd carries over; the bootstrap over prompts adds about as much again. A true difference under
-  ~0.01 gold will most likely read "no detectable difference".
+  ~0.01 gold will most likely read "no detectable difference". For scale, on the pilots' validation gold (one
+  seed) the unconstrained peaks are frozen 0.509, hard 0.478, the control 0.473 (beta 0.3).
 - Pilot gates (pilot_gates; frozen, hard and the every-step control at one beta, seed 0; validation gold and KL
   only), all to pass before the full run: (1) the frozen pilot's validation gold at KL K* >= its gold at KL 0.5;
   (2) mean |ln KL_hard - ln KL_control| over the checkpoints after step tau >= 0.1, and >= 4 reference updates
-  before the frozen run's best validation checkpoint. lr and tau are chosen from the pilots so that both hold;
-  the pilots and their gate readings are committed in results/toy3/pilots/.
-  Pilot readings, round 1 (SFT demonstrations 90% wrong by random corruption, toy_corrupt; lr 1e-4, tau 8):
-  gate 1 FAILS (beta 1: 0.347 at K* vs 0.442 at KL 0.5; beta 0.3: 0.304 vs 0.429; gold peaks at step 24 and
-  falls as the policy moves mass onto malformed strings); gate 2 FAILS (0.050; 2 updates before the step-24
-  peak). The task above replaces it; its pilots are results/toy3/pilots/pilots.md's later rounds.
+  before the frozen run's best validation checkpoint. The task, the budget, beta and tau were chosen from the
+  pilots so that both hold; the pilots of every round, their commands and gate readings are committed in
+  results/toy3/pilots/ (pilots.md). Rounds 1-4 failed a gate and changed the design:
+    1 (SFT 90% wrong by random corruption, toy_corrupt; beta 1, tau 8, 240 steps): gold peaks at step 24 (KL 0.7)
+      and falls onto malformed strings (gate 1 0.347 at K* = 3.00 vs 0.442); hard = control (0.050), 2 updates.
+    2 (95% wrong, the other operation's answer; beta 1, tau 8): gate 2 passes (0.106, 24 updates), but K* = 11.17
+      lies beyond the frozen run's KL (1.85 at step 240; its gold rises all the way).
+    3 (85% wrong; beta 0.3, tau 8): K* = 5.55 beyond the frozen run's 4.28 at step 240 (its gold still above the
+      KL-0.5 level there); hard = control (0.017).
+    4 (75% wrong; beta 0.3, tau 32): K* = 3.69, but gold peaks at KL 0.84 (step 72) and falls (0.440 at K* vs
+      0.478); stopped after the frozen run.
+  Round 5, this design (85% wrong, 360 steps, beta 0.3, tau 32): gate 1 PASSES, 0.473 at K* = 5.55 vs 0.436 at
+  KL 0.5 (frozen peak 0.509 at step 160, KL 2.59; 0.383 at KL 7.74); gate 2 PASSES, 0.111 with 4 updates before
+  the step-160 peak. Both margins are thin: one seed, +0.037 gold and 0.011 above the threshold.
+- Cost, from the round-5 pilots (one torch thread each): a 360-step run takes 48-49 + 35-37 CPU seconds (training +
+  judging 12 checkpoints), whatever its schedule; 55 runs and the SFT model ~4,700 CPU seconds: ~40 min on 2 idle
+  cores, ~45 min with start-up and the last run's tail. A loaded machine stretches it (the pilots ran at 1.4-7x
+  their CPU time).
 
-    python toy_experiment.py --experiment 3       # experiment 3's full run: NOT RUN YET (~60 min on 2 idle cores)
-    python toy_experiment.py --experiment 3 --betas 1 --schedules none hard soft_every_step --lr 1e-4 --tau 8
-                                                  # its pilot and gates (add the --checkpoints of CHECKPOINTS)
+    python toy_experiment.py --experiment 3       # experiment 3's full run: NOT RUN YET (~45 min on 2 idle cores)
+    python toy_experiment.py --experiment 3 --betas 0.3 --schedules none hard soft_every_step --lr 1e-4 --tau 32
+                                                  # its pilot and gates (add the --checkpoints of CHECKPOINTS3)
 
     python toy_experiment.py                      # experiment 2, all 105 runs, ~70 min on 2 idle cores; resumable
     python toy_experiment.py --methods dpo        # or one method per sitting (21-26 min); then ipo, then kto
