@@ -349,8 +349,9 @@ def test_experiment3_every_mistake_is_the_other_operation(tmp_path):
     assert all(r["rejected"] == toy_other_op(r["prompt"]) for r in pairs if other(r))
     wrong = [r for r in sft if r["completion"].strip() != toy_expected(r["prompt"])]
     assert all(r["completion"] == toy_other_op(r["prompt"]) for r in wrong if other(r))
-    # 95% wrong: 1,900 of 2,016 rows expected, binomial sd 10
-    assert 1850 < len(wrong) < 1960 and sum(other(r) for r in wrong) > 0.85 * len(wrong)
+    # 85% wrong: 1,714 of 2,016 rows expected, binomial sd 16; most mistakes are the other operation's answer
+    e, n = te.SFT_ERROR3, len(sft)
+    assert abs(len(wrong) - e * n) < 4 * math.sqrt(n * e * (1 - e)) and sum(other(r) for r in wrong) > 0.85 * len(wrong)
 
 # -----------------------------------------------------------------------------
 # bad input and interrupted stages
