@@ -318,7 +318,8 @@ def get_args(argv=None):
     g.add_argument("--schedules", nargs="+", choices=SCHEDULES + ("flipped",), default=["none"], help="with --betas")
     g.add_argument("--tau", type=cli.count, help="the reference update interval of hard and soft")
     g.add_argument("--seeds", type=cli.count, default=1, help="seeds per cell, with --betas")
-    g.add_argument("--sft_error", type=cli.fraction, help="the SFT demonstrations' error rate (trains its own SFT model)")
+    g.add_argument("--sft_error", type=cli.fraction,
+                   help="the SFT demonstrations' error rate (trains its own SFT model)")
     args = p.parse_args(argv)
     args.output_dir = args.output_dir or f"out/toy{args.experiment}"
     return args
