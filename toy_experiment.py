@@ -192,7 +192,7 @@ while keeping quality, a better gold-versus-KL frontier. Experiment 3 tests that
     1 (SFT 90% wrong by random corruption, toy_corrupt; beta 1, tau 8, 240 steps): gold peaks at step 24 (KL 0.7)
       and falls onto malformed strings (gate 1 0.347 at K* = 3.00 vs 0.442); hard = control (0.050), 2 updates.
     2 (95% wrong, the other operation's answer; beta 1, tau 8): gate 2 passes (0.106, 24 updates), but K* = 11.17
-      lies beyond the frozen run's KL (1.85 at step 240; its gold rises all the way).
+      lies beyond the frozen run's KL (1.85 at step 240; its gold rises to 0.409 at step 200).
     3 (85% wrong; beta 0.3, tau 8): K* = 5.55 beyond the frozen run's 4.28 at step 240 (its gold still above the
       KL-0.5 level there); hard = control (0.017).
     4 (75% wrong; beta 0.3, tau 32): K* = 3.69, but gold peaks at KL 0.84 (step 72) and falls (0.440 at K* vs
@@ -318,7 +318,8 @@ def get_args(argv=None):
     g.add_argument("--schedules", nargs="+", choices=SCHEDULES + ("flipped",), default=["none"], help="with --betas")
     g.add_argument("--tau", type=cli.count, help="the reference update interval of hard and soft")
     g.add_argument("--seeds", type=cli.count, default=1, help="seeds per cell, with --betas")
-    g.add_argument("--sft_error", type=cli.fraction, help="the SFT demonstrations' error rate (trains its own SFT model)")
+    g.add_argument("--sft_error", type=cli.fraction,
+                   help="the SFT demonstrations' error rate (trains its own SFT model)")
     args = p.parse_args(argv)
     args.output_dir = args.output_dir or f"out/toy{args.experiment}"
     return args
