@@ -151,15 +151,18 @@ EXPERIMENT 3 (results/toy3/; pre-registered here and in docs/experiment.md befor
 run yet). Experiment 2 compared a weak frozen anchor with no anchor on a task whose best policy lies ~1.2 nats from
 SFT. The paper's later claim is about over-optimisation: a moving reference lets the policy travel further from SFT
 while keeping quality, a better gold-versus-KL frontier. Experiment 3 tests that, for DPO only (the budget).
-- Task: the same toy, but the SFT demonstrations are SFT_ERROR3 = 90% wrong (toy_sft_rows(error_rate=0.9)), so
-  that K* = -E log p_SFT(correct answer) (the probe pairs' chosen answers, printed with the SFT line) is >= 3
-  nats: the best reachable policy lies several nats from SFT. Everything else is experiment 2's (model, SFT
-  recipe, 3,840 fresh pairs = 240 steps, eval prompts, judge, checkpoints).
-- Arms (GRID3, 5 seeds each; the main beta 1 is where the every-step control runs):
+- Task: the same toy, but the SFT demonstrations are SFT_ERROR3 = 85% wrong with one systematic, well-formed
+  mistake, MISTAKE3: the other operation's answer (sort for reverse, reverse for sort; toy_other_op), and every
+  pair's rejected answer is that same mistake (other_op; a toy_corrupt answer where both operations agree). K* =
+  -E log p_SFT(correct answer) (the probe pairs' chosen answers, printed with the SFT line) is 5.55 nats: the best
+  reachable policy lies several nats from SFT, in a direction the pairs point to. The model, the SFT recipe, the eval
+  prompts and the judge are experiment 2's; the budget is one epoch of 5,760 fresh pairs = 360 steps at lr 1e-4, with
+  checkpoints at CHECKPOINTS3 (experiment 2's and 300, 360), so that a frozen run reaches K* after its peak.
+- Arms (GRID3, 5 seeds each; the main beta 0.3 is where the gates were piloted and the every-step control runs):
     frozen (none)        beta 0.1, 0.3, 1, 3
-    hard, soft (alpha 0.6), every tau = TAU3 = 8 steps   beta 1, 3 (shifted up: TR at beta b moves like a frozen
-                         run at a much smaller beta, experiment 2)
-    soft_every_step      beta 1: the no-anchor control
+    hard, soft (alpha 0.6), every tau = TAU3 = 32 steps   beta 0.3, 1 (the main beta and 3x: the hard pilot at beta 0.3
+                         ends at KL 14.4, the frozen one at 7.7)
+    soft_every_step      beta 0.3: the no-anchor control
     flipped              beta 0.3, 1: the FRONTIER POSITIVE CONTROL, a frozen reference trained on the same pairs
                          with FLIP3 = 30% of the labels flipped (a seeded choice): it is known to lower the frontier
   55 runs.
@@ -178,18 +181,33 @@ while keeping quality, a better gold-versus-KL frontier. Experiment 3 tests that
   per-seed Delta. On experiment 2's data the same endpoint (F(k) of hard, soft or the control minus frozen, seeds
   0-2) had sd 0.0015-0.026 (DPO 0.0015-0.004): a minimum detectable difference of 0.003-0.043 gold, about 0.007
   for DPO if its sd carries over; the bootstrap over prompts adds about as much again. A true difference under
-  ~0.01 gold will most likely read "no detectable difference".
+  ~0.01 gold will most likely read "no detectable difference". For scale, on the pilots' validation gold (one
+  seed) the unconstrained peaks are frozen 0.509, hard 0.478, the control 0.473 (beta 0.3).
 - Pilot gates (pilot_gates; frozen, hard and the every-step control at one beta, seed 0; validation gold and KL
   only), all to pass before the full run: (1) the frozen pilot's validation gold at KL K* >= its gold at KL 0.5;
   (2) mean |ln KL_hard - ln KL_control| over the checkpoints after step tau >= 0.1, and >= 4 reference updates
-  before the frozen run's best validation checkpoint. lr and tau are chosen from the pilots so that both hold;
-  the pilots and their gate readings are committed in results/toy3/pilots/.
-  Pilot readings (lr 1e-4, tau 8, seed 0): gate 1 FAILS (beta 1: 0.347 at K* vs 0.442 at KL 0.5; beta 0.3: 0.304
-  vs 0.429); gate 2 FAILS (0.050; 2 updates before the step-24 peak). The full run is not to be started on them.
+  before the frozen run's best validation checkpoint. The task, the budget, beta and tau were chosen from the
+  pilots so that both hold; the pilots of every round, their commands and gate readings are committed in
+  results/toy3/pilots/ (pilots.md). Rounds 1-4 failed a gate and changed the design:
+    1 (SFT 90% wrong by random corruption, toy_corrupt; beta 1, tau 8, 240 steps): gold peaks at step 24 (KL 0.7)
+      and falls onto malformed strings (gate 1 0.347 at K* = 3.00 vs 0.442); hard = control (0.050), 2 updates.
+    2 (95% wrong, the other operation's answer; beta 1, tau 8): gate 2 passes (0.106, 24 updates), but K* = 11.17
+      lies beyond the frozen run's KL (1.85 at step 240; its gold rises to 0.409 at step 200).
+    3 (85% wrong; beta 0.3, tau 8): K* = 5.55 beyond the frozen run's 4.28 at step 240 (its gold still above the
+      KL-0.5 level there); hard = control (0.017).
+    4 (75% wrong; beta 0.3, tau 32): K* = 3.69, but gold peaks at KL 0.84 (step 72) and falls (0.440 at K* vs
+      0.478); stopped after the frozen run.
+  Round 5, this design (85% wrong, 360 steps, beta 0.3, tau 32): gate 1 PASSES, 0.473 at K* = 5.55 vs 0.436 at
+  KL 0.5 (frozen peak 0.509 at step 160, KL 2.59; 0.383 at KL 7.74); gate 2 PASSES, 0.111 with 4 updates before
+  the step-160 peak. Both margins are thin: one seed, +0.037 gold and 0.011 above the threshold.
+- Cost, from the round-5 pilots (one torch thread each): a 360-step run takes 48-49 + 35-37 CPU seconds (training +
+  judging 12 checkpoints), whatever its schedule; 55 runs and the SFT model ~4,700 CPU seconds: ~40 min on 2 idle
+  cores, ~45 min with start-up and the last run's tail. A loaded machine stretches it (the pilots ran at 1.4-7x
+  their CPU time).
 
-    python toy_experiment.py --experiment 3       # experiment 3's full run: NOT RUN YET (~60 min on 2 idle cores)
-    python toy_experiment.py --experiment 3 --betas 1 --schedules none hard soft_every_step --lr 1e-4 --tau 8
-                                                  # its pilot and gates (add the --checkpoints of CHECKPOINTS)
+    python toy_experiment.py --experiment 3       # experiment 3's full run: NOT RUN YET (~45 min on 2 idle cores)
+    python toy_experiment.py --experiment 3 --betas 0.3 --schedules none hard soft_every_step --lr 1e-4 --tau 32
+                                                  # its pilot and gates (add the --checkpoints of CHECKPOINTS3)
 
     python toy_experiment.py                      # experiment 2, all 105 runs, ~70 min on 2 idle cores; resumable
     python toy_experiment.py --methods dpo        # or one method per sitting (21-26 min); then ipo, then kto
@@ -220,7 +238,8 @@ import tr_ipo
 import tr_kto
 from engineering import cli
 from engineering.models import load_model
-from engineering.toy import toy_gold_score, toy_malformed, toy_preferences, toy_problem, toy_sft_rows
+from engineering.toy import (toy_expected, toy_gold_score, toy_malformed, toy_other_op, toy_preferences, toy_problem,
+                              toy_sft_rows)
 from evaluate import response_logps, sample
 
 # -----------------------------------------------------------------------------
@@ -237,13 +256,16 @@ QUICK = dict(model="tiny", sft_steps=30, sft_lr=3e-3, lr=dict.fromkeys(LR, 1e-4)
              pairs=128, tau=4, n_eval=32, samples=2, probe=16, sft_rows=512)
 
 # experiment 3 (pre-registered in the docstring; DPO only): a task where the best policy lies >= 3 nats from SFT
-SFT_ERROR3 = 0.9  # the SFT demonstrations' error rate (experiments 1 and 2: 0.3)
+SFT_ERROR3 = 0.85  # the SFT demonstrations' error rate (experiments 1 and 2: 0.3)
+MISTAKE3 = "other_op"  # every wrong demonstration and every rejected answer: the other operation's answer
 FLIP3 = 0.3       # the frontier positive control trains on pairs with this fraction of labels flipped
-TAU3 = 8
-FULL3 = dict(FULL, sft_error=SFT_ERROR3, flip=FLIP3, tau=TAU3, lr=dict(LR))
-MAIN_BETA3 = {"dpo": 1.0}  # where the every-step control runs
-GRID3 = {"dpo": {0.1: (("none",), 5), 0.3: (("none", "flipped"), 5),
-                 1.0: (("none", "hard", "soft", "soft_every_step", "flipped"), 5), 3.0: (("none", "hard", "soft"), 5)}}
+TAU3 = 32  # hard and soft: 4 updates act before the frozen pilot's peak at step 160
+CHECKPOINTS3 = CHECKPOINTS + (300, 360)  # 5,760 pairs, 360 steps: the frozen runs reach K* after their peak
+FULL3 = dict(FULL, sft_error=SFT_ERROR3, mistake=MISTAKE3, flip=FLIP3, tau=TAU3, lr=dict(LR), pairs=5760,
+             checkpoints=CHECKPOINTS3)
+MAIN_BETA3 = {"dpo": 0.3}  # where the gates were piloted and the every-step control runs
+GRID3 = {"dpo": {0.1: (("none",), 5), 0.3: (("none", "hard", "soft", "soft_every_step", "flipped"), 5),
+                 1.0: (("none", "hard", "soft", "flipped"), 5), 3.0: (("none",), 5)}}
 ARMS3 = ("hard", "soft", "soft_every_step", "flipped")  # each compared with the frozen arm ("none")
 
 SCHEDULES = ("none", "hard", "soft", "soft_every_step")
@@ -296,6 +318,8 @@ def get_args(argv=None):
     g.add_argument("--schedules", nargs="+", choices=SCHEDULES + ("flipped",), default=["none"], help="with --betas")
     g.add_argument("--tau", type=cli.count, help="the reference update interval of hard and soft")
     g.add_argument("--seeds", type=cli.count, default=1, help="seeds per cell, with --betas")
+    g.add_argument("--sft_error", type=cli.fraction,
+                   help="the SFT demonstrations' error rate (trains its own SFT model)")
     args = p.parse_args(argv)
     args.output_dir = args.output_dir or f"out/toy{args.experiment}"
     return args
@@ -522,6 +546,13 @@ def write_jsonl(path, rows):
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
+def other_op(prompt, wrong):
+    """Experiment 3's systematic mistake: the other operation's answer (toy_other_op), or `wrong` (a corrupted
+    answer, toy_corrupt) where both operations give the right one."""
+    other = toy_other_op(prompt)
+    return wrong if other.strip() == toy_expected(prompt) else other
+
+
 def make_data(out, cfg):
     """Eval prompts (distinct; first half validation, second half test), SFT rows and preference pairs as local
     .jsonl files for the scripts, none of whose training rows has an eval prompt. Returns paths, prompts, overlap."""
@@ -534,6 +565,10 @@ def make_data(out, cfg):
     n_sft, n_pairs = cfg["sft_rows"] + SCRIPT_EVAL, cfg["pairs"] + SCRIPT_EVAL  # one epoch: pairs / 16 steps
     sft_stream = toy_sft_rows(2 * n_sft, 0, cfg.get("sft_error", 0.3))
     pair_stream = toy_preferences(2 * n_pairs, 0)
+    if cfg.get("mistake") == "other_op":  # experiment 3: every wrong answer is the other operation's (other_op)
+        sft_stream = [r if r["completion"].strip() == toy_expected(r["prompt"]) else
+                      {**r, "completion": other_op(r["prompt"], r["completion"])} for r in sft_stream]
+        pair_stream = [{**r, "rejected": other_op(r["prompt"], r["rejected"])} for r in pair_stream]
     sft_rows = [r for r in sft_stream if r["prompt"] not in held][:n_sft]
     pairs = [r for r in pair_stream if r["prompt"] not in held][:n_pairs]
     # the scripts train on all rows but the last SCRIPT_EVAL: those are the training prompts
@@ -641,7 +676,7 @@ def run_name(job):
 def run_key(job, cfg):
     """What a finished run's numbers depend on: a rerun skips a run whose key matches."""
     keep = {k: cfg[k] for k in ("model", "sft_steps", "sft_lr", "checkpoints", "pairs", "tau", "n_eval", "samples",
-                                "probe", "sft_rows", "sft_error", "flip") if k in cfg}
+                                "probe", "sft_rows", "sft_error", "mistake", "flip") if k in cfg}
     keep["lr"] = cfg["lr"][job["method"]]  # another method's lr is not this run's
     return hashlib.sha1(json.dumps([job, keep], sort_keys=True).encode()).hexdigest()[:12]
 
@@ -1504,7 +1539,7 @@ def sft_model(out, cfg, data):
     configuration's key and policy/ exists. done.json is written only after policy/ is complete, so a stage stopped
     by a signal (sft.py then saves a checkpoint and returns without policy/) is trained again by the next run."""
     sft_dir = os.path.join(out, "sft")
-    keys = ("model", "sft_steps", "sft_lr", "n_eval", "sft_rows", "sft_error")
+    keys = ("model", "sft_steps", "sft_lr", "n_eval", "sft_rows", "sft_error", "mistake")
     sft_key = hashlib.sha1(json.dumps([cfg[k] for k in keys if k in cfg]).encode()).hexdigest()[:12]
     sft_path, done_path = os.path.join(sft_dir, "policy"), os.path.join(sft_dir, "done.json")
     if not (os.path.exists(done_path) and json.load(open(done_path)).get("key") == sft_key
@@ -1529,8 +1564,8 @@ def main(argv=None):
     with cli.exit_on_bad_input():  # every bad flag: one error: line, exit code 2, before anything is written
         args = get_args(argv)
         pilot = args.betas is not None
-        cli.need(pilot or not (args.lr or args.checkpoints or args.tau),
-                 "--lr, --tau and --checkpoints are pilot flags: give --betas too")
+        cli.need(pilot or not (args.lr or args.checkpoints or args.tau or args.sft_error),
+                 "--lr, --tau, --checkpoints and --sft_error are pilot flags: give --betas too")
         cli.need(not args.checkpoints or len(set(args.checkpoints)) == len(args.checkpoints),
                  "--checkpoints: each step once")
     threads = torch.get_num_threads()
@@ -1552,6 +1587,8 @@ def run(args):
         cfg["lr"] = dict.fromkeys(SCRIPTS, args.lr)
     if args.checkpoints is not None:
         cfg["checkpoints"] = args.checkpoints
+    if args.sft_error is not None:
+        cfg["sft_error"] = args.sft_error
     cfg["checkpoints"] = sorted(cfg["checkpoints"])
     grid = QUICK_GRID if args.quick else GRID3 if args.experiment == 3 else GRID
     if pilot:
@@ -1576,7 +1613,8 @@ def run(args):
     # -------------------------------------------------------------------------
     # 3. the runs not finished yet, --workers at a time, each in its own (spawned) process
     runs_dir = (os.path.join(out, "runs") if not pilot else
-                os.path.join(out, "pilots", f"lr{args.lr or 'default'}" + (f"_tau{args.tau}" if args.tau else "")))
+                os.path.join(out, "pilots", f"lr{args.lr or 'default'}" + (f"_tau{args.tau}" if args.tau else "")
+                             + (f"_sft_error{args.sft_error:g}" if args.sft_error else "")))
     finished = {run_name(r) for r in load_runs(runs_dir, cfg, {m: grid[m] for m in args.methods if m in grid})}
     jobs = [j for j in jobs_of(grid, args.methods) if run_name(j) not in finished]
     print(f"{len(jobs)} runs to do, {len(finished)} finished ones skipped", flush=True)

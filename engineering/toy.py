@@ -35,10 +35,22 @@ def toy_corrupt(answer, rng):
             return " " + w
 
 
+def toy_parse(prompt):
+    """(op, digits) of a toy prompt."""
+    op, digits = prompt.rsplit("Human: ", 1)[1].split("\n\n")[0].split()
+    return op, digits
+
+
 def toy_expected(prompt):
     """The right answer (without its leading space) to a toy prompt."""
-    op, digits = prompt.rsplit("Human: ", 1)[1].split("\n\n")[0].split()
-    return toy_answer(op, digits)
+    return toy_answer(*toy_parse(prompt))
+
+
+def toy_other_op(prompt):
+    """The other operation's answer (with its leading space) on the prompt's digits: a well-formed, systematic
+    mistake (sort for reverse and reverse for sort). It is right too when the digits are non-increasing."""
+    op, digits = toy_parse(prompt)
+    return " " + toy_answer(TOY_OPS[1 - TOY_OPS.index(op)], digits)
 
 
 def toy_malformed(prompt, response):

@@ -333,6 +333,26 @@ def test_eval_prompts_are_held_out_of_all_training_data(tmp_path):
     assert data["probe"] == rows["pairs"][:cfg["probe"]]  # the probe pairs are training pairs
     assert te.make_data(str(tmp_path / "again"), cfg)["val"] == data["val"]  # deterministic
 
+def test_experiment3_every_mistake_is_the_other_operation(tmp_path):
+    from engineering.toy import toy_expected, toy_other_op
+    # sort 3142 -> 1234, its reverse 2413; reverse 3142 -> 2413, its sort 1234; sort 321 = 123 = reverse 321: both
+    # operations are right, so the mistake is the corrupted answer given
+    assert toy_other_op("\n\nHuman: sort 3142\n\nAssistant:") == " 2413"
+    assert toy_other_op("\n\nHuman: reverse 3142\n\nAssistant:") == " 1234"
+    assert te.other_op("\n\nHuman: sort 321\n\nAssistant:", " 12") == " 12"
+    cfg = dict(te.FULL3, n_eval=64, sft_rows=2000, pairs=384)
+    data = te.make_data(str(tmp_path), cfg)
+    rows = {k: [json.loads(line) for line in open(data["paths"][k])] for k in ("sft", "pairs")}
+    pairs, sft = rows["pairs"], rows["sft"]
+    assert all(r["chosen"].strip() == toy_expected(r["prompt"]) != r["rejected"].strip() for r in pairs)
+    other = lambda r: toy_other_op(r["prompt"]).strip() != toy_expected(r["prompt"])  # noqa: E731
+    assert all(r["rejected"] == toy_other_op(r["prompt"]) for r in pairs if other(r))
+    wrong = [r for r in sft if r["completion"].strip() != toy_expected(r["prompt"])]
+    assert all(r["completion"] == toy_other_op(r["prompt"]) for r in wrong if other(r))
+    # 85% wrong: 1,714 of 2,016 rows expected, binomial sd 16; most mistakes are the other operation's answer
+    e, n = te.SFT_ERROR3, len(sft)
+    assert abs(len(wrong) - e * n) < 4 * math.sqrt(n * e * (1 - e)) and sum(other(r) for r in wrong) > 0.85 * len(wrong)
+
 # -----------------------------------------------------------------------------
 # bad input and interrupted stages
 
@@ -341,7 +361,8 @@ def test_eval_prompts_are_held_out_of_all_training_data(tmp_path):
     ["--threads", "0"], ["--workers", "0"], ["--workers", "-1"], ["--seeds", "0"],
     ["--betas", "-0.1"], ["--betas", "0.1", "0"], ["--betas", "nan"], ["--betas", "0.1", "--lr", "0"],
     ["--betas", "0.1", "--checkpoints", "0", "4"], ["--betas", "0.1", "--checkpoints", "4", "4"],
-    ["--lr", "1e-4"],  # a pilot flag without --betas
+    ["--lr", "1e-4"], ["--sft_error", "0.85"],  # a pilot flag without --betas
+    ["--betas", "0.1", "--sft_error", "0"], ["--betas", "0.1", "--sft_error", "1.5"],
 ])
 def test_bad_flags_are_one_error_line_before_anything_is_written(tmp_path, capsys, flags):
     out = tmp_path / "out"
