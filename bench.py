@@ -32,6 +32,12 @@ sequence_logps forward+backward by each of engineering/logits.py's paths on the 
 the fallbacks 'forward_keep' and 'forward'): time per step with the paths taking turns in one process (CPU time
 too, which other jobs on the machine do not inflate), and each path's peak memory of a step in its own process.
 --configs none runs the components alone.
+Component 'fsdp_memory' measures host memory under --fsdp (a separate command, below): for each process count of
+--fsdp_procs, `torchrun --standalone` runs tr_dpo.py --fsdp on the data file for one step with a save, then again
+with --resume; every rank prints its peak resident memory (VmHWM) phase by phase: at start (models built and
+sharded), the step, the save, the resume, the final folders, and the whole process, with the save, resume and final
+times (bench.fsdp_rank). --max_rss_gb kills a run whose processes together hold more than that; --no_resume runs
+the save run alone.
 
 With --data, the padding share of a whole epoch is also computed for each layout from the lengths alone.
 
@@ -43,6 +49,9 @@ Examples (CPU; the README's tables come from the commands listed there):
         --configs plain,share_prompt,trl,trl_ckpt   (one GPU)
     python bench.py --model pythia-160m --configs none --components logps --lengths 64:64 --micro_batch_size 2 \
         --threads 1                                 (the exact fallbacks against the fast path: docs/performance.md)
+Host memory per process under --fsdp, 1 then 2 processes, fp32, one step, a save, a resume (docs/scaling.md):
+    python bench.py --model pythia-410m --configs none --components fsdp_memory --dtype float32 --batch_size 2 \
+        --micro_batch_size 1 --lengths 96:32 --threads 1 --fsdp_procs 1,2 --max_rss_gb 16
 """
 import argparse
 import importlib
@@ -51,6 +60,7 @@ import json
 import os
 import random
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -86,6 +96,14 @@ def prompt_response(text):
     if len(parts) != 2 or not all(x.strip().isdigit() and int(x) >= 1 for x in parts):
         raise argparse.ArgumentTypeError(f"must be P:R, two whole numbers of tokens >= 1 (e.g. 96:32), got {text}")
     return tuple(int(x) for x in parts)
+
+
+def process_counts(text):
+    """--fsdp_procs: a comma list of whole numbers >= 1."""
+    parts = text.split(",")
+    if not all(x.strip().isdigit() and int(x) >= 1 for x in parts):
+        raise argparse.ArgumentTypeError(f"must be a comma list of process counts >= 1 (e.g. 1,2), got {text}")
+    return [int(x) for x in parts]
 
 
 def check_args(args):
@@ -134,8 +152,14 @@ def get_args(argv=None):
     g.add_argument("--threads", type=cli.threads, default=0, help="torch CPU threads per run (0: torch's default); 1 is "
                    "steadier on a machine shared with other jobs")
     g = p.add_argument_group("output")
-    g.add_argument("--components", default="update", help="comma list of update, head, compile, logps, or 'none'")
+    g.add_argument("--components", default="update",
+                   help="comma list of update, head, compile, logps, lora_memory, fsdp_memory, or 'none'")
     g.add_argument("--no_trl", action="store_true", help="skip TRL even when installed")
+    g.add_argument("--fsdp_procs", type=process_counts, default="1,2",
+                   help="fsdp_memory: comma list of process counts, run one after another")
+    g.add_argument("--max_rss_gb", type=cli.nonnegative, default=0.0,
+                   help="fsdp_memory: kill a run whose processes together hold more resident memory (0: no cap)")
+    g.add_argument("--no_resume", action="store_true", help="fsdp_memory: the save run only, no --resume run")
     g.add_argument("--out", default="bench.json")
     g.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one run, as JSON
     return p.parse_args(argv)
@@ -446,6 +470,8 @@ def worker(spec):
         torch.set_num_threads(spec["threads"])
     if spec["kind"] == "run":
         res = run_trl(spec) if spec["config"].startswith("trl") else run_ours(spec)
+    elif spec["kind"] == "fsdp_rank":  # one rank under torchrun: each prints its own line
+        res = fsdp_rank(spec)
     else:
         res = COMPONENTS[spec["kind"]](spec)
     print("BENCH_RESULT " + json.dumps(res), flush=True)
@@ -627,8 +653,9 @@ def bench_logps(spec):
                 "cpu_ms_all": [round(1e3 * x) for x in cpu[p]]} for p in LOGPS_PATHS} | {"chosen_at_load": chosen}
 
 
-def rss_kib(field):
-    with open("/proc/self/status") as f:
+def rss_kib(field, pid="self"):
+    """A memory field of /proc/<pid>/status (VmRSS: resident now, VmHWM: the peak), KiB."""
+    with open(f"/proc/{pid}/status") as f:
         return int(next(line for line in f if line.startswith(field)).split()[1])
 
 
@@ -678,8 +705,152 @@ def lora_memory(spec, r=16, soft_updates=4, tokens=4 * 1024, gpus=8):
     return rows
 
 
+# -----------------------------------------------------------------------------
+# component fsdp_memory: host memory per process of tr_dpo.py --fsdp under torchrun, phase by phase
+
+
+def fsdp_rank(spec):
+    """One rank of an fsdp_memory run, under torchrun: tr_dpo.py's main(argv), watched by a profile hook
+    (sys.setprofile: it observes calls, nothing in the run is replaced). When a phase begins, the peak so far is
+    kept and the kernel's peak resident size (VmHWM) is reset to the resident size (clear_refs); when it returns,
+    VmHWM is that phase's peak. Phases: 'start' (the peak since the process began, read as parallel.wrap_models
+    returns: the models built and sharded), 'resume' (Run.resume: the checkpoint loaded), 'step' (from then until
+    Run.save: the training step and the evaluation), 'save' (Run.save: checkpoint/ written), 'final' (Run.finish:
+    policy/ and reference/ written); GB (1e9 bytes) and seconds."""
+    import tr_dpo
+    from engineering import parallel, run
+    names = {parallel.wrap_models.__code__: "start", run.Run.resume.__code__: "resume", run.Run.save.__code__: "save",
+             run.Run.finish.__code__: "final"}
+    out, began, peak = {}, {}, [0]
+    gb = lambda kib: kib * 1024 / 1e9  # noqa: E731
+
+    def reset():
+        peak[0] = max(peak[0], rss_kib("VmHWM"))
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+    def hook(frame, event, arg):
+        name = names.get(frame.f_code) if event in ("call", "return") else None
+        if name is None:
+            return
+        if event == "call":
+            if name == "save":
+                out["step_peak_gb"] = gb(rss_kib("VmHWM"))
+            if name != "start":
+                reset()
+            began[name] = time.perf_counter()
+        else:
+            out[f"{name}_peak_gb"], out[f"{name}_s"] = gb(rss_kib("VmHWM")), time.perf_counter() - began[name]
+            reset()
+    sys.setprofile(hook)
+    try:
+        tr_dpo.main(spec["argv"])
+    finally:
+        sys.setprofile(None)
+    return {"rank": int(os.environ["RANK"]), **out, "process_peak_gb": gb(max(peak[0], rss_kib("VmHWM")))}
+
+
+def process_tree(root):
+    """The pids of `root` and all its descendants (a launcher and its ranks: torchrun starts each rank in a session
+    of its own, so a process group would miss them)."""
+    children = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(pid))
+        except (OSError, ValueError, IndexError):  # the process ended meanwhile
+            continue
+    tree, todo = [], [root]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def tree_rss_gb(pids):
+    """Resident memory of the processes `pids` together, GB."""
+    total = 0
+    for pid in pids:
+        try:
+            total += rss_kib("VmRSS", pid)
+        except (OSError, ValueError, StopIteration):  # the process ended meanwhile
+            continue
+    return total * 1024 / 1e9
+
+
+def torchrun_ranks(nproc, spec, cap_gb):
+    """Each rank's fsdp_rank result for `torchrun --standalone --nproc_per_node nproc`, and held_gb: the most resident
+    memory the launcher and its ranks held together (sampled every 0.2 s); {"error": ...} when a rank fails, or when
+    they together hold more than cap_gb (0: no cap), in which case they are killed at once: a shared machine's
+    memory is not this benchmark's alone."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.abspath(__file__), "--worker", json.dumps({**spec, "kind": "fsdp_rank"})]
+    with tempfile.TemporaryFile("w+") as log:
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+        held = 0.0
+        while p.poll() is None:
+            tree = process_tree(p.pid)
+            held = max(held, tree_rss_gb(tree))
+            if cap_gb and held > cap_gb:
+                for pid in tree:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                p.wait()
+                return {"error": f"killed: {held:.2f} GB resident, above --max_rss_gb {cap_gb}"}
+            time.sleep(0.2)
+        log.seek(0)
+        text = log.read()
+    ranks = [json.loads(line[len("BENCH_RESULT "):]) for line in text.splitlines() if line.startswith("BENCH_RESULT ")]
+    if p.returncode or len(ranks) != nproc:
+        return {"error": text[-3000:]}
+    return {"ranks": sorted(ranks, key=lambda r: r["rank"]), "held_gb": held}
+
+
+def fsdp_memory(spec):
+    """For each process count of --fsdp_procs: tr_dpo.py --fsdp on the data file, one step and a save
+    (--max_steps 1 --save_every 1), then the same flags with --resume (the checkpoint loaded, no step left, the
+    final folders written again); each rank's phases (fsdp_rank) and checkpoint/'s size on disk."""
+    rows = []
+    for nproc in spec["procs"]:
+        with tempfile.TemporaryDirectory() as out:
+            argv = ["--model", spec["model"], "--dataset", spec["data"], "--eval_size", "2",
+                    "--batch_size", str(spec["batch_size"]), "--micro_batch_size", str(spec["micro_batch_size"]),
+                    "--max_length", str(spec["max_length"]), "--max_prompt_length", str(spec["max_prompt_length"]),
+                    "--dtype", spec["dtype"], "--seed", str(spec["seed"]), "--max_steps", "1", "--save_every", "1",
+                    "--log_every", "1", "--eval_every", "0", "--fsdp", "--output_dir", out]
+            row = {"procs": nproc, "save_run": torchrun_ranks(nproc, {**spec, "argv": argv}, spec["max_rss_gb"])}
+            ckpt = os.path.join(out, "checkpoint")
+            if os.path.isdir(ckpt):
+                files = [os.path.join(dp, f) for dp, _, fs in os.walk(ckpt) for f in fs]
+                row["checkpoint_gb"], row["checkpoint_files"] = sum(map(os.path.getsize, files)) / 1e9, len(files)
+            if os.path.isdir(ckpt) and not spec["no_resume"]:
+                row["resume_run"] = torchrun_ranks(nproc, {**spec, "argv": argv + ["--resume"]}, spec["max_rss_gb"])
+        rows.append(row)
+    return rows
+
+
+def fsdp_memory_table(rows):
+    """The fsdp_memory rows as one line per rank and run."""
+    cols = ["procs", "run", "rank", "start_peak_gb", "step_peak_gb", "save_peak_gb", "save_s", "resume_peak_gb",
+            "resume_s", "final_peak_gb", "final_s", "process_peak_gb", "all_procs_gb", "checkpoint_gb"]
+    lines, errors = [], []
+    for row in rows:
+        for run in ("save_run", "resume_run"):
+            res = row.get(run)
+            if res is None:
+                continue
+            if "error" in res:
+                errors.append(f"{row['procs']} process(es), {run}: {res['error']}")
+                continue
+            lines += [{"procs": row["procs"], "run": run[:-4], "checkpoint_gb": row.get("checkpoint_gb"),
+                       "all_procs_gb": res["held_gb"], **r} for r in res["ranks"]]
+    return table(lines, cols) + "".join("\n" + e for e in errors)
+
+
 COMPONENTS = {"update": bench_update, "head": bench_head, "compile": bench_compile, "logps": bench_logps,
-              "lora_memory": lora_memory}
+              "lora_memory": lora_memory, "fsdp_memory": fsdp_memory}
 VARIANTS = {"head": ("response_only", "full_logits"), "compile": ("eager", "compiled"),
             "logps": ("time",) + LOGPS_PATHS}
 
@@ -797,8 +968,9 @@ def main(argv=None):
     components = {}
     for comp in [c for c in args.components.split(",") if c and c != "none"]:
         P, R = (int(round(mean(0))), int(round((mean(1) + mean(2)) / 2)))
-        spec = {**base, "P": P, "R": R}
-        if comp in ("update", "lora_memory"):
+        spec = {**base, "P": P, "R": R, "data": data, "procs": args.fsdp_procs, "max_rss_gb": args.max_rss_gb,
+                "no_resume": args.no_resume}
+        if comp in ("update", "lora_memory", "fsdp_memory"):
             components[comp] = spawn({**spec, "kind": comp})
         else:
             components[comp] = {v: spawn({**spec, "kind": comp, "variant": v}) for v in VARIANTS[comp]}
@@ -838,6 +1010,11 @@ def main(argv=None):
                           "activations": r["activations_gb"],
                           **{k: f"{r[k]['total_gb']:.1f} ({r[k]['states_gb']:.1f})" for k in cols}} for r in c],
                         ["shape", "N", "P", "activations", *cols]))
+            continue
+        if name == "fsdp_memory" and isinstance(c, list):
+            print("\nhost memory per process (peak resident GB, 1e9 bytes) and seconds, tr_dpo.py --fsdp, phase by "
+                  "phase (bench.fsdp_rank)")
+            print(fsdp_memory_table(c))
             continue
         print(f"\ncomponent {name}: {json.dumps(c)}")
     if "logps" in components:

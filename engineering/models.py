@@ -127,11 +127,25 @@ def check_tokenizer(name, model, tok):
                      f"(a token added without model.resize_token_embeddings); save the model and tokenizer together")
 
 
+class FullWeights:
+    """Rank 0's full copy of a model's weights while the model is built sharded (load_on_rank0, then
+    parallel.fill_shards, which drops it): `weights` is (state dict, buffers), None on the other ranks and once the
+    shards are filled. Every copy of the model shares this one object: make_reference's deepcopy of the meta policy
+    must not copy the weights (a second full copy on rank 0's host, which the reference would keep all run)."""
+
+    def __init__(self, weights):
+        self.weights = weights
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 def load_on_rank0(name, seed=0, trust_remote_code=False, gradient_checkpointing=False):
     """(model, tokenizer) for --fsdp under torchrun, without a full copy of the weights on any rank but rank 0: rank
-    0 alone runs load_model, keeps its weights aside as model.full_weights (a state dict and the buffers, on the
-    CPU) and moves the model to the meta device; the meta model (its structure, config and log-probs decision, no
-    weights; --share_prompt's check done) and the tokenizer are pickled to the other ranks, whose model.full_weights is None.
+    0 alone runs load_model, keeps its weights aside as model.full_weights (FullWeights: a state dict and the
+    buffers, on the CPU) and moves the model to the meta device; the meta model (its structure, config and log-probs
+    decision, no weights; --share_prompt's check done) and the tokenizer are pickled to the other ranks, whose
+    model.full_weights holds None.
     parallel.wrap_models shards the meta model and fills the shards from rank 0's copy. An InputError on rank 0 is
     raised on every rank."""
     out, weights = [None], None
@@ -152,7 +166,7 @@ def load_on_rank0(name, seed=0, trust_remote_code=False, gradient_checkpointing=
     if isinstance(out[0], str):
         raise InputError(out[0])
     model, tok = out[0]
-    model.full_weights = weights
+    model.full_weights = FullWeights(weights)
     return model, tok
 
 

@@ -72,13 +72,13 @@ def fill_shards(model, ref):
     (ref, sharded alike) is the policy's shards, in its own dtype."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    weights, buffers = model.full_weights or ({}, {})
+    weights, buffers = model.full_weights.weights or ({}, {})
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     for name, b in model.named_buffers():
         if dist.get_rank() == 0:
             b.copy_(buffers[name])
         dist.broadcast(b, src=0)
-    model.full_weights = None
+    model.full_weights.weights = None  # the reference's meta copy shares the object (models.FullWeights): both drop it
     if ref is not None:  # shard by shard (policy and reference are sharded alike), rounded to the reference's dtype
         local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
         policy_tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
