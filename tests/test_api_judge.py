@@ -120,8 +120,8 @@ class Stub(BaseHTTPRequestHandler):
             self.reply(401, {"error": f"bad key {key}"})
         elif case == "echo200":
             self.chat(f"Preferred: A (you sent {key})")
-        elif case == "busy":
-            time.sleep(0.1)
+        elif case == "busy":  # long enough that two requests overlap even on a loaded machine
+            time.sleep(0.5)
             self.chat("Preferred: A")
 
 
