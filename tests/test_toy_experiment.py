@@ -317,6 +317,15 @@ def test_experiment2_report_reproduces_from_the_committed_files(tmp_path):
     assert ("| IPO | end of budget, beta tuned on validation | 0.3 / 0.3 / 0.3 / 0.1 | -0.406 [-0.466, -0.346]; "
             "t [-0.493, -0.320] **worse** | -0.390 [-0.456, -0.326]; t [-0.501, -0.280] **worse** |") in text
 
+def test_experiment3_report_reproduces_from_the_committed_files(tmp_path):
+    """From the committed results/toy3/results.json and per_prompt.json.gz alone: the report is the committed
+    results.md, byte for byte (the README's lesson and docs/experiment.md quote it)."""
+    committed = os.path.join(os.path.dirname(te.__file__), "results", "toy3")
+    for name in ("results.json", "per_prompt.json.gz"):
+        shutil.copy(os.path.join(committed, name), tmp_path)
+    text = te.report_experiment3(str(tmp_path))
+    assert text == open(os.path.join(committed, "results.md")).read() == open(tmp_path / "results.md").read()
+
 # -----------------------------------------------------------------------------
 # the data
 
