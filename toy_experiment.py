@@ -147,8 +147,8 @@ with each sitting's start and its last run's tail (DPO's sitting ~23 min with th
 a loaded machine it takes longer: the pilots ran at 2.5-5x their CPU time. All pilots together used ~25 CPU
 minutes.
 
-EXPERIMENT 3 (results/toy3/; pre-registered here and in docs/experiment.md before its full run, which has NOT been
-run yet). Experiment 2 compared a weak frozen anchor with no anchor on a task whose best policy lies ~1.2 nats from
+EXPERIMENT 3 (results/toy3/; pre-registered here and in docs/experiment.md before its full run; the run's report is
+results/toy3/results.md). Experiment 2 compared a weak frozen anchor with no anchor on a task whose best policy lies ~1.2 nats from
 SFT. The paper's later claim is about over-optimisation: a moving reference lets the policy travel further from SFT
 while keeping quality, a better gold-versus-KL frontier. Experiment 3 tests that, for DPO only (the budget).
 - Task: the same toy, but the SFT demonstrations are SFT_ERROR3 = 85% wrong with one systematic, well-formed
@@ -205,7 +205,7 @@ while keeping quality, a better gold-versus-KL frontier. Experiment 3 tests that
   cores, ~45 min with start-up and the last run's tail. A loaded machine stretches it (the pilots ran at 1.4-7x
   their CPU time).
 
-    python toy_experiment.py --experiment 3       # experiment 3's full run: NOT RUN YET (~45 min on 2 idle cores)
+    python toy_experiment.py --experiment 3       # experiment 3's full run (56 min on 2 cores)
     python toy_experiment.py --experiment 3 --betas 0.3 --schedules none hard soft_every_step --lr 1e-4 --tau 32
                                                   # its pilot and gates (add the --checkpoints of CHECKPOINTS3)
 
@@ -305,7 +305,7 @@ def get_args(argv=None):
     p.add_argument("--threads", type=cli.count, default=1,
                    help="torch CPU threads per process (more do not pay on these small models: docs/performance.md)")
     p.add_argument("--experiment", type=int, choices=(2, 3), default=2,
-                   help="2: the committed experiment; 3: the pre-registered one (pilots only so far)")
+                   help="2: the second experiment; 3: the third (results/toy2/, results/toy3/)")
     p.add_argument("--output_dir", help="the runs, the SFT model and the data, not committed (default out/toyN)")
     p.add_argument("--results_dir", help="the committed record: results.md/json, per_prompt.json.gz, plots "
                                          "(default results/toy2; --quick: OUTPUT_DIR/results)")
