@@ -99,10 +99,10 @@ def prompt_response(text):
 
 
 def process_counts(text):
-    """--fsdp_procs: a comma list of whole numbers >= 1."""
+    """--fsdp_procs: a comma list of whole numbers from 1 to 64 (torchrun on one machine)."""
     parts = text.split(",")
-    if not all(x.strip().isdigit() and int(x) >= 1 for x in parts):
-        raise argparse.ArgumentTypeError(f"must be a comma list of process counts >= 1 (e.g. 1,2), got {text}")
+    if not all(x.strip().isdigit() and 1 <= int(x) <= 64 for x in parts):
+        raise argparse.ArgumentTypeError(f"must be a comma list of process counts from 1 to 64 (e.g. 1,2), got {text}")
     return [int(x) for x in parts]
 
 

@@ -177,6 +177,14 @@ def test_example_lengths():
 
 
 @slow
+@pytest.mark.parametrize("counts", ["0", "1,x", "1,", "65", "99999999999999999999"])
+def test_bench_fsdp_procs_out_of_range_is_refused(counts):
+    # the type alone decides, before any process starts: whole numbers from 1 to 64, each in range
+    with pytest.raises(argparse.ArgumentTypeError, match="from 1 to 64"):
+        bench.process_counts(counts)
+    assert bench.process_counts("1,2,64") == [1, 2, 64]
+
+
 def test_bench_smoke(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--model", "tiny", "--methods", "dpo",
